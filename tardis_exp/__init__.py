@@ -1,0 +1,13 @@
+"""tardis_exp: experiment-tracked gene-program discovery with NMF and consensus clustering."""
+
+__version__ = "0.1.0"
+
+from .consensus import consensus  # noqa: E402
+from .factorize import factorize  # noqa: E402
+from .nmf import BatchedNMF, fit_batch  # noqa: E402
+from .preprocess import preprocess  # noqa: E402
+from .score import score  # noqa: E402
+from .synthetic import make_synthetic  # noqa: E402
+
+__all__ = ["preprocess", "factorize", "consensus", "score", "BatchedNMF", "fit_batch", "make_synthetic",
+           "__version__"]

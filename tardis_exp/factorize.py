@@ -1,0 +1,146 @@
+"""Stage 2, factorize: X (spots x HVGs) ~ W H, many restarts in one batched pass.
+
+Writes
+
+``obsm['X_nmf']``
+    W of the best replicate (lowest error), spots x ``n_components`` (the seed's key).
+``uns['X_nmf_components']``
+    H of that replicate, ``n_components`` x genes (the seed's key).
+``uns['nmf']``
+    every replicate: ``components`` (replicates x k x genes), ``errors``, ``n_iter``,
+    ``converged``, ``seeds`` and the parameters.
+``obsm['X_nmf_replicates']``
+    every replicate's W side by side (spots x replicates*k), when ``store_usages``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import ConfigError, InputError
+from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("mu", "cd")
+LOSSES = ("frobenius", "kullback-leibler")
+
+
+def check_params(*, n_components, n_replicates=1, solver="mu", beta_loss="frobenius", max_iter=1000,
+                 tol=1e-4, shape=None) -> None:
+    """Validate factorize parameters; ``shape`` (spots, genes) when the data is known."""
+    if solver not in SOLVERS:
+        raise ConfigError(f"factorize.solver={solver!r} is unknown; choose one of {SOLVERS}")
+    if beta_loss not in LOSSES:
+        raise ConfigError(f"factorize.beta_loss={beta_loss!r} is unknown; choose one of {LOSSES}")
+    if solver == "cd" and beta_loss != "frobenius":
+        raise ConfigError("factorize.solver=cd supports only factorize.beta_loss=frobenius; use solver=mu")
+    if int(n_components) != n_components or n_components < 1:
+        raise ConfigError(f"factorize.n_components must be an integer >= 1, got {n_components}")
+    if int(n_replicates) < 1:
+        raise ConfigError(f"factorize.n_replicates must be >= 1, got {n_replicates}")
+    if int(max_iter) < 1:
+        raise ConfigError(f"factorize.max_iter must be >= 1, got {max_iter}")
+    if tol < 0:
+        raise ConfigError(f"factorize.tol must be >= 0, got {tol}")
+    if shape is not None and n_components >= min(shape):
+        raise ConfigError(
+            f"factorize.n_components={n_components} must be smaller than min(spots, genes)={min(shape)} "
+            f"of the preprocessed data ({shape[0]} spots x {shape[1]} genes)"
+        )
+
+
+def _fit_cd(X, k, seeds, max_iter, tol):
+    from sklearn.decomposition import NMF
+
+    out = []
+    for s in seeds:
+        m = NMF(n_components=k, solver="cd", init="random", random_state=s, max_iter=max_iter, tol=tol)
+        W = m.fit_transform(X).astype(np.float32)
+        out.append(NMFResult(W=W, H=m.components_.astype(np.float32), error=float(m.reconstruction_err_),
+                             n_iter=int(m.n_iter_), converged=m.n_iter_ < max_iter, rank=k, seed=s))
+    return out
+
+
+def factorize(
+    adata: ad.AnnData,
+    *,
+    n_components: int = 10,
+    n_replicates: int = 1,
+    random_state: int | None = 42,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    solver: str = "mu",
+    beta_loss: str = "frobenius",
+    check_every: int = 10,
+    store_usages: bool = True,
+    progress: bool | None = None,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Factorize ``adata.X`` with ``n_replicates`` independent NMF restarts.
+
+    Parameters
+    ----------
+    adata
+        Preprocessed spots x genes (non-negative ``X``, dense or sparse).
+    n_components
+        Rank k of every factorization.
+    n_replicates
+        Independent restarts; replicate ``i`` gets the ``i``-th seed derived from ``random_state``.
+    random_state
+        Root seed (``None``: fresh entropy, not reproducible).
+    max_iter, tol, check_every
+        Stopping rule of each factorization (scikit-learn's relative-improvement rule).
+    solver
+        ``'mu'``: batched Lee-Seung multiplicative updates (all replicates in one pass);
+        ``'cd'``: scikit-learn's coordinate descent, one replicate at a time.
+    beta_loss
+        ``'frobenius'`` or ``'kullback-leibler'`` (``mu`` only).
+    store_usages
+        Keep every replicate's W in ``obsm['X_nmf_replicates']``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    """
+    check_params(n_components=n_components, n_replicates=n_replicates, solver=solver, beta_loss=beta_loss,
+                 max_iter=max_iter, tol=tol, shape=adata.shape)
+    adata = adata.copy() if copy else adata
+    X = prepare_matrix(adata.X)
+    v = X.data if sp.issparse(X) else X
+    if v.size and (not np.isfinite(v).all() or v.min() < 0):
+        raise InputError("factorize needs finite, non-negative adata.X; run the preprocess stage first")
+
+    k, R = int(n_components), int(n_replicates)
+    seeds = derive_seeds(random_state, R)
+    t0 = time.perf_counter()
+    if solver == "mu":
+        results = fit_batch(X, [k] * R, seeds, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
+                            check_every=check_every, progress=progress, desc="factorize")
+    else:
+        results = _fit_cd(X, k, seeds, max_iter, tol)
+    elapsed = time.perf_counter() - t0
+
+    errors = np.array([r.error for r in results])
+    best = int(np.argmin(errors))
+    adata.obsm["X_nmf"] = results[best].W
+    adata.uns["X_nmf_components"] = results[best].H
+    if store_usages:
+        adata.obsm["X_nmf_replicates"] = np.concatenate([r.W for r in results], axis=1)
+    adata.uns["nmf"] = {
+        "components": np.stack([r.H for r in results]),
+        "errors": errors,
+        "n_iter": np.array([r.n_iter for r in results]),
+        "converged": np.array([r.converged for r in results]),
+        "seeds": np.array(seeds, dtype=np.int64),
+        "best_replicate": best,
+        "params": {"n_components": k, "n_replicates": R, "solver": solver, "beta_loss": beta_loss,
+                   "max_iter": max_iter, "tol": tol,
+                   "random_state": -1 if random_state is None else int(random_state)},
+        "fit_seconds": elapsed,
+    }
+    log.info("factorize: %d x rank %d in %.1fs, errors %.4g..%.4g", R, k, elapsed, errors.min(), errors.max())
+    return adata if copy else None

@@ -1,0 +1,474 @@
+"""Batched non-negative matrix factorization.
+
+Many factorizations of one matrix ``X`` (spots x genes) -- replicates with different
+seeds, different ranks, resampled spot subsets given as row masks -- advance together:
+each iteration makes **one** product ``X @ H_all.T`` and **one** product ``X.T @ W_all``
+over the stacked factors of every factorization still running, instead of two skinny
+products per factorization. The skinny products are bound by memory traffic; the fat
+ones let BLAS reach its compute peak.
+
+The updates are Lee & Seung's multiplicative rules, in the order and with the zero
+guard scikit-learn uses (``W`` first, then ``H``; a zero denominator is replaced by
+float32 eps), so a single factorization reproduces ``sklearn.decomposition.NMF(
+solver='mu', init='custom')`` from the same starting point. Each factorization checks
+convergence on its own, every ``check_every`` iterations, with scikit-learn's rule
+``(previous_error - error) / initial_error < tol``, and leaves the batch when it has
+converged.
+
+A row mask restricts a factorization to a subset of spots without copying ``X``: its
+``W`` is zero outside the mask, multiplicative updates keep those zeros, so the shared
+products only ever see the masked rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .progress import progress_bar
+
+EPS = np.finfo(np.float32).eps
+
+__all__ = ["NMFResult", "fit_batch", "refit_usage", "BatchedNMF", "prepare_matrix"]
+
+
+@dataclass
+class NMFResult:
+    """One factorization of a batch."""
+
+    W: np.ndarray  # n_spots x rank, zero outside ``rows``
+    H: np.ndarray  # rank x n_genes
+    error: float  # Frobenius norm ||X_S - W H|| (or generalized KL divergence)
+    n_iter: int
+    converged: bool
+    rank: int
+    seed: int | None = None
+    rows: np.ndarray | None = field(default=None, repr=False)
+
+
+def prepare_matrix(X, dtype=np.float32):
+    """Float32 CSR or C-contiguous dense, never densifying a sparse input."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=dtype)
+        X.sum_duplicates()
+        return X
+    return np.ascontiguousarray(X, dtype=dtype)
+
+
+def _xht(X, H):
+    """X @ H.T, shape (n, K)."""
+    return np.asarray(X @ H.T)
+
+
+def _xtw(X, W):
+    """X.T @ W, shape (m, K)."""
+    if sp.issparse(X):
+        # CSR.T is CSC; scipy's CSC @ dense runs without building the transpose.
+        return np.asarray(X.T @ W)
+    return X.T @ W
+
+
+class _Group:
+    """Factorizations sharing one rank: their columns are contiguous in the stack."""
+
+    def __init__(self, idx: list[int], rank: int, start: int):
+        self.idx = idx
+        self.rank = rank
+        self.start = start
+        self.stop = start + rank * len(idx)
+
+    @property
+    def cols(self):
+        return slice(self.start, self.stop)
+
+
+def _stack(items: list[int], ranks, Ws, Hs):
+    """Stack the factors of ``items`` grouped by rank; return (W_all, H_all, groups)."""
+    by_rank: dict[int, list[int]] = {}
+    for i in items:
+        by_rank.setdefault(ranks[i], []).append(i)
+    groups, start = [], 0
+    for r in sorted(by_rank):
+        g = _Group(by_rank[r], r, start)
+        groups.append(g)
+        start = g.stop
+    W_all = np.empty((Ws[items[0]].shape[0], start), dtype=np.float32)
+    H_all = np.empty((start, Hs[items[0]].shape[1]), dtype=np.float32)
+    for g in groups:
+        for j, i in enumerate(g.idx):
+            sl = slice(g.start + j * g.rank, g.start + (j + 1) * g.rank)
+            W_all[:, sl] = Ws[i]
+            H_all[sl] = Hs[i]
+    return W_all, H_all, groups
+
+
+def _unstack(W_all, H_all, groups, Ws, Hs):
+    for g in groups:
+        for j, i in enumerate(g.idx):
+            sl = slice(g.start + j * g.rank, g.start + (j + 1) * g.rank)
+            Ws[i] = W_all[:, sl].copy()
+            Hs[i] = H_all[sl].copy()
+
+
+def _views(W_all, H_all, g: _Group):
+    """(R, n, k) view of W and (R, k, m) view of H for one rank group."""
+    R, k = len(g.idx), g.rank
+    W3 = W_all[:, g.cols].reshape(W_all.shape[0], R, k).transpose(1, 0, 2)
+    H3 = H_all[g.cols].reshape(R, k, H_all.shape[1])
+    return W3, H3
+
+
+def _mu_step_frobenius(X, W_all, H_all, groups, update_H=True, want_error=False, sqnorms=None):
+    XHt = _xht(X, H_all)  # one fat pass over X for every factorization
+    for g in groups:
+        W3, H3 = _views(W_all, H_all, g)
+        HHt = H3 @ H3.transpose(0, 2, 1)
+        den = W3 @ HHt
+        den[den == 0] = EPS
+        num = XHt[:, g.cols].reshape(XHt.shape[0], len(g.idx), g.rank).transpose(1, 0, 2)
+        W3 *= num / den
+    if not update_H and not want_error:
+        return None
+    XtW = _xtw(X, W_all)  # the second fat pass
+    errors = {}
+    for g in groups:
+        W3, H3 = _views(W_all, H_all, g)
+        WtW = W3.transpose(0, 2, 1) @ W3
+        WtX = XtW[:, g.cols].T.reshape(len(g.idx), g.rank, -1)
+        if update_H:
+            den = WtW @ H3
+            den[den == 0] = EPS
+            H3 *= WtX / den
+        if want_error:
+            # ||X - WH||^2 = ||X||^2 - 2<W^T X, H> + <W^T W, H H^T>, from products already made
+            HHt = H3 @ H3.transpose(0, 2, 1)
+            cross = np.einsum("rkm,rkm->r", WtX.astype(np.float64), H3.astype(np.float64))
+            quad = np.einsum("rkl,rkl->r", WtW.astype(np.float64), HHt.astype(np.float64))
+            for j, i in enumerate(g.idx):
+                errors[i] = np.sqrt(max(sqnorms[i] - 2 * cross[j] + quad[j], 0.0))
+    return errors
+
+
+def _wh_at_nonzeros(X, W, H):
+    """(W H) at the stored entries of CSR X, or the full product for dense X."""
+    if sp.issparse(X):
+        rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+        out = np.empty(X.nnz, dtype=np.float32)
+        step = max(1, 2_000_000 // max(W.shape[1], 1))
+        for a in range(0, X.nnz, step):
+            b = min(a + step, X.nnz)
+            out[a:b] = np.einsum("ik,ki->i", W[rows[a:b]], H[:, X.indices[a:b]])
+        return out
+    return W @ H
+
+
+def _kl_ratio(X, W, H):
+    """X / (W H) with the sparsity of X."""
+    wh = _wh_at_nonzeros(X, W, H)
+    if sp.issparse(X):
+        R = X.copy()
+        wh[wh == 0] = EPS
+        R.data = X.data / wh
+        return R, wh
+    wh[wh == 0] = EPS
+    return X / wh, wh
+
+
+def _kl_error(X, W, H, wh, rows=None):
+    # generalized KL: sum x log(x / wh) - x + wh, over the factorization's rows
+    if sp.issparse(X):
+        x = X.data
+        if rows is not None:
+            keep = np.repeat(rows, np.diff(X.indptr))
+            x, wh = x[keep], wh[keep]
+    else:
+        x, wh = (X, wh) if rows is None else (X[rows], wh[rows])
+        x, wh = x.ravel(), wh.ravel()
+    pos = x > 0
+    div = np.sum(x[pos] * np.log(x[pos] / wh[pos]), dtype=np.float64) - np.sum(x, dtype=np.float64)
+    div += float(W.sum(0, dtype=np.float64) @ H.sum(1, dtype=np.float64))
+    return float(np.sqrt(2 * max(div, 0.0)))
+
+
+def _mu_step_kl(X, Ws, Hs, items, update_H=True, want_error=False, rows=None):
+    # KL needs X / (W H) per factorization: no shared product, so one at a time.
+    errors = {}
+    for i in items:
+        W, H = Ws[i], Hs[i]
+        Rm, _ = _kl_ratio(X, W, H)
+        num = np.asarray(Rm @ H.T)
+        den = np.broadcast_to(H.sum(1), W.shape).copy()
+        den[den == 0] = EPS
+        W *= num / den
+        if update_H:
+            Rm, _ = _kl_ratio(X, W, H)
+            num = np.asarray(Rm.T @ W).T if sp.issparse(Rm) else W.T @ Rm
+            den = np.broadcast_to(W.sum(0)[:, None], H.shape).copy()
+            den[den == 0] = EPS
+            H *= num / den
+        if want_error:
+            _, wh = _kl_ratio(X, W, H)
+            errors[i] = _kl_error(X, W, H, wh, None if rows is None else rows[i])
+    return errors
+
+
+def _random_init(X, rank, seed, mask, n, m):
+    rng = np.random.default_rng(seed)
+    Xs = X[mask] if mask is not None else X
+    mean = float(Xs.mean()) if Xs.shape[0] else 0.0
+    avg = np.sqrt(max(mean, 0.0) / rank)
+    # scikit-learn's 'random' init: |N(0,1)| scaled by sqrt(mean(X) / rank)
+    H = (avg * np.abs(rng.standard_normal((rank, m)))).astype(np.float32)
+    W = (avg * np.abs(rng.standard_normal((n, rank)))).astype(np.float32)
+    if mask is not None:
+        W[~mask] = 0
+    return W, H
+
+
+def fit_batch(
+    X,
+    ranks: Sequence[int],
+    seeds: Sequence[int] | None = None,
+    row_masks: Sequence[np.ndarray | None] | None = None,
+    *,
+    beta_loss: str = "frobenius",
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    check_every: int = 10,
+    init: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    update_H: bool = True,
+    progress: bool | None = None,
+    desc: str = "NMF",
+) -> list[NMFResult]:
+    """Fit many NMFs of one matrix together.
+
+    Parameters
+    ----------
+    X
+        Non-negative (n_spots, n_genes) matrix, dense or sparse (kept sparse).
+    ranks
+        Rank of every factorization.
+    seeds
+        Seed of every factorization's random initialization.
+    row_masks
+        Optional boolean mask over spots per factorization (``None`` = all spots).
+    beta_loss
+        ``'frobenius'`` (batched) or ``'kullback-leibler'``.
+    max_iter, tol, check_every
+        Stopping rule, applied to each factorization on its own.
+    init
+        Optional ``(W, H)`` starting points instead of random ones.
+    update_H
+        ``False`` keeps ``H`` fixed and fits ``W`` only (usage refit).
+
+    Returns
+    -------
+    One :class:`NMFResult` per factorization, in input order.
+    """
+    X = prepare_matrix(X)
+    n, m = X.shape
+    F = len(ranks)
+    if F == 0:
+        return []
+    if beta_loss not in ("frobenius", "kullback-leibler"):
+        raise ValueError(f"unknown beta_loss {beta_loss!r}; use 'frobenius' or 'kullback-leibler'")
+    seeds = list(seeds) if seeds is not None else [None] * F
+    masks = list(row_masks) if row_masks is not None else [None] * F
+    masks = [None if mk is None else np.asarray(mk, dtype=bool) for mk in masks]
+    ranks = [int(r) for r in ranks]
+
+    Ws, Hs = [None] * F, [None] * F
+    for i in range(F):
+        if init is not None:
+            W0, H0 = init[i]
+            Ws[i] = np.array(W0, dtype=np.float32, copy=True)
+            Hs[i] = np.array(H0, dtype=np.float32, copy=True)
+            if masks[i] is not None:
+                Ws[i][~masks[i]] = 0
+        else:
+            Ws[i], Hs[i] = _random_init(X, ranks[i], seeds[i], masks[i], n, m)
+
+    if sp.issparse(X):
+        row_sq = np.asarray(X.multiply(X).sum(1), dtype=np.float64).ravel()
+    else:
+        row_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    sqnorms = [row_sq.sum() if mk is None else row_sq[mk].sum() for mk in masks]
+
+    kl = beta_loss == "kullback-leibler"
+    active = list(range(F))
+    err0: dict[int, float] = {}
+    prev: dict[int, float] = {}
+    final_err = [np.nan] * F
+    n_iter = [max_iter] * F
+    converged = [False] * F
+
+    def stack():
+        return _stack(active, ranks, Ws, Hs) if not kl else (None, None, None)
+
+    W_all, H_all, groups = stack()
+    # error at the starting point, the denominator of scikit-learn's stopping rule
+    if kl:
+        for i in active:
+            _, wh = _kl_ratio(X, Ws[i], Hs[i])
+            err0[i] = _kl_error(X, Ws[i], Hs[i], wh, masks[i])
+    else:
+        XtW = _xtw(X, W_all)
+        for g in groups:
+            W3, H3 = _views(W_all, H_all, g)
+            WtW = W3.transpose(0, 2, 1) @ W3
+            WtX = XtW[:, g.cols].T.reshape(len(g.idx), g.rank, -1)
+            HHt = H3 @ H3.transpose(0, 2, 1)
+            for j, i in enumerate(g.idx):
+                e2 = sqnorms[i] - 2 * float(np.vdot(WtX[j].astype(np.float64), H3[j]))
+                e2 += float(np.vdot(WtW[j].astype(np.float64), HHt[j]))
+                err0[i] = np.sqrt(max(e2, 0.0))
+    prev = dict(err0)
+
+    bar = progress_bar(total=max_iter, desc=f"{desc} ({F} fits)", enabled=progress)
+    it = 0
+    for it in range(1, max_iter + 1):
+        check = it % check_every == 0 or it == max_iter
+        if kl:
+            errs = _mu_step_kl(X, Ws, Hs, active, update_H, check, masks)
+        else:
+            errs = _mu_step_frobenius(X, W_all, H_all, groups, update_H, check, sqnorms)
+        bar.update(1)
+        if not check:
+            continue
+        done = []
+        for i in active:
+            e = errs[i]
+            final_err[i] = e
+            denom = err0[i] if err0[i] > 0 else 1.0
+            if tol > 0 and (prev[i] - e) / denom < tol:
+                done.append(i)
+                converged[i] = True
+                n_iter[i] = it
+            prev[i] = e
+        if done:
+            if not kl:
+                _unstack(W_all, H_all, groups, Ws, Hs)
+            active = [i for i in active if i not in set(done)]
+            if not active:
+                break
+            W_all, H_all, groups = stack()
+        bar.set_postfix(active=len(active))
+    bar.close()
+    if not kl and active:
+        _unstack(W_all, H_all, groups, Ws, Hs)
+    for i in active:
+        n_iter[i] = it
+
+    return [
+        NMFResult(
+            W=Ws[i], H=Hs[i], error=float(final_err[i]), n_iter=n_iter[i], converged=converged[i],
+            rank=ranks[i], seed=seeds[i], rows=masks[i],
+        )
+        for i in range(F)
+    ]
+
+
+def refit_usage(X, H, *, max_iter: int = 200, tol: float = 1e-4, beta_loss="frobenius", seed=0, progress=None):
+    """Non-negative usages W for fixed programs H (NNLS by multiplicative updates)."""
+    X = prepare_matrix(X)
+    H = np.asarray(H, dtype=np.float32)
+    n, k = X.shape[0], H.shape[0]
+    rng = np.random.default_rng(seed)
+    avg = np.sqrt(max(float(X.mean()), 0.0) / k)
+    W0 = (avg * np.abs(rng.standard_normal((n, k)))).astype(np.float32)
+    (res,) = fit_batch(
+        X, [k], init=[(W0, H)], update_H=False, max_iter=max_iter, tol=tol,
+        beta_loss=beta_loss, progress=progress, desc="usage refit",
+    )
+    return res.W, res.error
+
+
+class BatchedNMF(TransformerMixin, BaseEstimator):
+    """Scikit-learn estimator over :func:`fit_batch`: ``n_replicates`` restarts at once.
+
+    Parameters
+    ----------
+    n_components
+        Rank of each factorization (an int, or a list of ranks to fit together).
+    n_replicates
+        Independent restarts per rank; seeds are derived from ``random_state``.
+    beta_loss, max_iter, tol, check_every
+        See :func:`fit_batch`.
+    random_state
+        Seed of the seed sequence that gives every replicate its own seed.
+
+    Attributes
+    ----------
+    components_ : ndarray (n_components, n_features)
+        ``H`` of the best (lowest error) replicate of the first rank.
+    reconstruction_err_ : float
+        Its error.
+    n_iter_ : int
+        Its iterations.
+    results_ : list of NMFResult
+        Every factorization, replicates of the first rank first.
+    """
+
+    def __init__(self, n_components=10, *, n_replicates=1, beta_loss="frobenius", max_iter=1000,
+                 tol=1e-4, check_every=10, random_state=None, verbose=0):
+        self.n_components = n_components
+        self.n_replicates = n_replicates
+        self.beta_loss = beta_loss
+        self.max_iter = max_iter
+        self.tol = tol
+        self.check_every = check_every
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _ranks(self):
+        ranks = [self.n_components] if np.isscalar(self.n_components) else list(self.n_components)
+        for r in ranks:
+            if int(r) != r or r < 1:
+                raise ValueError(f"n_components must be positive integers, got {self.n_components!r}")
+        if int(self.n_replicates) < 1:
+            raise ValueError(f"n_replicates must be >= 1, got {self.n_replicates}")
+        return [int(r) for r in ranks]
+
+    def fit_transform(self, X, y=None):
+        ranks = self._ranks()
+        X = prepare_matrix(X)
+        if (X.data if sp.issparse(X) else X).min(initial=0) < 0:
+            raise ValueError("NMF needs non-negative input; X has negative entries")
+        specs = [r for r in ranks for _ in range(self.n_replicates)]
+        seeds = derive_seeds(self.random_state, len(specs))
+        self.results_ = fit_batch(
+            X, specs, seeds, beta_loss=self.beta_loss, max_iter=self.max_iter, tol=self.tol,
+            check_every=self.check_every, progress=bool(self.verbose) or None,
+        )
+        first = self.results_[: self.n_replicates]
+        best = min(first, key=lambda r: r.error)
+        self.components_ = best.H
+        self.reconstruction_err_ = best.error
+        self.n_iter_ = best.n_iter
+        self.n_components_ = best.rank
+        self.n_features_in_ = X.shape[1]
+        return best.W
+
+    def fit(self, X, y=None):
+        self.fit_transform(X)
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "components_")
+        W, _ = refit_usage(X, self.components_, beta_loss=self.beta_loss, max_iter=self.max_iter, tol=self.tol)
+        return W
+
+    def inverse_transform(self, W):
+        check_is_fitted(self, "components_")
+        return W @ self.components_
+
+
+def derive_seeds(random_state, n: int) -> list[int]:
+    """``n`` independent 32-bit seeds from one ``random_state``."""
+    ss = np.random.SeedSequence(None if random_state is None else int(random_state))
+    return [int(s.generate_state(1)[0]) for s in ss.spawn(n)]

@@ -1,0 +1,191 @@
+"""The whole run, top to bottom: validate -> load -> preprocess -> factorize -> consensus -> score.
+
+Each stage is a plain function on AnnData (its own module, its own config group); this
+file only wires them to the config, to MLflow (one parent run, one child run per stage)
+and to the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import __version__
+from .consensus import check_params as check_consensus
+from .consensus import consensus
+from .data import SOURCES, digest, load_data
+from .errors import ConfigError
+from .factorize import check_params as check_factorize
+from .factorize import factorize
+from .preprocess import check_params as check_preprocess
+from .preprocess import preprocess
+from .score import check_params as check_score
+from .score import score
+from .tracking import Tracker, flatten, redact
+
+log = logging.getLogger(__name__)
+
+# Config keys that are not arguments of the stage functions.
+_NOT_ARGS = {"_target_"}
+
+
+def stage_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k not in _NOT_ARGS}
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Check every stage's parameters before any data is read or computed."""
+    for key in ("data", "preprocess", "factorize", "consensus", "score", "tracking"):
+        if key not in cfg:
+            raise ConfigError(f"config section {key!r} is missing")
+    if cfg["data"].get("source") not in SOURCES:
+        raise ConfigError(f"data.source={cfg['data'].get('source')!r} is unknown; choose one of {SOURCES}")
+    check_preprocess(**{k: cfg["preprocess"][k] for k in
+                        ("normalize", "hvg_flavor", "n_top_genes", "min_cells", "min_counts", "target_sum")
+                        if k in cfg["preprocess"]})
+    f = cfg["factorize"]
+    check_factorize(n_components=f["n_components"], n_replicates=f.get("n_replicates", 1),
+                    solver=f.get("solver", "mu"), beta_loss=f.get("beta_loss", "frobenius"),
+                    max_iter=f.get("max_iter", 1000), tol=f.get("tol", 1e-4))
+    check_consensus(**cfg["consensus"])
+    check_score(**cfg["score"])
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _atomic_write_h5ad(adata, path: Path) -> None:
+    # write beside the target, then rename: a kill never leaves a half-written result
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        adata.write_h5ad(tmp, compression="gzip")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def headline_metrics(adata) -> dict[str, float]:
+    """The numbers a runs table compares: best K, its consensus statistics, fit and quality."""
+    c = adata.uns["nmf_consensus"]
+    i = int(np.flatnonzero(np.asarray(c["k_values"]) == c["best_k"])[0])
+    m = adata.uns["nmf_metrics"]
+    out = {
+        "best_k": float(c["best_k"]),
+        "reconstruction_error": float(np.min(adata.uns["nmf"]["errors"])) if "nmf" in adata.uns else np.nan,
+        "consensus.pac": float(c["pac"][i]),
+        "consensus.cophenetic": float(c["cophenetic"][i]),
+        "consensus.delta_area": float(c["delta_area"][i]),
+        "consensus.mean_cluster_consensus": float(c["mean_cluster_consensus"][i]),
+        "refit_error": float(c["refit_error"]),
+    }
+    for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery"):
+        if k in m:
+            out[k] = float(m[k])
+    return out
+
+
+def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the four stages as configured; return the headline metrics (and the MLflow run id).
+
+    ``cfg`` is the resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
+    """
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = cfg.get("progress")
+    _atomic_write_text(yaml.safe_dump(_redacted(cfg), sort_keys=False), run_dir / "config.yaml")
+    _atomic_write_text("\n".join(redact(o) for o in (overrides or [])) + "\n", run_dir / "overrides.txt")
+
+    tracker = Tracker.from_config(cfg["tracking"])
+    tags = {"tardis_exp.version": __version__, "git_commit": _git_commit(), "data.name": cfg["data"].get("name")}
+    with tracker.run(tags=tags) as parent:
+        parent.log_params(flatten(_redacted(cfg)))
+        parent.log_artifact(run_dir / "config.yaml")
+        parent.log_artifact(run_dir / "overrides.txt")
+
+        adata = load_data(cfg["data"])
+        data_digest = digest(adata)
+        parent.set_tags({"data.digest": data_digest, "data.shape": f"{adata.n_obs}x{adata.n_vars}"})
+        tracker.log_input(adata, name=str(cfg["data"].get("name")), digest=data_digest,
+                          source=str(cfg["data"].get("path") or cfg["data"]["source"]))
+
+        with tracker.stage("preprocess", cfg["preprocess"]) as st:
+            adata = preprocess(adata, **stage_kwargs(cfg["preprocess"]))
+            st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
+
+        with tracker.stage("factorize", cfg["factorize"]) as st:
+            factorize(adata, progress=progress, **stage_kwargs(cfg["factorize"]))
+            nmf = adata.uns["nmf"]
+            st.log_steps("reconstruction_error", nmf["errors"])  # one step per replicate
+            st.log_steps("n_iter", nmf["n_iter"])
+            st.log_metrics({"reconstruction_error": float(np.min(nmf["errors"])),
+                            "fit_seconds": nmf["fit_seconds"]})
+
+        with tracker.stage("consensus", cfg["consensus"]) as st:
+            consensus(adata, progress=progress, **stage_kwargs(cfg["consensus"]))
+            c = adata.uns["nmf_consensus"]
+            for key in ("pac", "cophenetic", "delta_area", "area", "mean_cluster_consensus", "silhouette"):
+                st.log_steps(f"consensus.{key}", c[key], steps=[int(k) for k in c["k_values"]])
+            st.log_metrics({"best_k": c["best_k"], "refit_error": c["refit_error"]})
+
+        with tracker.stage("score", cfg["score"]) as st:
+            score(adata, **stage_kwargs(cfg["score"]))
+            m = adata.uns["nmf_metrics"]
+            st.log_metrics({k: v for k, v in m.items() if np.isscalar(v)})
+            if "morans_i" in m:
+                st.log_steps("morans_i", m["morans_i"])
+
+        metrics = headline_metrics(adata)
+        parent.log_metrics(metrics)
+        _write_outputs(adata, run_dir, cfg, parent)
+    metrics["mlflow_run_id"] = parent.run_id
+    _atomic_write_text(yaml.safe_dump({k: v for k, v in metrics.items()}, sort_keys=False),
+                       run_dir / "metrics.yaml")
+    return metrics
+
+
+def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
+    table = adata.uns["nmf_programs"]
+    table.to_csv(run_dir / "programs.tsv", sep="\t", index=False)
+    usages = pd.DataFrame(adata.obsm["X_nmf_consensus"], index=adata.obs_names,
+                          columns=[f"program_{i}" for i in range(adata.obsm["X_nmf_consensus"].shape[1])])
+    usages.to_csv(run_dir / "usages.tsv.gz", sep="\t", compression="gzip")
+    parent.log_artifact(run_dir / "programs.tsv")
+    parent.log_artifact(run_dir / "usages.tsv.gz")
+    if cfg.get("save_result", True):
+        _atomic_write_h5ad(adata, run_dir / "result.h5ad")
+        if cfg["tracking"].get("log_result", True):
+            parent.log_artifact(run_dir / "result.h5ad")
+    if cfg["tracking"].get("log_plots", True):
+        from .plots import make_plots
+
+        plot_dir = run_dir / "plots"
+        make_plots(adata, plot_dir)
+        parent.log_artifact(plot_dir, "plots")
+
+
+def _redacted(cfg):
+    if isinstance(cfg, Mapping):
+        return {k: _redacted(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [_redacted(v) for v in cfg]
+    return redact(cfg)

@@ -1,0 +1,257 @@
+"""Stage 1, preprocess: counts -> QC -> gene exclusion -> normalization -> HVG subset.
+
+Reads ``adata.X`` (or ``adata.layers[layer]``), writes a new AnnData restricted to the
+highly variable genes with
+
+``X``
+    normalized expression (float32, sparse if the input was sparse),
+``layers['counts']``
+    the raw counts of the kept genes,
+``var['highly_variable']``, ``var['means']``, ...
+    scanpy's HVG table,
+``uns['preprocess']``
+    the parameters and what QC removed.
+
+``obsm`` (``spatial`` included) and ``obs`` are carried over.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+
+from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("log1p", "total", "none")
+HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
+
+
+def _values(M):
+    return M.data if sp.issparse(M) else np.asarray(M)
+
+
+def validate_counts(M, where: str = "adata.X") -> None:
+    """Raise :class:`InputError` unless ``M`` is a finite, non-negative 2-D matrix."""
+    if M is None:
+        raise InputError(f"{where} is empty (None)")
+    if M.ndim != 2:
+        raise InputError(f"{where} must be 2-D (spots x genes), got shape {M.shape}")
+    if M.shape[0] == 0 or M.shape[1] == 0:
+        raise InputError(f"{where} has shape {M.shape}: no spots or no genes")
+    v = _values(M)
+    if v.dtype.kind not in "biuf":
+        raise InputError(f"{where} has dtype {v.dtype}; expected numbers")
+    if v.dtype.kind == "f" and not np.isfinite(v).all():
+        bad = int((~np.isfinite(v)).sum())
+        raise InputError(f"{where} has {bad} NaN or infinite values; counts must be finite")
+    if v.size and v.min() < 0:
+        raise InputError(
+            f"{where} has negative values (min {v.min()}); NMF needs non-negative counts. "
+            "Point preprocess.layer at the raw counts (e.g. preprocess.layer=counts)"
+        )
+
+
+def _to_float32(M):
+    # Integer counts are cast once here: sums over uint8/int16 inputs would overflow.
+    if sp.issparse(M):
+        return sp.csr_matrix(M, dtype=np.float32)
+    return np.asarray(M, dtype=np.float32)
+
+
+def _excluded(var_names, patterns: Sequence[str], gene_file: str | None) -> np.ndarray:
+    drop = np.zeros(len(var_names), dtype=bool)
+    for pat in patterns or ():
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise ConfigError(f"preprocess.exclude_regex: invalid pattern {pat!r}: {e}") from None
+        drop |= np.fromiter((bool(rx.search(g)) for g in var_names), bool, len(var_names))
+    if gene_file:
+        path = Path(gene_file)
+        if not path.is_file():
+            raise InputError(f"preprocess.exclude_genes_file: {path} does not exist")
+        genes = {ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+        drop |= np.isin(np.asarray(var_names), list(genes))
+    return drop
+
+
+def check_params(
+    *, normalize: str = "log1p", hvg_flavor: str = "seurat", n_top_genes: int | None = 2000,
+    min_cells: int = 0, min_counts: int = 0, target_sum: float | None = 1e4,
+) -> None:
+    """Validate preprocess parameters (cheap; runs before any data is touched)."""
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"preprocess.normalize={normalize!r} is unknown; choose one of {NORMALIZATIONS}")
+    if hvg_flavor not in HVG_FLAVORS:
+        raise ConfigError(f"preprocess.hvg_flavor={hvg_flavor!r} is unknown; choose one of {HVG_FLAVORS}")
+    if n_top_genes is not None and int(n_top_genes) < 1:
+        raise ConfigError(f"preprocess.n_top_genes must be >= 1 (or null for all genes), got {n_top_genes}")
+    if min_cells < 0 or min_counts < 0:
+        raise ConfigError("preprocess.min_cells and preprocess.min_counts must be >= 0")
+    if target_sum is not None and target_sum <= 0:
+        raise ConfigError(f"preprocess.target_sum must be > 0, got {target_sum}")
+
+
+def preprocess(
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    min_cells: int = 3,
+    min_counts: int = 1,
+    exclude_regex: Sequence[str] = (),
+    exclude_genes_file: str | None = None,
+    normalize: str = "log1p",
+    target_sum: float | None = 1e4,
+    n_top_genes: int | None = 2000,
+    hvg_flavor: str = "seurat",
+    scale: bool = False,
+    make_unique: bool = False,
+) -> ad.AnnData:
+    """Select and normalize the genes the factorization will see.
+
+    Parameters
+    ----------
+    adata
+        Spots x genes; not modified.
+    layer
+        Take counts from ``adata.layers[layer]`` instead of ``X``.
+    use_raw
+        Take counts (and genes) from ``adata.raw``.
+    min_cells
+        Drop genes detected in fewer spots.
+    min_counts
+        Drop spots with fewer total counts (1 drops empty spots).
+    exclude_regex
+        Drop genes whose name matches any of these patterns (e.g. ``['^mt-', '^Gm', 'Rik']``).
+    exclude_genes_file
+        Drop the genes listed (one per line) in this file, e.g. a housekeeping list.
+    normalize
+        ``'log1p'`` (``normalize_total`` + ``log1p``), ``'total'`` or ``'none'``.
+    target_sum
+        Counts per spot after ``normalize_total`` (``None``: the median).
+    n_top_genes
+        Number of highly variable genes (clipped to the genes left; ``None``: keep all).
+    hvg_flavor
+        scanpy's ``flavor``; ``seurat_v3*`` and ``pearson_residuals`` read the counts.
+    scale
+        Scale every gene to unit variance, without centering (cNMF does this).
+    make_unique
+        Make duplicated gene names unique instead of failing.
+
+    Returns
+    -------
+    A new AnnData over the selected genes (see the module docstring for keys).
+    """
+    check_params(normalize=normalize, hvg_flavor=hvg_flavor, n_top_genes=n_top_genes,
+                 min_cells=min_cells, min_counts=min_counts, target_sum=target_sum)
+    if use_raw:
+        if adata.raw is None:
+            raise InputError("preprocess.use_raw=true but the AnnData has no .raw")
+        counts, var = adata.raw.X, adata.raw.var.copy()
+        src = "adata.raw.X"
+    elif layer is not None:
+        if layer not in adata.layers:
+            raise InputError(
+                f"preprocess.layer={layer!r} does not exist; the AnnData has layers {list(adata.layers)}"
+            )
+        counts, var = adata.layers[layer], adata.var.copy()
+        src = f"adata.layers[{layer!r}]"
+    else:
+        counts, var = adata.X, adata.var.copy()
+        src = "adata.X"
+    validate_counts(counts, src)
+
+    if not var.index.is_unique:
+        dup = var.index[var.index.duplicated()].unique()[:5].tolist()
+        if not make_unique:
+            raise InputError(
+                f"{len(var.index[var.index.duplicated()])} duplicated gene names in var_names "
+                f"(e.g. {dup}); set preprocess.make_unique=true or call adata.var_names_make_unique()"
+            )
+    obs = adata.obs.copy()
+    out = ad.AnnData(X=_to_float32(counts), obs=obs, var=var, obsm=dict(adata.obsm), uns={})
+    if make_unique:
+        out.var_names_make_unique()
+    for k in ("true_programs",):
+        if k in adata.varm and adata.varm[k].shape[0] == out.n_vars:
+            out.varm[k] = adata.varm[k]
+
+    n0_spots, n0_genes = out.shape
+    drop = _excluded(out.var_names, exclude_regex, exclude_genes_file)
+    if drop.any():
+        out = out[:, ~drop].copy()
+    if min_cells > 0:
+        sc.pp.filter_genes(out, min_cells=min_cells)
+    if min_counts > 0:
+        sc.pp.filter_cells(out, min_counts=min_counts)
+    if out.n_obs == 0 or out.n_vars == 0:
+        raise InputError(
+            f"no {'spots' if out.n_obs == 0 else 'genes'} left after QC "
+            f"(preprocess.min_cells={min_cells}, preprocess.min_counts={min_counts}, "
+            f"{int(drop.sum())} genes excluded by name); loosen these settings"
+        )
+    if _values(out.X).sum() == 0:
+        raise InputError(f"{src} is all zeros: nothing to factorize")
+
+    out.layers["counts"] = out.X.copy()
+    if normalize in ("log1p", "total"):
+        sc.pp.normalize_total(out, target_sum=target_sum)
+    if normalize == "log1p":
+        sc.pp.log1p(out)
+
+    n_hvg = out.n_vars if n_top_genes is None else int(n_top_genes)
+    if n_hvg > out.n_vars:
+        warnings.warn(
+            f"preprocess.n_top_genes={n_top_genes} but only {out.n_vars} genes are left; using all of them",
+            UserWarning, stacklevel=2,
+        )
+        n_hvg = out.n_vars
+    if n_hvg >= out.n_vars:
+        out.var["highly_variable"] = True
+    else:
+        hvg_layer = "counts" if hvg_flavor.startswith("seurat_v3") else None
+        if hvg_flavor == "pearson_residuals":
+            sc.experimental.pp.highly_variable_genes(out, flavor="pearson_residuals",
+                                                     n_top_genes=n_hvg, layer="counts")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                sc.pp.highly_variable_genes(out, n_top_genes=n_hvg, flavor=hvg_flavor, layer=hvg_layer)
+    out = out[:, out.var["highly_variable"].to_numpy()].copy()
+
+    if scale:
+        X = out.X
+        if sp.issparse(X):
+            mean = np.asarray(X.mean(0)).ravel()
+            var_ = np.asarray(X.multiply(X).mean(0)).ravel() - mean**2
+        else:
+            var_ = X.var(0)
+        sd = np.sqrt(np.maximum(var_, 0)).astype(np.float32)
+        sd[sd == 0] = 1
+        out.X = sp.csr_matrix(X.multiply(1 / sd[None, :])) if sp.issparse(X) else X / sd
+    out.X = _to_float32(out.X)
+
+    out.uns["preprocess"] = {
+        "source": src,
+        "n_spots_in": n0_spots,
+        "n_genes_in": n0_genes,
+        "n_genes_excluded_by_name": int(drop.sum()),
+        "n_spots": out.n_obs,
+        "n_genes": out.n_vars,
+        "normalize": normalize,
+        "hvg_flavor": hvg_flavor,
+        "scale": bool(scale),
+    }
+    log.info("preprocess: %d x %d -> %d spots x %d genes", n0_spots, n0_genes, *out.shape)
+    return out

@@ -1,0 +1,94 @@
+"""Each stage on small synthetic data with known programs."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from tardis_exp import consensus, factorize, preprocess, score
+from tardis_exp.consensus import cdf_stats, consensus_from_labels
+
+
+def test_preprocess_keeps_sparse_and_counts(synthetic_small):
+    out = preprocess(synthetic_small, n_top_genes=300)
+    assert out.n_vars == 300 and sp.issparse(out.X) and out.X.dtype == np.float32
+    assert "counts" in out.layers and "spatial" in out.obsm
+    # counts layer is the raw input restricted to the kept genes
+    raw = synthetic_small[:, out.var_names].X
+    assert (abs(out.layers["counts"] - raw)).max() == 0
+    # markers are highly variable
+    assert (out.var["true_program"] != "none").mean() > 0.4
+
+
+def test_preprocess_exclusion(synthetic_small, tmp_path):
+    f = tmp_path / "hk.txt"
+    f.write_text("gene1\ngene2\n")
+    out = preprocess(synthetic_small, n_top_genes=None, exclude_regex=["^gene1[0-9]$"], exclude_genes_file=str(f))
+    names = set(out.var_names)
+    assert not names & {"gene1", "gene2", "gene10", "gene19"}
+    assert "gene3" in names or "gene100" in names
+
+
+def test_consensus_matrix_and_pac():
+    labels = np.array([[0, 0, 1, 1, -1], [1, 1, 0, -1, 0], [0, 0, 1, 1, 0]])
+    M = consensus_from_labels(labels)
+    assert M[0, 1] == 1.0  # always together
+    assert M[0, 2] == 0.0  # never together
+    assert M[2, 4] == pytest.approx(0.5)  # together in 1 of 2 resamples where both sampled
+    upper = M[np.triu_indices(5, 1)]
+    assert cdf_stats(M)["pac"] == pytest.approx(np.mean((upper > 0.1) & (upper < 0.9)))
+    assert 0 < cdf_stats(M)["pac"] < 1
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_small):
+    a = preprocess(synthetic_small, n_top_genes=600)
+    factorize(a, n_components=6, n_replicates=8, random_state=0)
+    return a
+
+
+def test_factorize_outputs(fitted):
+    a = fitted
+    assert a.obsm["X_nmf"].shape == (a.n_obs, 6) and a.uns["X_nmf_components"].shape == (6, a.n_vars)
+    assert a.obsm["X_nmf"].min() >= 0 and a.uns["X_nmf_components"].min() >= 0
+    errs = a.uns["nmf"]["errors"]
+    assert len(errs) == 8 and a.uns["nmf"]["components"].shape == (8, 6, a.n_vars)
+    X = a.X.toarray()
+    assert errs.min() < np.linalg.norm(X)  # better than the rank-0 (all zero) fit
+    W, H = a.obsm["X_nmf"], a.uns["X_nmf_components"]
+    assert np.linalg.norm(X - W @ H) == pytest.approx(errs.min(), rel=1e-3)
+
+
+def test_components_consensus_finds_true_k(fitted):
+    a = fitted.copy()
+    consensus(a, min_clusters=2, max_clusters=7, n_resamples=50)
+    c = a.uns["nmf_consensus"]
+    assert c["best_k"] == 4
+    score(a, n_cluster_genes=30)
+    m = a.uns["nmf_metrics"]
+    assert m["program_recovery"] >= 0.9
+    assert m["ari_truth"] >= 0.8
+    z = a.obs[[f"nmf_cluster_{i}" for i in range(4)]].to_numpy()
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(z.std(0), 1, atol=1e-6)
+    np.testing.assert_array_equal(a.obs["nmf_cluster"].cat.codes.to_numpy(), z.argmax(1))
+
+
+def test_spots_consensus_recovers_groups():
+    from sklearn.metrics import adjusted_rand_score
+
+    from tardis_exp.synthetic import make_synthetic
+
+    d = make_synthetic(n_spots=400, n_genes=500, n_programs=3, n_markers=40, sharpness=30, seed=4)
+    a = preprocess(d, n_top_genes=300)
+    consensus(a, method="spots", min_clusters=2, max_clusters=5, n_resamples=12, max_spots=300,
+              spots_max_iter=500, random_state=0)
+    c = a.uns["nmf_consensus"]
+    ks = list(c["k_values"])
+    assert c["best_k"] == 3
+    assert c["cophenetic"][ks.index(3)] > c["cophenetic"][ks.index(4)]
+    score(a, n_cluster_genes=30)
+    assert adjusted_rand_score(a.obs["true_domain"], a.obs["nmf_cluster"]) >= 0.8
+    lab = a.obs["nmf_spot_consensus"]
+    used = lab.notna().to_numpy()
+    assert used.sum() == 300
+    assert adjusted_rand_score(a.obs["true_domain"][used], lab[used]) >= 0.8
