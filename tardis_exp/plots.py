@@ -1,17 +1,120 @@
-"""Figures a person would rather look at than read (written as PNG, logged to MLflow)."""
+"""Figures a person would rather look at than read (PNG files, logged to MLflow).
+
+Every figure reads only what the stages wrote into the AnnData:
+
+``consensus_matrices.png``
+    The consensus matrix of every K, rows and columns ordered by average-linkage
+    clustering of ``1 - M`` (``uns['nmf_consensus']['matrices']``).
+``consensus_cdf.png``
+    The empirical CDF of the consensus values per K (``cdf`` over ``cdf_grid``).
+``k_selection.png``
+    PAC, cophenetic correlation and delta area against K, the chosen K marked.
+``reconstruction_error.png``
+    The reconstruction error of every factorization replicate (``uns['nmf']['errors']``).
+``program_scores.png``
+    Every program score ``obs['nmf_cluster_{i}']`` and the argmax label on the spot
+    coordinates (``obsm['spatial']``, scanpy's plotting); without coordinates, a heatmap
+    of the scores of spots sorted by label.
+``top_genes_dotplot.png``
+    scanpy dot plot of each program's top genes by ``obs['nmf_cluster']``.
+
+:func:`make_plots` draws them all; one figure that fails is a logged warning, never a
+failed run.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+import warnings
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # files only; never open a window (sweep workers, servers)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+log = logging.getLogger(__name__)
+
+DPI = 100
+
+
+def _save(fig, path: Path, dpi: int = DPI) -> Path:
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _grid(n: int, ncols: int, size: float = 2.6, height: float | None = None):
+    ncols = max(1, min(ncols, n))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, (height or size) * nrows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()[:n]
+
+
+def cluster_order(M: np.ndarray) -> np.ndarray:
+    """Leaf order of average-linkage clustering on ``1 - M`` (blocks on the diagonal)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    n = M.shape[0]
+    if n < 3:
+        return np.arange(n)
+    D = np.clip(1.0 - np.asarray(M, dtype=np.float64), 0, None)
+    D = (D + D.T) / 2
+    np.fill_diagonal(D, 0)
+    return leaves_list(linkage(squareform(D, checks=False), method="average"))
+
+
+def consensus_matrices(adata, path: Path) -> Path:
+    """Ordered consensus-matrix heatmap for every K in the range."""
+    c = adata.uns["nmf_consensus"]
+    ks = [int(k) for k in c["k_values"]]
+    mats = c["matrices"]
+    fig, axes = _grid(len(ks), ncols=4, size=2.7)
+    im = None
+    for ax, k in zip(axes, ks):
+        M = np.asarray(mats[str(k)])
+        o = cluster_order(M)
+        im = ax.imshow(M[np.ix_(o, o)], vmin=0, vmax=1, cmap="Blues", interpolation="nearest")
+        chosen = k == int(c["best_k"])
+        ax.set_title(f"K = {k}" + (" (chosen)" if chosen else ""), fontsize=10,
+                     color="crimson" if chosen else "black", fontweight="bold" if chosen else "normal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    what = "components" if c.get("method", "components") == "components" else "spots"
+    fig.suptitle(f"consensus matrices ({M.shape[0]} {what}, ordered by clustering)", fontsize=11)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="consensus")
+    return _save(fig, path)
+
+
+def consensus_cdf(adata, path: Path) -> Path:
+    """Empirical CDF of the consensus values, one curve per K."""
+    c = adata.uns["nmf_consensus"]
+    ks = [int(k) for k in c["k_values"]]
+    grid = np.asarray(c["cdf_grid"])
+    cdf = np.asarray(c["cdf"])
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(ks)))
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for k, y, col in zip(ks, cdf, colors):
+        chosen = k == int(c["best_k"])
+        ax.step(grid, y, where="post", color="crimson" if chosen else col, lw=2.5 if chosen else 1.2,
+                label=f"K = {k}" + (" (chosen)" if chosen else ""), zorder=3 if chosen else 2)
+    ax.set_xlabel("consensus value")
+    ax.set_ylabel("CDF")
+    ax.set_title("consensus CDF (flat middle = stable clusters)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
 
 def k_selection(adata, path: Path) -> Path:
+    """PAC, cophenetic correlation and delta area against K, the chosen K marked."""
     c = adata.uns["nmf_consensus"]
     ks = np.asarray(c["k_values"])
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
@@ -20,15 +123,134 @@ def k_selection(adata, path: Path) -> Path:
         ax.plot(ks, c[key], "o-")
         ax.axvline(c["best_k"], color="crimson", ls="--", label=f"chosen K = {c['best_k']}")
         ax.set_xlabel("K")
+        ax.set_xticks(ks)
         ax.set_title(label)
     axes[0].legend()
+    fig.suptitle(f"K selection (rule: {c.get('k_selection', 'pac')})", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
+
+
+def reconstruction_error(adata, path: Path) -> Path:
+    """Reconstruction error of every factorization replicate; the best one marked."""
+    nmf = adata.uns["nmf"]
+    errs = np.asarray(nmf["errors"], dtype=float)
+    reps = np.arange(len(errs))
+    best = int(np.argmin(errs))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(errs) + 2), 3.2))
+    ax.plot(reps, errs, "o", color="tab:blue")
+    ax.plot(reps[best], errs[best], "o", color="crimson", ms=9, label=f"best: replicate {best}")
+    ax.set_xlabel("replicate")
+    ax.set_ylabel("reconstruction error (Frobenius)")
+    ax.set_xticks(reps)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title(f"factorization replicates (K = {adata.obsm['X_nmf'].shape[1]})"
+                 if "X_nmf" in adata.obsm else "factorization replicates")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _score_keys(adata) -> list[str]:
+    keys, i = [], 0
+    while f"nmf_cluster_{i}" in adata.obs:
+        keys.append(f"nmf_cluster_{i}")
+        i += 1
+    return keys
+
+
+def _spot_size(xy: np.ndarray) -> float:
+    """Spot diameter in coordinate units: the median nearest-neighbour distance."""
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy, dtype=float)
+    sample = xy[np.random.default_rng(0).choice(len(xy), min(len(xy), 2000), replace=False)]
+    d, _ = cKDTree(xy).query(sample, k=2)
+    nn = float(np.median(d[:, 1])) if len(xy) > 1 else 1.0
+    return nn if nn > 0 else 1.0
+
+
+def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
+    """Every program score on the spot coordinates (scanpy), or a heatmap without them."""
+    keys = _score_keys(adata)
+    if not keys:
+        raise ValueError("no obs['nmf_cluster_{i}'] columns: run the score stage first")
+    if basis in adata.obsm and np.asarray(adata.obsm[basis]).shape[1] >= 2:
+        import scanpy as sc
+
+        # a light copy: scanpy writes colours into .uns; only obs/obsm are needed
+        view = adata.__class__(obs=adata.obs[keys + (["nmf_cluster"] if "nmf_cluster" in adata.obs else [])],
+                               obsm={basis: np.asarray(adata.obsm[basis])[:, :2]})
+        # sc.pl.spatial (no image) draws spots at their true size and flips y as for tissue images
+        xy = view.obsm[basis]
+        spot = _spot_size(xy)
+        with warnings.catch_warnings(), plt.rc_context({"figure.figsize": (3.4, 3.4)}):
+            warnings.simplefilter("ignore", FutureWarning)  # "use squidpy": not a dependency here
+            axes = sc.pl.spatial(view, basis=basis, color=list(view.obs.columns), img_key=None, spot_size=spot,
+                                 ncols=4, cmap="viridis", frameon=False, show=False, wspace=0.15)
+        fig = (axes[0] if isinstance(axes, list) else axes).figure
+        return _save(fig, path, dpi=80)
+    # no coordinates: scores of spots (rows, sorted by label) x programs
+    z = adata.obs[keys].to_numpy(dtype=float)
+    order = np.lexsort((-z.max(1), z.argmax(1)))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(keys), 5))
+    lim = float(np.nanpercentile(np.abs(z), 99)) or 1.0
+    im = ax.imshow(z[order], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k.replace("nmf_cluster_", "program ") for k in keys], rotation=90)
+    ax.set_ylabel(f"{adata.n_obs} spots (sorted by program)")
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, label="z-scored program score")
+    ax.set_title("program scores")
+    return _save(fig, path)
+
+
+def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
+    """scanpy dot plot of each program's top genes, spots grouped by ``obs['nmf_cluster']``."""
+    import scanpy as sc
+
+    table = adata.uns["nmf_programs"]
+    table = table.sort_values(["program", "rank"])
+    genes: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for p, sub in table.groupby("program", sort=True):
+        top = [g for g in sub["gene"].astype(str) if g in adata.var_names and g not in seen][:n_genes]
+        seen.update(top)
+        if top:
+            genes[str(p)] = top
+    if not genes:
+        raise ValueError("no top gene of uns['nmf_programs'] is in var_names")
+    dp = sc.pl.dotplot(adata, var_names=genes, groupby="nmf_cluster", show=False, return_fig=True,
+                       title="top genes per program")
+    dp.make_figure()
+    return _save(dp.fig, path)
+
+
+PLOTS = {
+    "consensus_matrices.png": consensus_matrices,
+    "consensus_cdf.png": consensus_cdf,
+    "k_selection.png": k_selection,
+    "reconstruction_error.png": reconstruction_error,
+    "program_scores.png": program_scores,
+    "top_genes_dotplot.png": top_genes_dotplot,
+}
 
 
 def make_plots(adata, out_dir) -> list[Path]:
+    """Draw every figure into ``out_dir``; return the files written.
+
+    A figure that cannot be drawn (missing input, plotting error) is skipped with a
+    warning naming it: plots are a view of the result, never a reason to lose it.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [k_selection(adata, out_dir / "k_selection.png")]
+    written = []
+    for name, fn in PLOTS.items():
+        t0 = time.perf_counter()
+        try:
+            written.append(fn(adata, out_dir / name))
+        except Exception as e:  # noqa: BLE001 -- any plotting failure is non-fatal by design
+            log.warning("plot %s skipped: %s: %s", name, type(e).__name__, e)
+            plt.close("all")
+        else:
+            log.debug("plot %s in %.2fs", name, time.perf_counter() - t0)
+    return written

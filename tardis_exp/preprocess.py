@@ -28,7 +28,7 @@ import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, check_choice, check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,31 @@ def _values(M):
     return M.data if sp.issparse(M) else np.asarray(M)
 
 
+# Counts beyond this are not counts: float32 arithmetic downstream (normalization, the NMF
+# loss, which squares values) would overflow to inf and leave NaN results.
+MAX_VALUE = 1e12
+
+
 def validate_counts(M, where: str = "adata.X") -> None:
-    """Raise :class:`InputError` unless ``M`` is a finite, non-negative 2-D matrix."""
+    """Raise :class:`InputError` unless ``M`` is a usable count matrix.
+
+    Usable: 2-D, at least one spot and one gene, a numeric or bool dtype, finite,
+    non-negative, not all zero, and no value above :data:`MAX_VALUE`.
+    """
     if M is None:
-        raise InputError(f"{where} is empty (None)")
+        raise InputError(f"{where} is empty (None); the file holds no matrix there")
+    if not (sp.issparse(M) or isinstance(M, np.ndarray)):
+        try:
+            M = np.asarray(M)
+        except Exception as e:  # e.g. a backed or awkward array
+            raise InputError(f"{where} of type {type(M).__name__} cannot be read as a matrix: {e}") from None
     if M.ndim != 2:
         raise InputError(f"{where} must be 2-D (spots x genes), got shape {M.shape}")
     if M.shape[0] == 0 or M.shape[1] == 0:
         raise InputError(f"{where} has shape {M.shape}: no spots or no genes")
     v = _values(M)
     if v.dtype.kind not in "biuf":
-        raise InputError(f"{where} has dtype {v.dtype}; expected numbers")
+        raise InputError(f"{where} has dtype {v.dtype}; expected integer, float or bool counts")
     if v.dtype.kind == "f" and not np.isfinite(v).all():
         bad = int((~np.isfinite(v)).sum())
         raise InputError(f"{where} has {bad} NaN or infinite values; counts must be finite")
@@ -59,25 +73,37 @@ def validate_counts(M, where: str = "adata.X") -> None:
             f"{where} has negative values (min {v.min()}); NMF needs non-negative counts. "
             "Point preprocess.layer at the raw counts (e.g. preprocess.layer=counts)"
         )
+    vmax = float(v.max()) if v.size else 0.0
+    if vmax == 0:
+        raise InputError(f"{where} is all zeros: nothing to factorize")
+    if vmax > MAX_VALUE:
+        raise InputError(
+            f"{where} has values up to {vmax:.3g}; counts above {MAX_VALUE:.0e} overflow the float32 "
+            "computations. Give raw counts or normalized expression"
+        )
 
 
 def _to_float32(M):
     # Integer counts are cast once here: sums over uint8/int16 inputs would overflow.
     if sp.issparse(M):
-        return sp.csr_matrix(M, dtype=np.float32)
+        M = sp.csr_matrix(M, dtype=np.float32)
+        M.sum_duplicates()  # COO input may hold repeated (i, j) entries
+        return M
     return np.asarray(M, dtype=np.float32)
 
 
 def _excluded(var_names, patterns: Sequence[str], gene_file: str | None) -> np.ndarray:
     drop = np.zeros(len(var_names), dtype=bool)
+    if isinstance(patterns, str):  # one pattern given as a plain string, not a list
+        patterns = [patterns]
     for pat in patterns or ():
         try:
             rx = re.compile(pat)
         except re.error as e:
             raise ConfigError(f"preprocess.exclude_regex: invalid pattern {pat!r}: {e}") from None
-        drop |= np.fromiter((bool(rx.search(g)) for g in var_names), bool, len(var_names))
+        drop |= np.fromiter((bool(rx.search(str(g))) for g in var_names), bool, len(var_names))
     if gene_file:
-        path = Path(gene_file)
+        path = Path(str(gene_file)).expanduser()
         if not path.is_file():
             raise InputError(f"preprocess.exclude_genes_file: {path} does not exist")
         genes = {ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")}
@@ -88,18 +114,27 @@ def _excluded(var_names, patterns: Sequence[str], gene_file: str | None) -> np.n
 def check_params(
     *, normalize: str = "log1p", hvg_flavor: str = "seurat", n_top_genes: int | None = 2000,
     min_cells: int = 0, min_counts: int = 0, target_sum: float | None = 1e4,
+    layer: str | None = None, exclude_regex: Sequence[str] | None = (), exclude_genes_file: str | None = None,
+    **_,
 ) -> None:
     """Validate preprocess parameters (cheap; runs before any data is touched)."""
-    if normalize not in NORMALIZATIONS:
-        raise ConfigError(f"preprocess.normalize={normalize!r} is unknown; choose one of {NORMALIZATIONS}")
-    if hvg_flavor not in HVG_FLAVORS:
-        raise ConfigError(f"preprocess.hvg_flavor={hvg_flavor!r} is unknown; choose one of {HVG_FLAVORS}")
-    if n_top_genes is not None and int(n_top_genes) < 1:
-        raise ConfigError(f"preprocess.n_top_genes must be >= 1 (or null for all genes), got {n_top_genes}")
-    if min_cells < 0 or min_counts < 0:
-        raise ConfigError("preprocess.min_cells and preprocess.min_counts must be >= 0")
-    if target_sum is not None and target_sum <= 0:
-        raise ConfigError(f"preprocess.target_sum must be > 0, got {target_sum}")
+    check_choice(normalize, "preprocess.normalize", NORMALIZATIONS)
+    check_choice(hvg_flavor, "preprocess.hvg_flavor", HVG_FLAVORS)
+    check_int(n_top_genes, "preprocess.n_top_genes", minimum=1, allow_none=True)
+    check_int(min_cells, "preprocess.min_cells", minimum=0)
+    check_float(min_counts, "preprocess.min_counts", low=0)
+    check_float(target_sum, "preprocess.target_sum", low=0, low_open=True, allow_none=True)
+    if layer is not None and not isinstance(layer, str):
+        raise ConfigError(f"preprocess.layer must be a layer name or null, got {layer!r}")
+    if isinstance(exclude_regex, str):
+        exclude_regex = [exclude_regex]
+    for pat in exclude_regex or ():
+        try:
+            re.compile(pat)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"preprocess.exclude_regex: invalid pattern {pat!r}: {e}") from None
+    if exclude_genes_file and not Path(str(exclude_genes_file)).expanduser().is_file():
+        raise InputError(f"preprocess.exclude_genes_file: {exclude_genes_file} does not exist or is not a file")
 
 
 def preprocess(
@@ -154,7 +189,8 @@ def preprocess(
     A new AnnData over the selected genes (see the module docstring for keys).
     """
     check_params(normalize=normalize, hvg_flavor=hvg_flavor, n_top_genes=n_top_genes,
-                 min_cells=min_cells, min_counts=min_counts, target_sum=target_sum)
+                 min_cells=min_cells, min_counts=min_counts, target_sum=target_sum, layer=layer,
+                 exclude_regex=exclude_regex, exclude_genes_file=exclude_genes_file)
     if use_raw:
         if adata.raw is None:
             raise InputError("preprocess.use_raw=true but the AnnData has no .raw")
@@ -201,8 +237,11 @@ def preprocess(
             f"(preprocess.min_cells={min_cells}, preprocess.min_counts={min_counts}, "
             f"{int(drop.sum())} genes excluded by name); loosen these settings"
         )
-    if _values(out.X).sum() == 0:
-        raise InputError(f"{src} is all zeros: nothing to factorize")
+    if _values(out.X).max(initial=0) == 0:
+        raise InputError(
+            f"{src} is all zeros in the genes left after excluding {int(drop.sum())} by name "
+            "(preprocess.exclude_regex, preprocess.exclude_genes_file): nothing to factorize"
+        )
 
     out.layers["counts"] = out.X.copy()
     if normalize in ("log1p", "total"):

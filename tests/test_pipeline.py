@@ -1,0 +1,65 @@
+"""The four stages end to end: the issue's acceptance values on data with known truth."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import yaml
+
+from tardis_exp.pipeline import run
+
+
+def _run_cli(args, cwd, timeout=600):
+    env = {**os.environ, "TARDIS_EXP_PROGRESS": "0"}
+    return subprocess.run([sys.executable, "-m", "tardis_exp", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_default_cli_run_finds_six_programs(tmp_path):
+    """`tardis-exp` with no arguments: default synthetic data, best K = 6, recovery >= 0.9."""
+    p = _run_cli([], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "outputs" / "runs").iterdir())
+    metrics = yaml.safe_load((run_dir / "metrics.yaml").read_text())
+    assert metrics["best_k"] == 6
+    assert metrics["program_recovery"] >= 0.9
+    a = ad.read_h5ad(run_dir / "result.h5ad")
+    assert a.uns["nmf_consensus"]["best_k"] == 6
+    assert [f"nmf_cluster_{i}" for i in range(6)] == [c for c in a.obs if c.startswith("nmf_cluster_")]
+    # ground truth vs labels, computed here from the stored result
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(a.obs["true_domain"], a.obs["nmf_cluster"]) > 0.8
+    assert (tmp_path / "mlruns" / "mlflow.db").exists()
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["factorize"]["n_components"] == 10 and cfg["data"]["n_programs"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_programs,n_components", [(4, 8), (9, 12)])
+def test_other_program_counts(compose, tmp_path, n_programs, n_components):
+    cfg = compose(f"data.n_programs={n_programs}", f"factorize.n_components={n_components}",
+                  "tracking.enabled=false", "save_result=false")
+    m = run(cfg, tmp_path / "run")
+    assert m["best_k"] == n_programs
+    assert m["program_recovery"] >= 0.9
+
+
+def test_cli_overrides_reach_every_stage(tmp_path, synthetic_small):
+    path = tmp_path / "x.h5ad"
+    synthetic_small.write_h5ad(path)
+    p = _run_cli(["data=h5ad", f"data.path={path}", "factorize.n_components=5", "factorize.n_replicates=3",
+                  "consensus.max_clusters=6", "consensus.min_clusters=3", "consensus.n_resamples=10",
+                  "preprocess.n_top_genes=300", "score.n_cluster_genes=20", "tracking.enabled=false"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "outputs" / "runs").iterdir())
+    a = ad.read_h5ad(run_dir / "result.h5ad")
+    assert a.n_vars == 300
+    assert a.uns["nmf"]["components"].shape == (3, 5, 300)
+    assert list(a.uns["nmf_consensus"]["k_values"]) == [3, 4, 5, 6]
+    assert (a.uns["nmf_programs"].groupby("program").size() == 20).all()
