@@ -28,7 +28,8 @@ if [ ! -s "$DATA_DIR/PG_VERSION" ]; then
   log "initdb $DATA_DIR"
   mkdir -p "$DATA_DIR"
   chown postgres:postgres "$DATA_DIR"
-  as_pg "$BIN/initdb" -D "$DATA_DIR" -A trust -U postgres >&2
+  # peer auth on the local socket for the admin steps; passwords (scram) over TCP
+  as_pg "$BIN/initdb" -D "$DATA_DIR" --auth-local=peer --auth-host=scram-sha-256 -U postgres >&2
 fi
 
 if ! as_pg "$BIN/pg_ctl" -D "$DATA_DIR" status >/dev/null 2>&1; then
@@ -38,7 +39,7 @@ if ! as_pg "$BIN/pg_ctl" -D "$DATA_DIR" status >/dev/null 2>&1; then
     -o "-c listen_addresses=127.0.0.1 -p $PORT -k /tmp -c max_connections=200" start >&2
 fi
 
-psql_pg() { as_pg psql -h 127.0.0.1 -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
+psql_pg() { as_pg psql -h /tmp -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
 if [ "$(psql_pg -c "SELECT 1 FROM pg_roles WHERE rolname='$USER_NAME'")" != 1 ]; then
   psql_pg -c "CREATE ROLE $USER_NAME LOGIN PASSWORD '$PASSWORD'" >&2
 fi

@@ -1,15 +1,25 @@
-"""``tardis-exp``: the Hydra application over ``conf/``."""
+"""``tardis-exp``: the Hydra application over ``conf/``.
+
+A user mistake -- a bad value (:class:`~tardis_exp.errors.TardisError`), an unknown key
+or a malformed override (Hydra's and OmegaConf's own errors) -- ends the command with
+one line on stderr, ``tardis-exp: error: ...``, and exit status 2, no traceback. In
+multirun mode a trial's error propagates to the sweeper, which records the trial as
+failed and goes on. Set ``HYDRA_FULL_ERROR=1`` for the full traceback of anything.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .errors import TardisError
 
@@ -17,10 +27,29 @@ log = logging.getLogger("tardis_exp")
 
 # conf/ sits at the project root, beside the package (editable install or checkout)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXIT_USAGE = 2  # argparse's status for a usage error
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if isinstance(e, OverrideParseException):
+        msg = f"cannot parse the override {e.override!r}: {msg}"
+    cause = e.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        # OmegaConf's first line says what is wrong ("Key 'foo' is not in struct")
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        if first and first not in msg:
+            msg = f"{msg} ({first})"
+    return msg or type(e).__name__
+
+
+def _fail(e: BaseException) -> None:
+    print(f"tardis-exp: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> dict:
+def app(cfg: DictConfig) -> dict:
     """Run the pipeline; return its headline metrics (the sweeper's objectives)."""
     from .pipeline import run
 
@@ -28,12 +57,26 @@ def main(cfg: DictConfig) -> dict:
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
         return run(container, hc.runtime.output_dir, overrides=list(hc.overrides.task))
-    except TardisError as e:
+    except (TardisError, OmegaConfBaseException) as e:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
-        # a user mistake: one line that says what is wrong, no traceback
-        print(f"tardis-exp: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)  # a user mistake: one line that says what is wrong, no traceback
+
+
+def main() -> None:
+    """Console entry point: Hydra's app with one-line errors for user mistakes."""
+    if os.environ.get("HYDRA_FULL_ERROR", "") in ("1", "true", "True"):
+        app()  # the user asked for full tracebacks: Hydra's own reporting
+        return
+    # With HYDRA_FULL_ERROR set Hydra re-raises instead of printing a trimmed traceback
+    # and exiting 1, so its config errors reach us and become one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException, TardisError) as e:
+        _fail(e)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

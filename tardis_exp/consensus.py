@@ -42,7 +42,7 @@ from scipy.cluster.hierarchy import cophenet, fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, check_choice, check_float, check_int
 from .nmf import derive_seeds, fit_batch, prepare_matrix, refit_usage
 from .progress import progress_bar
 
@@ -54,26 +54,28 @@ CDF_GRID = np.linspace(0, 1, 101)
 
 
 def check_params(*, method="components", min_clusters=4, max_clusters=10, n_resamples=100,
-                 resample_frac=0.8, k_selection="pac", spectra_agg="median", max_spots=2000, **_) -> None:
+                 resample_frac=0.8, k_selection="pac", spectra_agg="median", max_spots=2000,
+                 random_state=42, k_tolerance=0.02, min_cluster_replicates=0.5, refit_max_iter=200,
+                 spots_max_iter=500, store_matrix_items=400, **_) -> None:
     """Validate consensus parameters before any compute."""
-    if method not in METHODS:
-        raise ConfigError(f"consensus.method={method!r} is unknown; choose one of {METHODS}")
-    if k_selection not in K_RULES:
-        raise ConfigError(f"consensus.k_selection={k_selection!r} is unknown; choose one of {K_RULES}")
-    if spectra_agg not in ("median", "mean"):
-        raise ConfigError(f"consensus.spectra_agg={spectra_agg!r} is unknown; choose median or mean")
-    if int(min_clusters) != min_clusters or min_clusters < 2:
-        raise ConfigError(f"consensus.min_clusters must be an integer >= 2, got {min_clusters}")
-    if int(max_clusters) != max_clusters or max_clusters < min_clusters:
+    check_choice(method, "consensus.method", METHODS)
+    check_choice(k_selection, "consensus.k_selection", K_RULES)
+    check_choice(spectra_agg, "consensus.spectra_agg", ("median", "mean"))
+    min_clusters = check_int(min_clusters, "consensus.min_clusters", minimum=2)
+    if isinstance(max_clusters, bool) or not isinstance(max_clusters, (int, float, np.integer, np.floating)) \
+            or int(max_clusters) != max_clusters or max_clusters < min_clusters:
         raise ConfigError(
             f"consensus.max_clusters={max_clusters} must be an integer >= consensus.min_clusters={min_clusters}"
         )
-    if int(n_resamples) != n_resamples or n_resamples < 1:
-        raise ConfigError(f"consensus.n_resamples must be an integer >= 1, got {n_resamples}")
-    if not (0 < resample_frac <= 1):
-        raise ConfigError(f"consensus.resample_frac must be in (0, 1], got {resample_frac}")
-    if max_spots < 2:
-        raise ConfigError(f"consensus.max_spots must be >= 2, got {max_spots}")
+    check_int(n_resamples, "consensus.n_resamples", minimum=1)
+    check_float(resample_frac, "consensus.resample_frac", low=0, high=1, low_open=True)
+    check_int(max_spots, "consensus.max_spots", minimum=2)
+    check_int(random_state, "consensus.random_state", minimum=0, allow_none=True)
+    check_float(k_tolerance, "consensus.k_tolerance", low=0)
+    check_float(min_cluster_replicates, "consensus.min_cluster_replicates", low=0, high=1)
+    check_int(refit_max_iter, "consensus.refit_max_iter", minimum=1)
+    check_int(spots_max_iter, "consensus.spots_max_iter", minimum=1)
+    check_int(store_matrix_items, "consensus.store_matrix_items", minimum=0)
 
 
 # ---------------------------------------------------------------- Monti statistics
@@ -318,7 +320,9 @@ def consensus(
     """
     check_params(method=method, min_clusters=min_clusters, max_clusters=max_clusters, n_resamples=n_resamples,
                  resample_frac=resample_frac, k_selection=k_selection, spectra_agg=spectra_agg,
-                 max_spots=max_spots)
+                 max_spots=max_spots, random_state=random_state, k_tolerance=k_tolerance,
+                 min_cluster_replicates=min_cluster_replicates, refit_max_iter=refit_max_iter,
+                 spots_max_iter=spots_max_iter, store_matrix_items=store_matrix_items)
     adata = adata.copy() if copy else adata
     t0 = time.perf_counter()
     rng = np.random.default_rng(random_state)
@@ -394,8 +398,12 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     admissible = np.array([reps_per_cluster[kk].min() >= need for kk in ks])
     best = select_k(ks, stats, rule, tol, admissible)
 
-    labels = final_labels[best]
-    spectra = np.stack([_aggregate(spectra_all[items[labels == c]], agg) for c in range(best)])
+    # average linkage can return fewer than K clusters (ties); keep the clusters that exist
+    present, labels = np.unique(final_labels[best], return_inverse=True)
+    if len(present) < best:
+        warnings.warn(f"consensus: K={best} gave only {len(present)} distinct clusters of components "
+                      f"(raise factorize.n_replicates or lower consensus.max_clusters)", UserWarning, stacklevel=3)
+    spectra = np.stack([_aggregate(spectra_all[items[labels == c]], agg) for c in range(len(present))])
     item_labels = np.full(R * k, -1)
     item_labels[items] = labels
     return {

@@ -1,63 +1,223 @@
-"""Loading the input AnnData named by the ``data`` config group."""
+"""Loading the input AnnData named by the ``data`` config group.
+
+Sources (``data.source``, chosen with ``data=<name>`` on the command line):
+
+``synthetic``
+    :func:`tardis_exp.synthetic.make_synthetic` (the default; ground truth inside).
+``h5ad``
+    Any AnnData file (``anndata.read_h5ad``).
+``tenx_h5``
+    A 10x Genomics ``filtered_feature_bc_matrix.h5`` (``scanpy.read_10x_h5``).
+``tenx_mtx``
+    A 10x matrix folder: ``matrix.mtx(.gz)``, ``features.tsv(.gz)``/``genes.tsv``,
+    ``barcodes.tsv(.gz)`` (``scanpy.read_10x_mtx``).
+``visium``
+    A Space Ranger output folder, read by :func:`read_visium_folder`: counts through
+    ``scanpy.read_10x_h5`` and ``spatial/`` through pandas and json. ``scanpy.read_visium``
+    is deprecated since scanpy 1.11 (in favour of squidpy, not a dependency here) and
+    fails without the tissue images, which the pipeline does not need.
+``pbmc68k``
+    scanpy's bundled ``pbmc68k_reduced`` (no network), counts from its non-negative ``.raw``.
+
+Every failure to read is an :class:`~tardis_exp.errors.InputError` naming ``data.path``
+and the file.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any, Mapping
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, TardisError, check_choice, check_int
+from .tracking import redact
 
 SOURCES = ("synthetic", "h5ad", "tenx_h5", "tenx_mtx", "visium", "pbmc68k")
+_FOLDER_SOURCES = ("tenx_mtx", "visium")
+_SYNTHETIC_KEYS = ("n_spots", "n_genes", "n_programs", "n_markers", "seed")
+# Space Ranger's tissue positions (10x documentation order)
+_POSITION_COLUMNS = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 
 
-def _need_path(cfg, must_be_dir=False) -> Path:
+def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
+    """Validate a ``data`` config without reading any data (cheap; runs first)."""
+    source = check_choice(cfg.get("source"), "data.source", SOURCES)
+    if source == "synthetic":
+        for k in _SYNTHETIC_KEYS:
+            if cfg.get(k) is not None:
+                check_int(cfg[k], f"data.{k}", minimum=0 if k == "seed" else 1)
+        return
+    if source == "tenx_mtx":
+        check_choice(cfg.get("var_names", "gene_symbols"), "data.var_names", ("gene_symbols", "gene_ids"))
+    if source != "pbmc68k" and check_path:
+        _need_path(cfg)
+
+
+def _need_path(cfg) -> Path:
+    source = cfg["source"]
     path = cfg.get("path")
     if path in (None, "", "???"):
-        raise ConfigError(f"data.path is required for data={cfg['source']}; e.g. data.path=/path/to/input")
+        raise ConfigError(f"data.path is required for data={source}; e.g. data.path=/path/to/input")
     p = Path(str(path)).expanduser()
+    # messages quote the configured string, credentials hidden (Path() would mangle "://")
+    shown = redact(str(path))
     if not p.exists():
-        raise InputError(f"data.path: {p} does not exist")
+        raise InputError(f"data.path: {shown} does not exist")
+    must_be_dir = source in _FOLDER_SOURCES
     if must_be_dir and not p.is_dir():
-        raise InputError(f"data.path: {p} must be a folder for data={cfg['source']}")
+        raise InputError(f"data.path: {shown} must be a folder for data={source}")
     if not must_be_dir and p.is_dir():
-        raise InputError(f"data.path: {p} is a folder; data={cfg['source']} needs a file")
+        raise InputError(f"data.path: {shown} is a folder; data={source} needs a file")
+    if not must_be_dir and not _readable(p):
+        raise InputError(f"data.path: {shown} is not readable (permission denied)")
     return p
 
 
+def _readable(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
+
+
+def read_visium_folder(path: str | Path, count_file: str = "filtered_feature_bc_matrix.h5",
+                       library_id: str | None = None, load_images: bool = True) -> ad.AnnData:
+    """Read a Space Ranger output folder into AnnData.
+
+    Parameters
+    ----------
+    path
+        The folder holding ``count_file`` and ``spatial/``.
+    count_file
+        The 10x HDF5 matrix inside ``path``.
+    library_id
+        Key under ``uns['spatial']`` (default: the file's ``library_ids`` attribute,
+        else the folder name).
+    load_images
+        Load ``spatial/tissue_{hires,lowres}_image.png`` when present (never required).
+
+    Returns
+    -------
+    AnnData with the counts, ``obs[['in_tissue', 'array_row', 'array_col']]``,
+    ``obsm['spatial']`` (full-resolution pixel x, y: ``pxl_col_in_fullres``,
+    ``pxl_row_in_fullres``, the order ``scanpy.read_visium`` and squidpy use) and
+    ``uns['spatial'][library_id]`` (``scalefactors``, ``images``, ``metadata``).
+    """
+    import h5py
+    import scanpy as sc
+
+    path = Path(path)
+    h5 = path / count_file
+    if not h5.is_file():
+        raise InputError(f"data.path: {path} has no {count_file} (data.count_file); is it a Space Ranger folder?")
+    adata = sc.read_10x_h5(h5)
+    with h5py.File(h5, "r") as f:
+        attrs = dict(f.attrs)
+    if library_id is None:
+        ids = attrs.get("library_ids")
+        library_id = (ids[0].decode() if isinstance(ids[0], bytes) else str(ids[0])) if ids is not None and len(ids) \
+            else path.name
+
+    spatial = path / "spatial"
+    pos_file = spatial / "tissue_positions.csv"  # Space Ranger >= 2.0: with a header line
+    if not pos_file.is_file():
+        pos_file = spatial / "tissue_positions_list.csv"  # Space Ranger 1.x: no header
+    if not pos_file.is_file():
+        raise InputError(f"data.path: {path} has no spatial/tissue_positions.csv "
+                         "(or tissue_positions_list.csv); is it a Space Ranger folder?")
+    pos = pd.read_csv(pos_file, header=0 if pos_file.name == "tissue_positions.csv" else None, index_col=0)
+    if pos.shape[1] != len(_POSITION_COLUMNS):
+        raise InputError(f"{pos_file}: expected barcode + {len(_POSITION_COLUMNS)} columns "
+                         f"({', '.join(_POSITION_COLUMNS)}), found {pos.shape[1] + 1}")
+    pos.columns = _POSITION_COLUMNS
+    pos.index = pos.index.astype(str)
+    missing = ~adata.obs_names.isin(pos.index)
+    if missing.any():
+        raise InputError(f"{pos_file}: no position for {int(missing.sum())} barcodes of {count_file} "
+                         f"(e.g. {list(adata.obs_names[missing][:3])})")
+    pos = pos.loc[adata.obs_names]
+    for c in ("in_tissue", "array_row", "array_col"):
+        adata.obs[c] = pos[c].to_numpy()
+    adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+
+    lib: dict[str, Any] = {"images": {}, "scalefactors": {}, "metadata": {}}
+    sf = spatial / "scalefactors_json.json"
+    if sf.is_file():
+        lib["scalefactors"] = json.loads(sf.read_text())
+    if load_images:
+        from matplotlib.image import imread
+
+        for res in ("hires", "lowres"):
+            img = spatial / f"tissue_{res}_image.png"
+            if img.is_file():
+                lib["images"][res] = imread(str(img))
+    for k in ("chemistry_description", "software_version"):
+        if k in attrs:
+            v = attrs[k]
+            lib["metadata"][k] = v.decode() if isinstance(v, bytes) else str(v)
+    adata.uns["spatial"] = {library_id: lib}
+    return adata
+
+
+def _pbmc68k() -> ad.AnnData:
+    import scanpy as sc
+
+    a = sc.datasets.pbmc68k_reduced()
+    # its X is scaled; .raw holds non-negative log-normalized values of 765 genes
+    out = ad.AnnData(X=sp.csr_matrix(a.raw.X, dtype=np.float32), obs=a.obs.copy(), var=a.raw.var.copy())
+    out.obsm.update({k: v for k, v in a.obsm.items()})
+    return out
+
+
 def load_data(cfg) -> ad.AnnData:
-    """Read the data set described by a ``data`` config (a mapping with ``source``)."""
-    source = cfg.get("source")
-    if source not in SOURCES:
-        raise ConfigError(f"data.source={source!r} is unknown; choose one of {SOURCES}")
+    """Read the data set described by a ``data`` config (a mapping with ``source``).
+
+    Raises
+    ------
+    ConfigError
+        Unknown ``data.source``, missing ``data.path`` or a bad option.
+    InputError
+        The path does not exist, is of the wrong kind, or cannot be read as ``source``.
+    """
+    check_data(cfg, check_path=False)
+    source = cfg["source"]
     if source == "synthetic":
         from .synthetic import make_synthetic
 
-        keys = ("n_spots", "n_genes", "n_programs", "n_markers", "seed")
-        return make_synthetic(**{k: cfg[k] for k in keys if cfg.get(k) is not None})
+        return make_synthetic(**{k: cfg[k] for k in _SYNTHETIC_KEYS if cfg.get(k) is not None})
+    if source == "pbmc68k":
+        return _pbmc68k()
 
     import scanpy as sc
 
-    if source == "pbmc68k":
-        a = sc.datasets.pbmc68k_reduced()
-        # its X is scaled; .raw holds non-negative log-normalized values of 765 genes
-        out = ad.AnnData(X=sp.csr_matrix(a.raw.X, dtype=np.float32), obs=a.obs.copy(), var=a.raw.var.copy())
-        out.obsm.update({k: v for k, v in a.obsm.items()})
-        return out
-    p = _need_path(cfg, must_be_dir=source in ("tenx_mtx", "visium"))
+    p = _need_path(cfg)
     try:
         if source == "h5ad":
-            return ad.read_h5ad(p)
-        if source == "tenx_h5":
-            return sc.read_10x_h5(p, genome=cfg.get("genome"))
-        if source == "tenx_mtx":
-            return sc.read_10x_mtx(p, var_names=cfg.get("var_names", "gene_symbols"))
-        return sc.read_visium(p, count_file=cfg.get("count_file", "filtered_feature_bc_matrix.h5"))
-    except (OSError, KeyError, ValueError) as e:
-        raise InputError(f"data.path: cannot read {p} as {source}: {type(e).__name__}: {e}") from e
+            adata = ad.read_h5ad(p)
+        elif source == "tenx_h5":
+            adata = sc.read_10x_h5(p, genome=cfg.get("genome"))
+        elif source == "tenx_mtx":
+            adata = sc.read_10x_mtx(p, var_names=cfg.get("var_names", "gene_symbols"))
+        else:
+            adata = read_visium_folder(p, count_file=cfg.get("count_file") or "filtered_feature_bc_matrix.h5")
+    except TardisError:
+        raise
+    except Exception as e:  # whatever the reader hit, the cause is the file: say which
+        msg = " ".join(str(e).split())[:500]
+        raise InputError(f"data.path: cannot read {p} as data={source}: {type(e).__name__}: {msg}") from e
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"data.path: {p} holds a {type(adata).__name__}, not an AnnData")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"data.path: {p} holds {adata.n_obs} spots x {adata.n_vars} genes: nothing to analyse")
+    return adata
 
 
 def digest(adata: ad.AnnData) -> str:
@@ -65,7 +225,9 @@ def digest(adata: ad.AnnData) -> str:
     h = hashlib.sha256()
     h.update(repr(adata.shape).encode())
     X = adata.X
-    if sp.issparse(X):
+    if X is None:
+        pass
+    elif sp.issparse(X):
         X = sp.csr_matrix(X)
         for arr in (X.indptr, X.indices, X.data):
             h.update(np.ascontiguousarray(arr).tobytes())

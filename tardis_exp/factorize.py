@@ -22,7 +22,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, check_choice, check_float, check_int
 from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
 
 log = logging.getLogger(__name__)
@@ -32,22 +32,18 @@ LOSSES = ("frobenius", "kullback-leibler")
 
 
 def check_params(*, n_components, n_replicates=1, solver="mu", beta_loss="frobenius", max_iter=1000,
-                 tol=1e-4, shape=None) -> None:
+                 tol=1e-4, shape=None, check_every=10, random_state=42, **_) -> None:
     """Validate factorize parameters; ``shape`` (spots, genes) when the data is known."""
-    if solver not in SOLVERS:
-        raise ConfigError(f"factorize.solver={solver!r} is unknown; choose one of {SOLVERS}")
-    if beta_loss not in LOSSES:
-        raise ConfigError(f"factorize.beta_loss={beta_loss!r} is unknown; choose one of {LOSSES}")
+    check_choice(solver, "factorize.solver", SOLVERS)
+    check_choice(beta_loss, "factorize.beta_loss", LOSSES)
     if solver == "cd" and beta_loss != "frobenius":
         raise ConfigError("factorize.solver=cd supports only factorize.beta_loss=frobenius; use solver=mu")
-    if int(n_components) != n_components or n_components < 1:
-        raise ConfigError(f"factorize.n_components must be an integer >= 1, got {n_components}")
-    if int(n_replicates) < 1:
-        raise ConfigError(f"factorize.n_replicates must be >= 1, got {n_replicates}")
-    if int(max_iter) < 1:
-        raise ConfigError(f"factorize.max_iter must be >= 1, got {max_iter}")
-    if tol < 0:
-        raise ConfigError(f"factorize.tol must be >= 0, got {tol}")
+    n_components = check_int(n_components, "factorize.n_components", minimum=1)
+    check_int(n_replicates, "factorize.n_replicates", minimum=1)
+    check_int(max_iter, "factorize.max_iter", minimum=1)
+    check_int(check_every, "factorize.check_every", minimum=1)
+    check_int(random_state, "factorize.random_state", minimum=0, allow_none=True)
+    check_float(tol, "factorize.tol", low=0)
     if shape is not None and n_components >= min(shape):
         raise ConfigError(
             f"factorize.n_components={n_components} must be smaller than min(spots, genes)={min(shape)} "
@@ -107,7 +103,7 @@ def factorize(
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(n_components=n_components, n_replicates=n_replicates, solver=solver, beta_loss=beta_loss,
-                 max_iter=max_iter, tol=tol, shape=adata.shape)
+                 max_iter=max_iter, tol=tol, shape=adata.shape, check_every=check_every, random_state=random_state)
     adata = adata.copy() if copy else adata
     X = prepare_matrix(adata.X)
     v = X.data if sp.issparse(X) else X

@@ -18,9 +18,10 @@ import pandas as pd
 import yaml
 
 from . import __version__
+from .cache import StageCache
 from .consensus import check_params as check_consensus
 from .consensus import consensus
-from .data import SOURCES, digest, load_data
+from .data import check_data, digest, load_data
 from .errors import ConfigError
 from .factorize import check_params as check_factorize
 from .factorize import factorize
@@ -40,22 +41,39 @@ def stage_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k not in _NOT_ARGS}
 
 
+def _check_keys(section: str, given: Mapping[str, Any], func) -> None:
+    # Hydra refuses unknown keys, but `+consensus.foo=1` or a plain dict gets past it:
+    # catch them here rather than as a TypeError after the factorization.
+    import inspect
+
+    allowed = {n for n, p in inspect.signature(func).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and n not in ("copy", "progress")}
+    unknown = sorted(set(given) - allowed - _NOT_ARGS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                          f"{section} accepts {', '.join(sorted(allowed))}")
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
-    """Check every stage's parameters before any data is read or computed."""
+    """Check every stage's parameters before any data is read or computed.
+
+    Order: stage parameters first, then the data config (whose path check touches the
+    file system but reads nothing). Only ``factorize.n_components`` against the data's
+    shape waits until after preprocessing (``factorize.check_params(shape=...)``).
+    """
     for key in ("data", "preprocess", "factorize", "consensus", "score", "tracking"):
-        if key not in cfg:
+        if not isinstance(cfg.get(key), Mapping):
             raise ConfigError(f"config section {key!r} is missing")
-    if cfg["data"].get("source") not in SOURCES:
-        raise ConfigError(f"data.source={cfg['data'].get('source')!r} is unknown; choose one of {SOURCES}")
-    check_preprocess(**{k: cfg["preprocess"][k] for k in
-                        ("normalize", "hvg_flavor", "n_top_genes", "min_cells", "min_counts", "target_sum")
-                        if k in cfg["preprocess"]})
-    f = cfg["factorize"]
-    check_factorize(n_components=f["n_components"], n_replicates=f.get("n_replicates", 1),
-                    solver=f.get("solver", "mu"), beta_loss=f.get("beta_loss", "frobenius"),
-                    max_iter=f.get("max_iter", 1000), tol=f.get("tol", 1e-4))
-    check_consensus(**cfg["consensus"])
-    check_score(**cfg["score"])
+    for section, func in (("preprocess", preprocess), ("factorize", factorize),
+                          ("consensus", consensus), ("score", score)):
+        _check_keys(section, cfg[section], func)
+    check_preprocess(**stage_kwargs(cfg["preprocess"]))
+    if "n_components" not in cfg["factorize"]:
+        raise ConfigError("factorize.n_components is missing")
+    check_factorize(**stage_kwargs(cfg["factorize"]))
+    check_consensus(**stage_kwargs(cfg["consensus"]))
+    check_score(**stage_kwargs(cfg["score"]))
+    check_data(cfg["data"])
 
 
 def _git_commit() -> str:
@@ -95,6 +113,9 @@ def headline_metrics(adata) -> dict[str, float]:
         "consensus.cophenetic": float(c["cophenetic"][i]),
         "consensus.delta_area": float(c["delta_area"][i]),
         "consensus.mean_cluster_consensus": float(c["mean_cluster_consensus"][i]),
+        # silhouette of the clustered items (components or spots) at best K: separates a
+        # trial that merges programs (cophenetic and PAC can still be perfect) from the true K
+        "consensus.silhouette": float(c["silhouette"][i]),
         "refit_error": float(c["refit_error"]),
     }
     for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery"):
@@ -117,7 +138,7 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
 
     tracker = Tracker.from_config(cfg["tracking"])
     tags = {"tardis_exp.version": __version__, "git_commit": _git_commit(), "data.name": cfg["data"].get("name")}
-    with tracker.run(tags=tags) as parent:
+    with tracker.run(tags=tags, local_dir=run_dir) as parent:
         parent.log_params(flatten(_redacted(cfg)))
         parent.log_artifact(run_dir / "config.yaml")
         parent.log_artifact(run_dir / "overrides.txt")
@@ -128,16 +149,21 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
         tracker.log_input(adata, name=str(cfg["data"].get("name")), digest=data_digest,
                           source=str(cfg["data"].get("path") or cfg["data"]["source"]))
 
+        # content-keyed reuse of preprocess/factorize results (sweeps); a no-op when disabled
+        cache = StageCache.from_config(cfg.get("cache"))
         with tracker.stage("preprocess", cfg["preprocess"]) as st:
-            adata = preprocess(adata, **stage_kwargs(cfg["preprocess"]))
+            adata = cache.preprocess(adata, cfg, data_digest, stage_run=st,
+                                     compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
             st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
 
         with tracker.stage("factorize", cfg["factorize"]) as st:
-            factorize(adata, progress=progress, **stage_kwargs(cfg["factorize"]))
+            cache.factorize(adata, cfg, stage_run=st,
+                            compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))
             nmf = adata.uns["nmf"]
             st.log_steps("reconstruction_error", nmf["errors"])  # one step per replicate
             st.log_steps("n_iter", nmf["n_iter"])
-            st.log_metrics({"reconstruction_error": float(np.min(nmf["errors"])),
+            # not "reconstruction_error" at step 0: that would collide with replicate 0's step
+            st.log_metrics({"reconstruction_error_min": float(np.min(nmf["errors"])),
                             "fit_seconds": nmf["fit_seconds"]})
 
         with tracker.stage("consensus", cfg["consensus"]) as st:
@@ -155,6 +181,8 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
                 st.log_steps("morans_i", m["morans_i"])
 
         metrics = headline_metrics(adata)
+        if cache.enabled:
+            metrics.update(cache_hits=float(cache.hits), cache_misses=float(cache.misses))
         parent.log_metrics(metrics)
         _write_outputs(adata, run_dir, cfg, parent)
     metrics["mlflow_run_id"] = parent.run_id

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import matplotlib
@@ -141,7 +140,8 @@ def reconstruction_error(adata, path: Path) -> Path:
     ax.plot(reps, errs, "o", color="tab:blue")
     ax.plot(reps[best], errs[best], "o", color="crimson", ms=9, label=f"best: replicate {best}")
     ax.set_xlabel("replicate")
-    ax.set_ylabel("reconstruction error (Frobenius)")
+    loss = str(dict(nmf.get("params", {})).get("beta_loss", "frobenius"))
+    ax.set_ylabel(f"reconstruction error ({loss})")
     ax.set_xticks(reps)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title(f"factorization replicates (K = {adata.obsm['X_nmf'].shape[1]})"
@@ -158,17 +158,6 @@ def _score_keys(adata) -> list[str]:
     return keys
 
 
-def _spot_size(xy: np.ndarray) -> float:
-    """Spot diameter in coordinate units: the median nearest-neighbour distance."""
-    from scipy.spatial import cKDTree
-
-    xy = np.asarray(xy, dtype=float)
-    sample = xy[np.random.default_rng(0).choice(len(xy), min(len(xy), 2000), replace=False)]
-    d, _ = cKDTree(xy).query(sample, k=2)
-    nn = float(np.median(d[:, 1])) if len(xy) > 1 else 1.0
-    return nn if nn > 0 else 1.0
-
-
 def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
     """Every program score on the spot coordinates (scanpy), or a heatmap without them."""
     keys = _score_keys(adata)
@@ -180,14 +169,16 @@ def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
         # a light copy: scanpy writes colours into .uns; only obs/obsm are needed
         view = adata.__class__(obs=adata.obs[keys + (["nmf_cluster"] if "nmf_cluster" in adata.obs else [])],
                                obsm={basis: np.asarray(adata.obsm[basis])[:, :2]})
-        # sc.pl.spatial (no image) draws spots at their true size and flips y as for tissue images
-        xy = view.obsm[basis]
-        spot = _spot_size(xy)
-        with warnings.catch_warnings(), plt.rc_context({"figure.figsize": (3.4, 3.4)}):
-            warnings.simplefilter("ignore", FutureWarning)  # "use squidpy": not a dependency here
-            axes = sc.pl.spatial(view, basis=basis, color=list(view.obs.columns), img_key=None, spot_size=spot,
-                                 ncols=4, cmap="viridis", frameon=False, show=False, wspace=0.15)
-        fig = (axes[0] if isinstance(axes, list) else axes).figure
+        # scanpy's scatter on the coordinates: ~4x faster than sc.pl.spatial's circle patches
+        # at 3,600 spots; y inverted as sc.pl.spatial does for tissue-image coordinates
+        with plt.rc_context({"figure.figsize": (3.4, 3.4)}):
+            fig = sc.pl.embedding(view, basis=basis, color=list(view.obs.columns), ncols=4, cmap="viridis",
+                                  size=float(np.clip(75000 / max(view.n_obs, 1), 1, 300)), frameon=False,
+                                  show=False, return_fig=True, wspace=0.15)
+        for ax in fig.axes:
+            if ax.get_label() != "<colorbar>":
+                ax.invert_yaxis()
+                ax.set_aspect("equal", adjustable="box")
         return _save(fig, path, dpi=80)
     # no coordinates: scores of spots (rows, sorted by label) x programs
     z = adata.obs[keys].to_numpy(dtype=float)

@@ -43,6 +43,9 @@ def _values(M):
 # Counts beyond this are not counts: float32 arithmetic downstream (normalization, the NMF
 # loss, which squares values) would overflow to inf and leave NaN results.
 MAX_VALUE = 1e12
+# log1p of a float32 count never exceeds ~28; above this X cannot be log-scale, and
+# expm1 (Seurat's dispersion) would overflow float32 at ~88.
+_LOG_SCALE_MAX = 50.0
 
 
 def validate_counts(M, where: str = "adata.X") -> None:
@@ -120,6 +123,12 @@ def check_params(
     """Validate preprocess parameters (cheap; runs before any data is touched)."""
     check_choice(normalize, "preprocess.normalize", NORMALIZATIONS)
     check_choice(hvg_flavor, "preprocess.hvg_flavor", HVG_FLAVORS)
+    if hvg_flavor.startswith("seurat_v3") and n_top_genes is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("skmisc") is None:  # scanpy imports it only mid-run
+            raise ConfigError(f"preprocess.hvg_flavor={hvg_flavor} needs the scikit-misc package "
+                              "(pip install scikit-misc); or choose seurat or cell_ranger")
     check_int(n_top_genes, "preprocess.n_top_genes", minimum=1, allow_none=True)
     check_int(min_cells, "preprocess.min_cells", minimum=0)
     check_float(min_counts, "preprocess.min_counts", low=0)
@@ -227,16 +236,30 @@ def preprocess(
     drop = _excluded(out.var_names, exclude_regex, exclude_genes_file)
     if drop.any():
         out = out[:, ~drop].copy()
+    if out.n_vars == 0:
+        raise InputError(f"no genes left after excluding {int(drop.sum())} by name "
+                         "(preprocess.exclude_regex, preprocess.exclude_genes_file)")
+    # checked after each filter, so the message names the setting that emptied the matrix
+    # filter with inplace=False and subset only when something goes: scanpy's in-place
+    # filters copy the whole matrix even when they keep every row and column
     if min_cells > 0:
-        sc.pp.filter_genes(out, min_cells=min_cells)
+        keep_genes, _ = sc.pp.filter_genes(out, min_cells=min_cells, inplace=False)
+        if not keep_genes.all():
+            out._inplace_subset_var(keep_genes)
+        if out.n_vars == 0:
+            raise InputError(
+                f"no genes left after QC: none is detected in preprocess.min_cells={min_cells} of "
+                f"{out.n_obs} spots ({int(drop.sum())} genes excluded by name); lower preprocess.min_cells"
+            )
     if min_counts > 0:
-        sc.pp.filter_cells(out, min_counts=min_counts)
-    if out.n_obs == 0 or out.n_vars == 0:
-        raise InputError(
-            f"no {'spots' if out.n_obs == 0 else 'genes'} left after QC "
-            f"(preprocess.min_cells={min_cells}, preprocess.min_counts={min_counts}, "
-            f"{int(drop.sum())} genes excluded by name); loosen these settings"
-        )
+        keep_spots, _ = sc.pp.filter_cells(out, min_counts=min_counts, inplace=False)
+        if not keep_spots.all():
+            out._inplace_subset_obs(keep_spots)
+        if out.n_obs == 0:
+            raise InputError(
+                f"no spots left after QC: none has preprocess.min_counts={min_counts} counts in the "
+                f"{out.n_vars} genes kept (preprocess.min_cells={min_cells}); lower preprocess.min_counts"
+            )
     if _values(out.X).max(initial=0) == 0:
         raise InputError(
             f"{src} is all zeros in the genes left after excluding {int(drop.sum())} by name "
@@ -260,14 +283,39 @@ def preprocess(
         out.var["highly_variable"] = True
     else:
         hvg_layer = "counts" if hvg_flavor.startswith("seurat_v3") else None
-        if hvg_flavor == "pearson_residuals":
-            sc.experimental.pp.highly_variable_genes(out, flavor="pearson_residuals",
-                                                     n_top_genes=n_hvg, layer="counts")
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                sc.pp.highly_variable_genes(out, n_top_genes=n_hvg, flavor=hvg_flavor, layer=hvg_layer)
-    out = out[:, out.var["highly_variable"].to_numpy()].copy()
+        hvg_in = out
+        if hvg_flavor == "seurat" and _values(out.X).max(initial=0) > _LOG_SCALE_MAX:
+            # Seurat's dispersion takes expm1 of X, which overflows to inf on data that is
+            # not log-scale (normalize=total, or normalize=none on counts): rank on log1p(X).
+            warnings.warn(
+                f"preprocess.hvg_flavor=seurat expects log-scale data but X reaches "
+                f"{float(_values(out.X).max()):.3g} (preprocess.normalize={normalize}); "
+                "ranking genes on log1p(X)", UserWarning, stacklevel=2,
+            )
+            hvg_in = ad.AnnData(X=out.X.copy(), obs=out.obs[[]], var=out.var[[]])
+            sc.pp.log1p(hvg_in)
+        try:
+            if hvg_flavor == "pearson_residuals":
+                sc.experimental.pp.highly_variable_genes(hvg_in, flavor="pearson_residuals",
+                                                         n_top_genes=n_hvg, layer="counts")
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    sc.pp.highly_variable_genes(hvg_in, n_top_genes=n_hvg, flavor=hvg_flavor, layer=hvg_layer)
+        except (IndexError, ValueError, ZeroDivisionError) as e:
+            # scanpy fails when no gene has a defined normalized dispersion (e.g. every gene
+            # detected in one spot): too little variation to rank on
+            raise InputError(
+                f"highly variable gene selection (preprocess.hvg_flavor={hvg_flavor}, "
+                f"preprocess.n_top_genes={n_top_genes}) failed on {out.n_obs} spots x {out.n_vars} genes: "
+                f"{type(e).__name__}: {e}. Too few genes vary across spots; raise preprocess.min_cells, "
+                "or keep every gene with preprocess.n_top_genes=null"
+            ) from e
+        if hvg_in is not out:
+            out.var["highly_variable"] = hvg_in.var["highly_variable"].to_numpy()
+    hvg = out.var["highly_variable"].to_numpy()
+    if not hvg.all():
+        out = out[:, hvg].copy()
 
     if scale:
         X = out.X

@@ -24,7 +24,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .errors import ConfigError, InputError
+from .errors import InputError, check_choice, check_int
 from .metrics import program_recovery, spatial_graph
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,14 @@ log = logging.getLogger(__name__)
 RANKINGS = ("specific", "loading")
 
 
-def check_params(*, n_cluster_genes=50, gene_ranking="specific", **_):
-    if int(n_cluster_genes) != n_cluster_genes or n_cluster_genes < 1:
-        raise ConfigError(f"score.n_cluster_genes must be an integer >= 1, got {n_cluster_genes}")
-    if gene_ranking not in RANKINGS:
-        raise ConfigError(f"score.gene_ranking={gene_ranking!r} is unknown; choose one of {RANKINGS}")
+def check_params(*, n_cluster_genes=50, gene_ranking="specific", ctrl_size=50, n_spatial_neighbors=6,
+                 silhouette_max_spots=5000, **_):
+    """Validate score parameters before any compute."""
+    check_int(n_cluster_genes, "score.n_cluster_genes", minimum=1)
+    check_choice(gene_ranking, "score.gene_ranking", RANKINGS)
+    check_int(ctrl_size, "score.ctrl_size", minimum=1)
+    check_int(n_spatial_neighbors, "score.n_spatial_neighbors", minimum=1)
+    check_int(silhouette_max_spots, "score.silhouette_max_spots", minimum=2)
 
 
 def rank_genes(spectra: np.ndarray, ranking: str = "specific") -> np.ndarray:
@@ -101,7 +104,8 @@ def score(
     copy
         Return a modified copy instead of writing into ``adata``.
     """
-    check_params(n_cluster_genes=n_cluster_genes, gene_ranking=gene_ranking)
+    check_params(n_cluster_genes=n_cluster_genes, gene_ranking=gene_ranking, ctrl_size=ctrl_size,
+                 n_spatial_neighbors=n_spatial_neighbors, silhouette_max_spots=silhouette_max_spots)
     if "nmf_consensus" not in adata.uns:
         raise InputError("score needs uns['nmf_consensus']: run the consensus stage first")
     adata = adata.copy() if copy else adata

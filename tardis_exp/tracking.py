@@ -3,34 +3,68 @@
 Everything goes through an explicit :class:`mlflow.MlflowClient` bound to the configured
 tracking URI -- no global fluent state -- so several pipelines (sweep trials) can run in
 one process and never log into each other's runs.
+
+Failure policy
+--------------
+* Before any compute (:meth:`Tracker.connect`, creating the parent run) a store that
+  cannot be used raises :class:`~tardis_exp.errors.TrackingError` within about
+  ``tracking.connect_timeout_s``.
+* Once the parent run exists, a logging call that fails (the server went away, the
+  disk is full) never stops the computation: it is logged as a warning, counted, written
+  to ``tracking_errors.log`` in the run directory and, when the store still answers,
+  tagged on the parent (``tardis_exp.tracking_failures``). After a few consecutive
+  failures the tracker stops calling the store so a dead server costs seconds, not
+  minutes of retries. The local results (``result.h5ad`` etc.) are written regardless.
+* A stage that raises marks its run and the parent ``FAILED`` with ``traceback.txt``;
+  everything logged before stays.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
 import math
 import os
 import re
-import tempfile
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import TrackingError
 
 log = logging.getLogger(__name__)
 
-_CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@\s]*)@")
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key)", re.I)
+# scheme://user:password@host -- the password runs to the last "@" before the path
+_CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^\s/]*)@")
+# ?password=...&token=... in query strings, PASSWORD=... in key=value text
+_QUERY_SECRET = re.compile(r"(?P<key>\b(?:password|passwd|pwd|secret|token|api_key|apikey|access_key)=)[^&\s;]+",
+                           re.I)
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey|access_key)", re.I)
+
+# consecutive failed store calls after which the tracker stops calling the store
+MAX_CONSECUTIVE_FAILURES = 3
 
 
 def redact(value: Any) -> Any:
-    """Hide credentials in URIs (``scheme://user:***@host``)."""
+    """Hide credentials in URIs and query strings (``scheme://user:***@host``, ``token=***``)."""
     if isinstance(value, str):
-        return _CRED.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        value = _CRED.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", value)
     return value
+
+
+def redact_tree(cfg: Any) -> Any:
+    """:func:`redact` every string of a nested config; values under secret-looking keys become ``***``."""
+    if isinstance(cfg, Mapping):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") and not isinstance(v, Mapping)
+                    else redact_tree(v)) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [redact_tree(v) for v in cfg]
+    return redact(cfg)
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -38,7 +72,7 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -50,7 +84,7 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in params.items():
         v = "***" if _SECRET_KEY.search(k) and v not in (None, "") else redact(v)
-        s = "null" if v is None else str(v)
+        s = "null" if v is None else redact(str(v))
         out[k] = s[:6000]
     return out
 
@@ -63,28 +97,69 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, before compute, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    import base64
     import urllib.error
+    import urllib.parse
     import urllib.request
 
-    url = uri.rstrip("/") + "/health"
+    # urllib does not take user:password@ in the URL (MLflow's requests does): send it as a header
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname or ""
+    if ":" in netloc:  # IPv6 literal
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    req = urllib.request.Request(url)
+    if parts.username:
+        cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        req.add_header("Authorization", "Basic " + base64.b64encode(cred.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (configured URI)
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (configured URI)
             if r.status >= 400:
                 raise TrackingError(f"tracking.uri={redact(uri)} answered HTTP {r.status} on /health")
+    except urllib.error.HTTPError as e:
+        raise TrackingError(f"tracking.uri={redact(uri)} answered HTTP {e.code} on /health; "
+                            "is it an MLflow tracking server?") from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise TrackingError(
-            f"tracking.uri={redact(uri)} is unreachable ({e}); start the server "
+            f"tracking.uri={redact(uri)} is unreachable ({redact(str(e))}); start the server "
             "(mlflow server --host 127.0.0.1 --port 5000) or use the default embedded store"
         ) from None
 
 
+def _http_settings(timeout_s: float, max_retries: int) -> None:
+    # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) turn a dead server
+    # into minutes of waiting per call. Explicit environment settings still win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(max_retries)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # an int for MLflow
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(timeout_s, 1))))
+    # MLflow prints "View run at <tracking URI>" for every ended run -- password included.
+    # The tracker logs one redacted link for the parent instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 class StageRun:
-    """Handle on one MLflow run (a stage or the parent)."""
+    """Handle on one MLflow run (a stage or the parent); every call is safe to make.
+
+    ``run_id`` is ``None`` when tracking is disabled or the run could not be created:
+    the calls then do nothing (the latter already warned). Metrics are buffered and sent
+    in one batch when the run ends (or fails, or :meth:`flush` is called): each store
+    call costs tens of milliseconds, a batch costs one.
+    """
 
     def __init__(self, tracker: "Tracker", run_id: str | None):
         self.tracker = tracker
         self.run_id = run_id
         self.metrics: dict[str, float] = {}
+        self._pending: list[tuple[str, float, int]] = []
+
+    def flush(self) -> None:
+        """Send the buffered metrics now."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self.tracker._metric_batch(self.run_id, pending)
 
     def log_metric(self, key: str, value, step: int | None = None) -> None:
         if value is None:
@@ -92,19 +167,32 @@ class StageRun:
         value = float(value)
         if step is None:
             self.metrics[key] = value
-        self.tracker._metric(self.run_id, key, value, step)
+        if self.run_id is not None:
+            self._pending.append((key, value, int(step or 0)))
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Scalar metrics at step 0, in one call to the store."""
+        vals = {}
         for k, v in metrics.items():
-            self.log_metric(k, v)
+            try:
+                vals[k] = float(v)
+            except (TypeError, ValueError):  # a label, not a number: a caller's slip, not a reason to fail
+                log.warning("metric %s=%r is not a number; not logged", k, v)
+        self.metrics.update(vals)
+        if self.run_id is not None:
+            self._pending.extend((k, v, 0) for k, v in vals.items())
 
     def log_steps(self, key: str, values: Iterable, steps: Iterable[int] | None = None) -> None:
-        values = list(values)
-        steps = list(steps) if steps is not None else list(range(len(values)))
-        self.tracker._metric_steps(self.run_id, key, values, steps)
+        """One metric history: ``values[i]`` at ``steps[i]`` (default 0, 1, ...)."""
+        values = [float(v) for v in values]
+        steps = [int(s) for s in steps] if steps is not None else list(range(len(values)))
+        if len(steps) != len(values):
+            raise ValueError(f"metric {key}: {len(values)} values but {len(steps)} steps")
+        if self.run_id is not None:
+            self._pending.extend((key, v, s) for v, s in zip(values, steps))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self.tracker._params(self.run_id, params)
+        self.tracker._params(self.run_id, flatten(params))
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
         self.tracker._artifact(self.run_id, path, artifact_path)
@@ -117,12 +205,33 @@ class StageRun:
 
 
 class Tracker:
-    """Parent/child MLflow runs for one pipeline run; a no-op when disabled."""
+    """Parent/child MLflow runs for one pipeline run; a no-op when disabled.
+
+    Parameters
+    ----------
+    uri
+        Tracking URI (``sqlite:///...``, ``http://host:port``, ``postgresql://...``).
+    experiment
+        Experiment name, created on first use.
+    enabled
+        ``False`` (or ``uri=None``) turns every call into a no-op.
+    artifact_location
+        Artifact root for a new experiment on a local store (a server decides its own).
+    run_name, tags
+        Name and extra tags of the parent run.
+    parent_run_id
+        Nest the parent under this run (a sweep's study run).
+    connect_timeout_s
+        Seconds to wait for a server's ``/health`` before giving up.
+    http_timeout_s, http_max_retries
+        Per-request timeout and retries of MLflow's HTTP client once connected.
+    """
 
     def __init__(self, uri: str | None = None, experiment: str = "tardis-exp", *, enabled: bool = True,
                  artifact_location: str | None = None, run_name: str | None = None,
-                 tags: Mapping | None = None, parent_run_id: str | None = None, connect_timeout_s: float = 10):
-        self.enabled = enabled and uri is not None
+                 tags: Mapping | None = None, parent_run_id: str | None = None, connect_timeout_s: float = 10,
+                 http_timeout_s: float = 30, http_max_retries: int = 2):
+        self.enabled = bool(enabled) and uri is not None
         self.uri = uri
         self.experiment = experiment
         self.artifact_location = artifact_location
@@ -130,9 +239,15 @@ class Tracker:
         self.tags = dict(tags or {})
         self.parent_run_id = parent_run_id
         self.timeout = connect_timeout_s
+        self.http_timeout = http_timeout_s
+        self.http_max_retries = http_max_retries
         self.client = None
         self.experiment_id = None
         self.parent: StageRun | None = None
+        self.local_dir: Path | None = None
+        self.failures: list[str] = []
+        self._consecutive = 0
+        self._gave_up = False
 
     @classmethod
     def from_config(cls, cfg) -> "Tracker":
@@ -140,7 +255,8 @@ class Tracker:
         return cls(uri=t.get("uri"), experiment=t.get("experiment", "tardis-exp"), enabled=t.get("enabled", True),
                    artifact_location=t.get("artifact_location"), run_name=t.get("run_name"),
                    tags=t.get("tags") or {}, parent_run_id=t.get("parent_run_id"),
-                   connect_timeout_s=t.get("connect_timeout_s", 10))
+                   connect_timeout_s=t.get("connect_timeout_s", 10), http_timeout_s=t.get("http_timeout_s", 30),
+                   http_max_retries=t.get("http_max_retries", 2))
 
     # -- connection -------------------------------------------------------------
     def connect(self) -> None:
@@ -148,8 +264,7 @@ class Tracker:
         if not self.enabled:
             return
         check_reachable(self.uri, self.timeout)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(self.timeout, 5))))
+        _http_settings(self.http_timeout, self.http_max_retries)
         import mlflow
 
         if self.uri.startswith("sqlite:///"):
@@ -170,17 +285,61 @@ class Tracker:
                         raise
                     self.experiment_id = exp.experiment_id
             else:
+                if exp.lifecycle_stage == "deleted":
+                    raise TrackingError(f"tracking.experiment={self.experiment!r} is deleted in "
+                                        f"{redact(self.uri)}; restore it (mlflow experiments restore) "
+                                        "or choose another name")
                 self.experiment_id = exp.experiment_id
         except TrackingError:
             raise
         except Exception as e:
             raise TrackingError(f"cannot use tracking.uri={redact(self.uri)}: {type(e).__name__}: {redact(str(e))}") from e
 
-    # -- runs -------------------------------------------------------------------
-    def _start(self, name: str, parent: str | None, tags: Mapping | None = None) -> str | None:
-        if not self.enabled:
+    # -- failure handling ----------------------------------------------------------
+    def _safe(self, what: str, fn: Callable[[], Any], *, always: bool = False) -> Any:
+        """Call the store; a failure is a warning (and a record), never an exception.
+
+        After :data:`MAX_CONSECUTIVE_FAILURES` failures in a row further calls are
+        skipped (``always=True`` calls -- run status -- are still tried once).
+        """
+        if self._gave_up and not always:
+            self.failures.append(f"{what}: skipped (store unreachable)")
             return None
-        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 -- any store error: keep computing, say so
+            msg = f"{what}: {type(e).__name__}: {redact(str(e)).splitlines()[0][:500] if str(e) else ''}"
+            self.failures.append(msg)
+            self._consecutive += 1
+            log.warning("MLflow logging failed (%s); the run continues, local results are kept", msg)
+            if self._consecutive >= MAX_CONSECUTIVE_FAILURES and not self._gave_up:
+                self._gave_up = True
+                log.warning("MLflow store at %s failed %d times in a row: no more logging to it for this run; "
+                            "see tracking_errors.log in the run directory", redact(self.uri), self._consecutive)
+            return None
+        self._consecutive = 0
+        return out
+
+    def _record_failures(self) -> None:
+        """Say what was not logged: a warning, a local file, and a tag if the store answers."""
+        if not self.failures:
+            return
+        log.warning("%d MLflow logging call(s) failed or were skipped for run %s; the MLflow record is "
+                    "incomplete, the run directory is not", len(self.failures), self.parent and self.parent.run_id)
+        if self.local_dir is not None:
+            try:
+                with open(self.local_dir / "tracking_errors.log", "a") as f:
+                    f.write("\n".join(self.failures) + "\n")
+            except OSError as e:
+                log.warning("could not write tracking_errors.log: %s", e)
+        if self.parent is not None and self.parent.run_id is not None and not self._gave_up:
+            n = len(self.failures)
+            self._safe("tag tracking failures", lambda: self.client.set_tag(
+                self.parent.run_id, "tardis_exp.tracking_failures", str(n)))
+
+    # -- runs -------------------------------------------------------------------
+    def _create(self, name: str, parent: str | None, tags: Mapping | None = None) -> str:
+        all_tags = {k: str(redact(v))[:5000] for k, v in (tags or {}).items() if v is not None}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -189,32 +348,73 @@ class Tracker:
     def _end(self, run_id: str | None, status: str) -> None:
         if run_id is None:
             return
-        try:
-            self.client.set_terminated(run_id, status=status)
-        except Exception as e:  # the store went away: keep the local result, say so
-            log.warning("could not mark MLflow run %s %s: %s", run_id, status, redact(str(e)))
+        self._safe(f"mark run {run_id} {status}", lambda: self.client.set_terminated(run_id, status=status),
+                   always=True)
 
     @contextmanager
-    def run(self, tags: Mapping | None = None):
-        """The parent run of a pipeline run; FAILED with the traceback on error."""
+    def run(self, tags: Mapping | None = None, local_dir: str | os.PathLike | None = None):
+        """The parent run of a pipeline run; FAILED with the traceback on error.
+
+        Connecting and creating the parent raise :class:`TrackingError`; everything after
+        that is best-effort (see the module docstring). ``local_dir`` (the run directory)
+        receives ``traceback.txt`` and ``tracking_errors.log`` when there is something to say.
+        """
+        self.local_dir = Path(local_dir) if local_dir is not None else None
+        self.failures, self._consecutive, self._gave_up = [], 0, False
         self.connect()
-        tags = {**self.tags, **(tags or {})}
-        if "optuna_trial" in tags:
-            tags.setdefault("optuna.trial_number", tags["optuna_trial"])
-        rid = self._start(self.run_name or "pipeline", self.parent_run_id, tags)
+        rid = None
+        if self.enabled:
+            tags = {**self.tags, **(tags or {})}
+            if "optuna_trial" in tags:
+                tags.setdefault("optuna.trial_number", tags["optuna_trial"])
+            tags.setdefault("mlflow.source.type", "LOCAL")
+            tags.setdefault("mlflow.source.name", "tardis-exp")
+            if tags.get("git_commit") not in (None, "unknown"):
+                tags.setdefault("mlflow.source.git.commit", tags["git_commit"])
+            try:
+                tags.setdefault("mlflow.user", getpass.getuser())
+            except Exception:  # noqa: BLE001 -- no user name in some containers
+                pass
+            try:
+                rid = self._create(self.run_name or "pipeline", self.parent_run_id, tags)
+            except Exception as e:
+                raise TrackingError(f"cannot create a run in tracking.uri={redact(self.uri)} "
+                                    f"(experiment {self.experiment!r}): {type(e).__name__}: {redact(str(e))}") from e
         self.parent = StageRun(self, rid)
+        t0 = time.perf_counter()
         try:
             yield self.parent
         except BaseException as e:
+            self.parent.log_metric("duration_s", time.perf_counter() - t0)
+            self.parent.flush()
             self._fail(rid, e)
+            self._record_failures()
             raise
         else:
+            self.parent.log_metric("duration_s", time.perf_counter() - t0)
+            self.parent.flush()
+            self._record_failures()
             self._end(rid, "FINISHED")
+            if rid is not None:
+                log.info("MLflow run %s in experiment %r at %s", rid, self.experiment, self.run_url(rid))
+
+    def run_url(self, run_id: str) -> str:
+        """Where to see a run: its UI page on a server, else the ``mlflow ui`` command for the store."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"{redact(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{redact(self.uri)} (open with: mlflow ui --backend-store-uri '{redact(self.uri)}')"
 
     @contextmanager
     def stage(self, name: str, params: Mapping[str, Any] | None = None):
-        """A child run of the parent for one stage; logs ``duration_s``."""
-        rid = self._start(name, self.parent.run_id if self.parent else None, {"stage": name})
+        """A child run of the parent for one stage; logs its params and ``duration_s``.
+
+        A child that cannot be created (store gone) leaves the stage untracked, with a
+        warning; the stage itself always runs.
+        """
+        rid = None
+        if self.enabled and self.client is not None:
+            parent = self.parent.run_id if self.parent else None
+            rid = self._safe(f"create stage run {name}", lambda: self._create(name, parent, {"stage": name}))
         st = StageRun(self, rid)
         if params:
             st.log_params(params)
@@ -223,38 +423,44 @@ class Tracker:
             yield st
         except BaseException as e:
             st.log_metric("duration_s", time.perf_counter() - t0)
+            st.flush()
             self._fail(rid, e)
             raise
         else:
             st.log_metric("duration_s", time.perf_counter() - t0)
+            st.flush()
             self._end(rid, "FINISHED")
 
     def _fail(self, run_id, exc: BaseException) -> None:
+        """Traceback as an artifact (and in the run directory), error tag, FAILED/KILLED."""
+        tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        if self.local_dir is not None:
+            try:
+                (self.local_dir / "traceback.txt").write_text(tb)
+            except OSError:
+                pass
         if run_id is None:
             return
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        try:
-            self._text(run_id, redact(tb), "traceback.txt")
-            self._tags(run_id, {"error": redact(f"{type(exc).__name__}: {exc}")[:5000]})
-        except Exception:
-            pass
+        self._safe("log traceback.txt", lambda: self.client.log_text(run_id, tb, "traceback.txt"))
+        self._tags(run_id, {"error": f"{type(exc).__name__}: {exc}"})
         self._end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
 
     # -- logging primitives --------------------------------------------------------
     def _metric(self, run_id, key, value, step=None) -> None:
-        if run_id is None or not math.isfinite(value):
-            return
-        self.client.log_metric(run_id, key, value, step=step or 0)
+        self._metric_batch(run_id, [(key, value, step or 0)])
 
-    def _metric_steps(self, run_id, key, values, steps) -> None:
+    def _metric_batch(self, run_id, items) -> None:
+        """Finite values only (MLflow stores NaN, but the UI cannot compare it); 1000 per batch."""
         if run_id is None:
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        ms = [Metric(key, float(v), ts, int(s)) for v, s in zip(values, steps) if math.isfinite(float(v))]
+        ms = [Metric(k, float(v), ts, int(s)) for k, v, s in items if math.isfinite(float(v))]
         for i in range(0, len(ms), 1000):
-            self.client.log_batch(run_id, metrics=ms[i : i + 1000])
+            chunk = ms[i: i + 1000]
+            self._safe(f"log metrics {sorted({m.key for m in chunk})}",
+                       lambda: self.client.log_batch(run_id, metrics=chunk))
 
     def _params(self, run_id, params) -> None:
         if run_id is None:
@@ -263,41 +469,59 @@ class Tracker:
 
         ps = [Param(k, v) for k, v in safe_params(params).items()]
         for i in range(0, len(ps), 100):
-            self.client.log_batch(run_id, params=ps[i : i + 100])
+            chunk = ps[i: i + 100]
+            self._safe(f"log {len(chunk)} params", lambda: self.client.log_batch(run_id, params=chunk))
 
     def _tags(self, run_id, tags) -> None:
         if run_id is None:
             return
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(redact(v))[:5000]) for k, v in tags.items()])
+        ts = [RunTag(k, str(redact(v))[:5000]) for k, v in tags.items() if v is not None]
+        self._safe(f"set tags {sorted(tags)}", lambda: self.client.log_batch(run_id, tags=ts))
 
     def _artifact(self, run_id, path, artifact_path=None) -> None:
         if run_id is None:
             return
         p = Path(path)
         if p.is_dir():
-            self.client.log_artifacts(run_id, str(p), artifact_path)
+            self._safe(f"log artifacts {p.name}/", lambda: self.client.log_artifacts(run_id, str(p), artifact_path))
         else:
-            self.client.log_artifact(run_id, str(p), artifact_path)
+            self._safe(f"log artifact {p.name}", lambda: self.client.log_artifact(run_id, str(p), artifact_path))
 
     def _text(self, run_id, text, name) -> None:
         if run_id is None:
             return
-        self.client.log_text(run_id, text, name)
+        self._safe(f"log {name}", lambda: self.client.log_text(run_id, text, name))
 
     def log_input(self, adata, name: str, digest: str, source: str) -> None:
-        """Record the input with ``mlflow.data`` so runs on the same data group together."""
-        if not self.enabled or self.parent is None:
-            return
-        try:
-            import mlflow.data
-            import pandas as pd
-            from mlflow.entities import DatasetInput, InputTag
+        """Record the input with ``mlflow.data`` so runs on the same data group together.
 
-            summary = pd.DataFrame({"n_obs": [adata.n_obs], "n_vars": [adata.n_vars], "digest": [digest]})
-            ds = mlflow.data.from_pandas(summary, source=redact(source), name=name, digest=digest)
-            ent = ds._to_mlflow_entity()
-            self.client.log_inputs(self.parent.run_id, datasets=[DatasetInput(ent, tags=[InputTag("context", "input")])])
-        except Exception as e:  # the input record is a convenience, never a reason to fail
-            log.warning("could not log the input dataset: %s", e)
+        The dataset carries name, digest, source and a profile with the shape; the
+        matrix itself is not uploaded.
+        """
+        if not self.enabled or self.parent is None or self.parent.run_id is None:
+            return
+
+        def _log():
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            src_text = redact(str(source))
+            src = None
+            if "/" in src_text or "://" in src_text:
+                try:
+                    with warnings.catch_warnings():  # "can be interpreted in multiple ways": same class twice
+                        warnings.simplefilter("ignore", UserWarning)
+                        src = resolve_dataset_source(src_text)
+                except Exception:  # noqa: BLE001 -- a scheme MLflow has no source class for (postgresql://...)
+                    src = None
+            if src is None:  # generated in process (data=synthetic) or not a file MLflow knows
+                src = CodeDatasetSource({"mlflow.source.name": f"tardis_exp.data:{src_text}"})
+            ent = Dataset(name=name, digest=digest, source_type=src._get_source_type(), source=src.to_json(),
+                          profile=json.dumps({"n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)}))
+            self.client.log_inputs(self.parent.run_id,
+                                   datasets=[DatasetInput(ent, tags=[InputTag("mlflow.data.context", "input")])])
+
+        self._safe("log input dataset", _log)

@@ -355,7 +355,7 @@ def test_conf_sweep_presets(preset: str, tmp_path: Path) -> None:
         assert 2 <= v["consensus.min_clusters"] <= v["consensus.max_clusters"] <= 12
     res = results(tmp_path)
     assert ("pareto_front" in res) == (preset == "k_range_mo")
-    assert [o["metric"] for o in res["objectives"]][0] == "consensus.cophenetic"
+    assert [o["metric"] for o in res["objectives"]][0] == "consensus.silhouette"
 
 
 # --------------------------------------------------------------------------- MLflow

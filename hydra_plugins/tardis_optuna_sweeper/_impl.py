@@ -37,8 +37,14 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import FrozenTrial, Trial, TrialState
+from hydra.errors import HydraException
 
 log = logging.getLogger(__name__)
+
+
+class SweeperConfigError(HydraException, ValueError):
+    """A sweeper setting is invalid; raised before any trial runs (the CLI prints one line)."""
+
 
 KEY = "hydra.sweeper"
 HEARTBEAT_ATTR = "tardis.heartbeat"
@@ -80,7 +86,7 @@ class Dim:
         if isinstance(d, FloatDistribution) and d.step is not None and not d.log:
             n = int(round((d.high - d.low) / d.step))
             return [d.low + i * d.step for i in range(n + 1)]
-        raise ValueError(
+        raise SweeperConfigError(
             f"{KEY}.params.{self.key}: the grid sampler ({KEY}.sampler.name=grid) needs a "
             f"discrete search space (choice(...), range(...), or a fixed value), got a "
             f"continuous interval {self.dist}."
@@ -200,18 +206,18 @@ def override_to_dim(o: Override, cfg_key: str) -> Optional[Dim]:
         choices = []
         for c in value.list:
             if not _is_primitive(c):
-                raise ValueError(
+                raise SweeperConfigError(
                     f"{cfg_key}: choice values must be scalars (str/int/float/bool/null), got {c!r}"
                 )
             choices.append(c)
         if not choices:
-            raise ValueError(f"{cfg_key}: empty choice()")
+            raise SweeperConfigError(f"{cfg_key}: empty choice()")
         return Dim(key, prefix, CategoricalDistribution(choices))
     if o.is_range_sweep():
         assert isinstance(value, RangeSweep)
         vals = list(value.range())
         if not vals:
-            raise ValueError(f"{cfg_key}: empty range()")
+            raise SweeperConfigError(f"{cfg_key}: empty range()")
         step = value.step
         if all(isinstance(x, int) for x in (value.start, value.stop, step)):
             return Dim(key, prefix, IntDistribution(vals[0], vals[-1], step=int(step)))
@@ -222,13 +228,13 @@ def override_to_dim(o: Override, cfg_key: str) -> Optional[Dim]:
         assert isinstance(value, IntervalSweep)
         log_scale = "log" in value.tags
         if value.start is None or value.end is None:
-            raise ValueError(f"{cfg_key}: interval() needs a start and an end")
+            raise SweeperConfigError(f"{cfg_key}: interval() needs a start and an end")
         if value.start > value.end:
-            raise ValueError(f"{cfg_key}: interval start {value.start} > end {value.end}")
+            raise SweeperConfigError(f"{cfg_key}: interval start {value.start} > end {value.end}")
         if isinstance(value.start, int) and isinstance(value.end, int):
             return Dim(key, prefix, IntDistribution(value.start, value.end, log=log_scale))
         return Dim(key, prefix, FloatDistribution(float(value.start), float(value.end), log=log_scale))
-    raise ValueError(f"{cfg_key}: unsupported sweep {o.input_line!r} (use choice/range/interval)")
+    raise SweeperConfigError(f"{cfg_key}: unsupported sweep {o.input_line!r} (use choice/range/interval)")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
@@ -260,7 +266,7 @@ def build_search_space(
         if isinstance(value, (list, ListConfig)):
             items = list(value)
             if not all(_is_primitive(x) for x in items):
-                raise ValueError(f"{cfg_key}: list values must be scalars")
+                raise SweeperConfigError(f"{cfg_key}: list values must be scalars")
             line = f"{key}=choice({','.join(format_value(x) for x in items)})"
         elif isinstance(value, str):
             line = f"{key}={value}"
@@ -269,7 +275,7 @@ def build_search_space(
         try:
             o = parser.parse_override(line)
         except Exception as e:  # hydra OverrideParseException
-            raise ValueError(f"{cfg_key}: cannot parse {value!r}: {e}") from e
+            raise SweeperConfigError(f"{cfg_key}: cannot parse {value!r}: {e}") from e
         add(o, cfg_key)
 
     # command-line overrides take precedence over `params`
@@ -277,7 +283,7 @@ def build_search_space(
         try:
             o = parser.parse_override(arg)
         except Exception as e:
-            raise ValueError(f"command-line override {arg!r}: {e}") from e
+            raise SweeperConfigError(f"command-line override {arg!r}: {e}") from e
         add(o, f"command-line override '{arg}'")
 
     space = SearchSpace()
@@ -294,15 +300,15 @@ def build_search_space(
     for i, pair in enumerate(ordered_pairs or []):
         cfg_key = f"{KEY}.ordered_pairs[{i}]"
         if not isinstance(pair, (Mapping, DictConfig)):
-            raise ValueError(f"{cfg_key}: expected a mapping with low_key, high_key, low, high")
+            raise SweeperConfigError(f"{cfg_key}: expected a mapping with low_key, high_key, low, high")
         missing = [f for f in ("low_key", "high_key", "low", "high") if pair.get(f) is None]
         if missing:
-            raise ValueError(f"{cfg_key}: missing field(s) {missing}")
+            raise SweeperConfigError(f"{cfg_key}: missing field(s) {missing}")
         low, high = pair["low"], pair["high"]
         if not (isinstance(low, int) and isinstance(high, int)) or isinstance(low, bool):
-            raise ValueError(f"{cfg_key}: low/high must be integers, got {low!r}, {high!r}")
+            raise SweeperConfigError(f"{cfg_key}: low/high must be integers, got {low!r}, {high!r}")
         if low > high:
-            raise ValueError(f"{cfg_key}: low ({low}) > high ({high})")
+            raise SweeperConfigError(f"{cfg_key}: low ({low}) > high ({high})")
 
         def split(k: str) -> Tuple[str, str]:
             m = re.match(r"^(\+{0,2})(.*)$", str(k))
@@ -312,10 +318,10 @@ def build_search_space(
         lp, lk = split(pair["low_key"])
         hp, hk = split(pair["high_key"])
         if lk == hk:
-            raise ValueError(f"{cfg_key}: low_key and high_key must differ")
+            raise SweeperConfigError(f"{cfg_key}: low_key and high_key must differ")
         for k in (lk, hk):
             if k in dim_keys:
-                raise ValueError(f"{cfg_key}: key {k!r} is also swept in {KEY}.params")
+                raise SweeperConfigError(f"{cfg_key}: key {k!r} is also swept in {KEY}.params")
             space.fixed = [f for f in space.fixed if not re.match(rf"^\+{{0,2}}{re.escape(k)}=", f)]
         space.pairs.append(OrderedPair(lk, hk, low, high, lp, hp))
     return space
@@ -333,7 +339,7 @@ def _kwargs(cfg: Mapping[str, Any], skip: Sequence[str]) -> Dict[str, Any]:
 def sampler_name(cfg: Optional[Mapping[str, Any]]) -> str:
     name = str((cfg or {}).get("name", "tpe") or "tpe").lower()
     if name not in SAMPLERS:
-        raise ValueError(
+        raise SweeperConfigError(
             f"{KEY}.sampler.name: unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}"
         )
     return name
@@ -366,18 +372,18 @@ def build_sampler(
             return optuna.samplers.QMCSampler(seed=seed, **kw)
         if name == "cmaes":
             if n_objectives > 1:
-                raise ValueError(
+                raise SweeperConfigError(
                     f"{KEY}.sampler.name: cmaes does not support multi-objective studies"
                 )
             try:
                 import cmaes  # noqa: F401
             except ImportError as e:
-                raise ValueError(
+                raise SweeperConfigError(
                     f"{KEY}.sampler.name=cmaes requires the 'cmaes' package (pip install cmaes)"
                 ) from e
             return optuna.samplers.CmaEsSampler(seed=seed, **kw)
     except TypeError as e:
-        raise ValueError(f"{KEY}.sampler: invalid arguments for sampler {name!r}: {e}") from e
+        raise SweeperConfigError(f"{KEY}.sampler: invalid arguments for sampler {name!r}: {e}") from e
     raise AssertionError(name)
 
 
@@ -395,13 +401,13 @@ def build_pruner(cfg: Optional[Mapping[str, Any]]) -> optuna.pruners.BasePruner:
         "threshold": optuna.pruners.ThresholdPruner,
     }
     if name not in factories:
-        raise ValueError(
+        raise SweeperConfigError(
             f"{KEY}.pruner.name: unknown pruner {name!r}; expected one of {', '.join(PRUNERS)}"
         )
     try:
         return factories[name](**kw)
     except TypeError as e:
-        raise ValueError(f"{KEY}.pruner: invalid arguments for pruner {name!r}: {e}") from e
+        raise SweeperConfigError(f"{KEY}.pruner: invalid arguments for pruner {name!r}: {e}") from e
 
 
 @dataclass
@@ -412,7 +418,7 @@ class Objective:
 
 def parse_objectives(objectives: Optional[Sequence[Any]]) -> List[Objective]:
     if not objectives:
-        raise ValueError(
+        raise SweeperConfigError(
             f"{KEY}.objectives: no objective configured; set e.g. "
             f"{KEY}.objectives=[{{metric:loss,direction:minimize}}]"
         )
@@ -420,16 +426,16 @@ def parse_objectives(objectives: Optional[Sequence[Any]]) -> List[Objective]:
     for i, o in enumerate(objectives):
         k = f"{KEY}.objectives[{i}]"
         if not isinstance(o, (Mapping, DictConfig)) or not o.get("metric"):
-            raise ValueError(f"{k}: expected {{metric: <name>, direction: minimize|maximize}}")
+            raise SweeperConfigError(f"{k}: expected {{metric: <name>, direction: minimize|maximize}}")
         direction = str(o.get("direction", "minimize")).lower()
         if direction not in DIRECTIONS:
-            raise ValueError(
+            raise SweeperConfigError(
                 f"{k}.direction: must be 'minimize' or 'maximize', got {o.get('direction')!r}"
             )
         out.append(Objective(str(o["metric"]), direction))
     names = [o.metric for o in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"{KEY}.objectives: duplicated metric in {names}")
+        raise SweeperConfigError(f"{KEY}.objectives: duplicated metric in {names}")
     return out
 
 
@@ -512,7 +518,7 @@ def parse_storage(storage: Optional[str], journal_path: Optional[str], base_dir:
 
     if storage is None or str(storage).strip() == "":
         if not journal_path:
-            raise ValueError(f"{KEY}.journal_path: must be set when {KEY}.storage is null")
+            raise SweeperConfigError(f"{KEY}.journal_path: must be set when {KEY}.storage is null")
         return StorageSpec("journal", absolute(str(journal_path)))
     s = str(storage).strip()
     if s.startswith("journal:"):
@@ -520,12 +526,12 @@ def parse_storage(storage: Optional[str], journal_path: Optional[str], base_dir:
         if p.startswith("//"):
             p = p[2:]
         if not p:
-            raise ValueError(f"{KEY}.storage: empty journal path in {s!r}")
+            raise SweeperConfigError(f"{KEY}.storage: empty journal path in {s!r}")
         return StorageSpec("journal", absolute(p))
     if s.endswith((".log", ".jsonl")) and "://" not in s:
         return StorageSpec("journal", absolute(s))
     if "://" not in s:
-        raise ValueError(
+        raise SweeperConfigError(
             f"{KEY}.storage: {s!r} is neither a journal file (*.log, *.jsonl, journal:<path>) "
             f"nor an SQLAlchemy URL (sqlite:///..., postgresql+psycopg2://...)"
         )
@@ -1002,12 +1008,12 @@ class TardisOptunaSweeperImpl:
         self.objectives = parse_objectives(self.objectives_cfg)
         for name, v, lo in (("n_trials", self.n_trials, 1), ("n_jobs", self.n_jobs, 1)):
             if not isinstance(v, int) or v < lo:
-                raise ValueError(f"{KEY}.{name}: must be an integer >= {lo}, got {v!r}")
+                raise SweeperConfigError(f"{KEY}.{name}: must be an integer >= {lo}, got {v!r}")
         if self.heartbeat_interval is not None and int(self.heartbeat_interval) < 1:
-            raise ValueError(f"{KEY}.heartbeat_interval: must be >= 1 or null")
+            raise SweeperConfigError(f"{KEY}.heartbeat_interval: must be >= 1 or null")
         if self.grace_period is not None and self.heartbeat_interval and \
                 int(self.grace_period) <= int(self.heartbeat_interval):
-            raise ValueError(f"{KEY}.grace_period: must be larger than {KEY}.heartbeat_interval")
+            raise SweeperConfigError(f"{KEY}.grace_period: must be larger than {KEY}.heartbeat_interval")
         self.space = build_search_space(self.params, self.ordered_pairs, arguments)
         self.sampler_name = sampler_name(self.sampler_cfg)
         self.grid = self.sampler_name == "grid"
@@ -1084,7 +1090,7 @@ class TardisOptunaSweeperImpl:
                         )
                         existing = [d.name.lower() for d in study.directions]
                         if existing != directions:
-                            raise ValueError(
+                            raise SweeperConfigError(
                                 f"{KEY}.objectives: study '{self.study_name}' exists with directions "
                                 f"{existing}, configured {directions}; use another {KEY}.study_name"
                             )
@@ -1216,8 +1222,15 @@ class TardisOptunaSweeperImpl:
             else:
                 frozen = study.tell(trial, state=state, skip_if_finished=True)
         except Exception as e:
-            log.warning("Trial %d: tell failed: %s", trial.number, e)
-            return
+            # GridSampler.after_trial calls study.stop() once the grid is exhausted, which
+            # raises outside study.optimize(); Optuna stored the trial's state first
+            try:
+                frozen = study._storage.get_trial(trial._trial_id)
+            except Exception:
+                frozen = None
+            if frozen is None or not frozen.state.is_finished():
+                log.warning("Trial %d: tell failed: %s", trial.number, e)
+                return
         if frozen.state != state:
             log.warning(
                 "Trial %d was already %s (e.g. failed as stale by another worker); result dropped",

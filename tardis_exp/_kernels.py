@@ -1,0 +1,224 @@
+"""The two fat products of the batched NMF solver, for CSR ``X``, without densifying ``X``.
+
+Every iteration of :func:`tardis_exp.nmf.fit_batch` needs ``X @ H.T`` (n x K) and
+``X.T @ W`` (m x K) with K the summed rank of every factorization still running (hundreds
+to about a thousand columns). scipy's sparse @ dense is single-threaded and not
+vectorized over the K columns; two replacements, picked by density (see
+:class:`SparseProducts`):
+
+``'csr'``
+    numba kernels, parallel over output rows: row ``i`` of ``X @ B`` is the sum of
+    ``X[i, j] * B[j, :]`` over the stored entries of row ``i`` -- a K-long axpy that
+    vectorizes without reassociating sums (``fastmath`` off). ``X.T @ W`` is a scatter:
+    a fixed number of row blocks each stream their rows of ``X`` and ``W`` once into a
+    private m x K buffer, summed in a fixed order at the end -- no transposed copy of
+    ``X``, sequential reads of ``W`` (random reads of a large ``W`` through a CSC copy
+    were 2-3x slower at 20,000 spots), and results independent of the thread count.
+``'dense-chunks'``
+    Rows of ``X`` densified a chunk at a time into one reused float32 buffer and handed
+    to BLAS sgemm: at the densities of log-normalized spatial data over highly variable
+    genes (tens of percent) sgemm's flop rate beats the sparse kernel even though it
+    multiplies the zeros too. Memory: one ``chunk x m`` float32 buffer.
+
+Both return float32 and agree with scipy's products to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+try:  # numba ships with scanpy; the solver falls back to scipy without it
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - numba is a dependency of scanpy
+    numba = None
+    _HAVE_NUMBA = False
+
+__all__ = ["SparseProducts", "csr_matmul", "csr_t_matmul", "DENSE_CHUNK_MIN_DENSITY", "DENSE_CHUNK_MIN_K"]
+
+# sgemm on densified chunks multiplies the zeros too; it beats the CSR kernel only when X
+# is dense enough and the product fat enough (K columns) for sgemm to run near its peak.
+# Measured by scripts/bench.py ("sparse products" table).
+DENSE_CHUNK_MIN_DENSITY = 0.2
+DENSE_CHUNK_MIN_K = 256
+# rows per densified chunk: chunk x m float32 stays a few MB, large enough for sgemm
+CHUNK_BYTES = 16 * 2**20
+
+
+if _HAVE_NUMBA:
+
+    @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+    def _csr_matmul(indptr, indices, data, B, out):  # pragma: no cover - compiled
+        # four stored entries per pass over the output row: one load/store of out[i, k]
+        # per four multiply-adds instead of per one (2x at K = 100..1000)
+        n = indptr.shape[0] - 1
+        K = B.shape[1]
+        for i in numba.prange(n):
+            o = out[i]
+            o[:] = 0.0
+            p = indptr[i]
+            e = indptr[i + 1]
+            while p + 4 <= e:
+                v0, v1, v2, v3 = data[p], data[p + 1], data[p + 2], data[p + 3]
+                b0, b1, b2, b3 = B[indices[p]], B[indices[p + 1]], B[indices[p + 2]], B[indices[p + 3]]
+                for k in range(K):
+                    o[k] += (v0 * b0[k] + v1 * b1[k]) + (v2 * b2[k] + v3 * b3[k])
+                p += 4
+            while p < e:
+                v = data[p]
+                b = B[indices[p]]
+                for k in range(K):
+                    o[k] += v * b[k]
+                p += 1
+
+    @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+    def _csr_t_matmul(indptr, indices, data, W, bufs):  # pragma: no cover - compiled
+        # X.T @ W as a scatter: block b of rows streams its rows of X and W once and adds
+        # into its own buffer bufs[b] (m x K, cache-resident for the usual m and K); the
+        # blocks are fixed, so the result does not depend on the thread count
+        n = indptr.shape[0] - 1
+        nb = bufs.shape[0]
+        K = W.shape[1]
+        for b in numba.prange(nb):
+            acc = bufs[b]
+            acc[:, :] = 0.0
+            lo = (n * b) // nb
+            hi = (n * (b + 1)) // nb
+            for i in range(lo, hi):
+                for p in range(indptr[i], indptr[i + 1]):
+                    v = data[p]
+                    j = indices[p]
+                    for k in range(K):
+                        acc[j, k] += v * W[i, k]
+
+    @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+    def _sum_blocks(bufs, out):  # pragma: no cover - compiled
+        m = out.shape[0]
+        for j in numba.prange(m):
+            out[j, :] = bufs[0, j, :]
+            for b in range(1, bufs.shape[0]):
+                out[j, :] += bufs[b, j, :]
+
+    @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+    def _densify_rows(indptr, indices, data, a, b, buf):  # pragma: no cover - compiled
+        for r in numba.prange(b - a):
+            row = buf[r]
+            row[:] = 0.0
+            for p in range(indptr[a + r], indptr[a + r + 1]):
+                row[indices[p]] += data[p]
+
+
+# row blocks of the X.T @ W scatter: fixed (not the thread count) for reproducibility
+SCATTER_BLOCKS = 8
+
+
+def csr_t_matmul(X: sp.csr_matrix, W: np.ndarray) -> np.ndarray:
+    """``X.T @ W`` for float32 CSR ``X`` (n x m) and float32 ``W`` (n x K), no transpose copy."""
+    n, m = X.shape
+    if W.shape[0] != n:
+        raise ValueError(f"shape mismatch: X is {X.shape}, W is {W.shape}")
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if not _HAVE_NUMBA:
+        return np.asarray(X.T @ W, dtype=np.float32)
+    nb = max(1, min(SCATTER_BLOCKS, n))
+    bufs = np.empty((nb, m, W.shape[1]), dtype=np.float32)
+    _csr_t_matmul(X.indptr, X.indices, X.data.astype(np.float32, copy=False), W, bufs)
+    out = np.empty((m, W.shape[1]), dtype=np.float32)
+    _sum_blocks(bufs, out)
+    return out
+
+
+def csr_matmul(X: sp.csr_matrix, B: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``X @ B`` for float32 CSR ``X`` (n x m) and C-contiguous float32 ``B`` (m x K)."""
+    n, m = X.shape
+    if B.shape[0] != m:
+        raise ValueError(f"shape mismatch: X is {X.shape}, B is {B.shape}")
+    B = np.ascontiguousarray(B, dtype=np.float32)
+    if out is None:
+        out = np.empty((n, B.shape[1]), dtype=np.float32)
+    if not _HAVE_NUMBA:
+        out[:] = X @ B
+        return out
+    _csr_matmul(X.indptr, X.indices, X.data.astype(np.float32, copy=False), B, out)
+    return out
+
+
+class SparseProducts:
+    """``X @ H.T`` and ``X.T @ W`` for one CSR ``X`` over a whole fit.
+
+    Parameters
+    ----------
+    X
+        Float32 CSR with sorted, summed indices (:func:`tardis_exp.nmf.prepare_matrix`).
+    method
+        ``'auto'`` (per call: dense chunks when the density is at least
+        ``DENSE_CHUNK_MIN_DENSITY`` and the product has at least ``DENSE_CHUNK_MIN_K``
+        columns, else the CSR kernel; the choice depends only on shapes, so a fit is
+        reproducible), ``'csr'``, ``'dense-chunks'`` or ``'scipy'`` (the reference).
+    """
+
+    METHODS = ("auto", "csr", "dense-chunks", "scipy")
+
+    def __init__(self, X: sp.csr_matrix, method: str = "auto"):
+        if method not in self.METHODS:
+            raise ValueError(f"unknown sparse product method {method!r}; choose one of {self.METHODS}")
+        self.X = X
+        n, m = X.shape
+        density = X.nnz / max(n * m, 1)
+        if not _HAVE_NUMBA:
+            method = "scipy"
+        self.method = method
+        self.density = density
+        self._buf = None
+        self.chunk = max(1, min(n, CHUNK_BYTES // max(4 * m, 1)))
+
+    def _chunks(self):
+        X = self.X
+        n, m = X.shape
+        if self._buf is None:
+            self._buf = np.empty((self.chunk, m), dtype=np.float32)
+        for a in range(0, n, self.chunk):
+            b = min(a + self.chunk, n)
+            buf = self._buf[: b - a]
+            _densify_rows(X.indptr, X.indices, X.data, a, b, buf)
+            yield a, b, buf
+
+    def method_for(self, K: int) -> str:
+        """The method a product with ``K`` columns runs."""
+        if self.method != "auto":
+            return self.method
+        if self.density >= DENSE_CHUNK_MIN_DENSITY and K >= DENSE_CHUNK_MIN_K:
+            return "dense-chunks"
+        return "csr"
+
+    def xht(self, H: np.ndarray) -> np.ndarray:
+        """``X @ H.T`` (n x K) for ``H`` (K x m)."""
+        X = self.X
+        method = self.method_for(H.shape[0])
+        if method == "scipy":
+            return np.asarray(X @ H.T, dtype=np.float32)
+        if method == "csr":
+            return csr_matmul(X, np.ascontiguousarray(H.T))
+        out = np.empty((X.shape[0], H.shape[0]), dtype=np.float32)
+        for a, b, buf in self._chunks():
+            np.matmul(buf, H.T, out=out[a:b])
+        return out
+
+    def xtw(self, W: np.ndarray) -> np.ndarray:
+        """``X.T @ W`` (m x K) for ``W`` (n x K)."""
+        X = self.X
+        method = self.method_for(W.shape[1])
+        if method == "scipy":
+            return np.asarray(X.T @ W, dtype=np.float32)
+        if method == "csr":
+            return csr_t_matmul(X, W)
+        out = np.zeros((X.shape[1], W.shape[1]), dtype=np.float32)
+        tmp = None
+        for a, b, buf in self._chunks():
+            if tmp is None:
+                tmp = np.empty_like(out)
+            np.matmul(buf.T, W[a:b], out=tmp)
+            out += tmp
+        return out

@@ -1,0 +1,504 @@
+"""Content-keyed stage cache: reuse preprocess and factorize results across runs and sweep trials.
+
+A sweep repeats the same preprocessing in every trial and, with integer search spaces,
+often the same factorization rank. Both stages are deterministic functions of the input
+data, their own config and the config of every upstream stage, so their outputs can be
+stored under a key made of exactly those things and reused.
+
+Key (sha256) of a stage = the stage name, the input's content digest
+(:func:`tardis_exp.data.digest` plus the hashes of the parts of the AnnData that the
+stages read besides ``X``: the counts layer or ``.raw`` named by ``preprocess.layer`` /
+``preprocess.use_raw``, ``obs``, ``obsm``, ``varm``), the resolved config of the stage and
+of every stage upstream (``preprocess`` for ``preprocess``; ``preprocess`` + ``factorize``
+for ``factorize``), the content of ``preprocess.exclude_genes_file``, the package version,
+the versions of the libraries the stage calls, and a hash of the stage's source files (an
+edited solver never serves stale results in a development checkout). ``consensus`` and
+``score`` are cheap and are not cached.
+
+Layout under ``cache.dir``::
+
+    preprocess/<key>/data.h5ad   the preprocessed AnnData (anndata's own format)
+    preprocess/<key>/meta.json   sha256 and size of data.h5ad, key inputs, created time
+    factorize/<key>/data.npz     the factorize outputs (np.savez; read with allow_pickle=False)
+    factorize/<key>/meta.json
+
+Safety: only h5ad and npz are written, never pickle; npz entries are read with
+``allow_pickle=False`` and object arrays are refused on write. An entry is written in a
+temporary folder and renamed into place in one ``os.rename``, so a killed process leaves no
+half-written entry, only a ``.tmp-*`` folder that the next eviction removes. Every read
+checks the sha256 recorded in ``meta.json``; an entry that fails the check or does not load
+is logged as a warning, deleted and recomputed. The total size stays under
+``cache.max_size_gb``: after each write the least recently used entries (last hit or write,
+recorded in the mtime of ``meta.json``, since file access times are often not kept) are
+removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import __version__
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("preprocess", "factorize")
+# what each stage's result depends on, upstream first
+UPSTREAM = {"preprocess": ("preprocess",), "factorize": ("preprocess", "factorize")}
+# source files whose code decides each stage's result
+_CODE = {"preprocess": ("preprocess.py",), "factorize": ("preprocess.py", "factorize.py", "nmf.py", "_kernels.py")}
+_LIBS = {"preprocess": ("anndata", "scanpy", "numpy"), "factorize": ("anndata", "scanpy", "numpy", "scipy", "sklearn")}
+# factorize writes these; they are what a hit restores
+_FACTORIZE_OBSM = ("X_nmf", "X_nmf_replicates")
+_FACTORIZE_UNS = ("X_nmf_components", "nmf")
+_DATA_FILE = {"preprocess": "data.h5ad", "factorize": "data.npz"}
+_SEP = "/"
+
+
+class CacheCorrupt(Exception):
+    """An entry that exists but cannot be trusted (checksum, format, shape)."""
+
+
+# ------------------------------------------------------------------------ keys
+
+
+def _hash_matrix(h, M) -> None:
+    if M is None:
+        h.update(b"none")
+    elif sp.issparse(M):
+        M = sp.csr_matrix(M)
+        h.update(repr((M.shape, str(M.dtype))).encode())
+        for arr in (M.indptr, M.indices, M.data):
+            h.update(np.ascontiguousarray(arr).tobytes())
+    else:
+        M = np.asarray(M)
+        h.update(repr((M.shape, str(M.dtype))).encode())
+        h.update(np.ascontiguousarray(M).tobytes())
+
+
+def _hash_frame(h, df: pd.DataFrame) -> None:
+    h.update(repr(list(map(str, df.columns))).encode())
+    h.update(repr([str(t) for t in df.dtypes]).encode())
+    if df.shape[1]:
+        h.update(pd.util.hash_pandas_object(df, index=True).to_numpy().tobytes())
+
+
+def input_digest(adata: ad.AnnData, data_digest: str, pre_cfg: Mapping[str, Any]) -> str:
+    """Digest of everything in ``adata`` that preprocess (and so the stages after it) reads.
+
+    :func:`tardis_exp.data.digest` covers ``X`` and the names; preprocess may take its
+    counts from a layer or ``.raw`` and carries ``obs``, ``obsm`` and ``varm`` over.
+    """
+    h = hashlib.sha256(data_digest.encode())
+    if pre_cfg.get("use_raw") and adata.raw is not None:
+        h.update(b"raw")
+        _hash_matrix(h, adata.raw.X)
+        h.update("\n".join(map(str, adata.raw.var_names)).encode())
+    layer = pre_cfg.get("layer")
+    if layer is not None and layer in adata.layers:
+        h.update(f"layer:{layer}".encode())
+        _hash_matrix(h, adata.layers[layer])
+    _hash_frame(h, adata.obs)
+    _hash_frame(h, adata.var)
+    for group, mapping in (("obsm", adata.obsm), ("varm", adata.varm)):
+        for k in sorted(mapping.keys()):
+            h.update(f"{group}:{k}".encode())
+            v = mapping[k]
+            if isinstance(v, pd.DataFrame):
+                _hash_frame(h, v)
+            else:
+                _hash_matrix(h, v)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _code_digest(stage: str) -> str:
+    # once per process: the code that runs is the code imported at start, not what an
+    # editor saved since
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in _CODE[stage]:
+        p = here / name
+        if p.is_file():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _lib_versions(stage: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in _LIBS[stage]:
+        try:
+            out[name] = version("scikit-learn" if name == "sklearn" else name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def key_inputs(stage: str, input_dig: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-able description of everything ``stage``'s result depends on."""
+    if stage not in STAGES:
+        raise ValueError(f"no cache for stage {stage!r}; cached stages are {STAGES}")
+    configs = {s: dict(cfg[s]) for s in UPSTREAM[stage]}
+    extra = {}
+    gene_file = configs["preprocess"].get("exclude_genes_file")
+    if gene_file and Path(str(gene_file)).is_file():
+        # the list's content decides the genes, not its path
+        extra["exclude_genes_file.sha256"] = _file_digest(Path(str(gene_file)))
+    return {"stage": stage, "input": input_dig, "configs": configs, "extra": extra,
+            "tardis_exp": __version__, "code": _code_digest(stage), "libs": _lib_versions(stage),
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+
+
+def make_key(inputs: Mapping[str, Any]) -> str:
+    blob = json.dumps(inputs, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------ npz (de)serialization
+
+
+def _flatten_out(prefix: str, value: Any, out: dict[str, np.ndarray]) -> None:
+    if isinstance(value, Mapping):
+        if not value:
+            out[prefix + _SEP + "__empty__"] = np.array(0)
+        for k, v in value.items():
+            if _SEP in str(k):
+                raise TypeError(f"key {k!r} contains {_SEP!r}")
+            _flatten_out(f"{prefix}{_SEP}{k}", v, out)
+        return
+    if sp.issparse(value):
+        raise TypeError(f"{prefix}: sparse matrices are not cached")
+    arr = np.asarray(value)
+    if arr.dtype.kind == "O":
+        raise TypeError(f"{prefix}: object arrays would need pickle; not cached")
+    out[prefix] = arr
+
+
+def _unflatten(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    root: dict[str, Any] = {}
+    for name, arr in arrays.items():
+        parts = name.split(_SEP)
+        node = root
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        if parts[-1] == "__empty__":
+            continue
+        # 0-d arrays were python scalars (ints, floats, strings, bools)
+        node[parts[-1]] = arr.item() if arr.ndim == 0 else arr
+    return root
+
+
+def factorize_outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
+    """What the factorize stage wrote into ``adata``, as flat npz-able arrays."""
+    out: dict[str, np.ndarray] = {}
+    for k in _FACTORIZE_OBSM:
+        if k in adata.obsm:
+            _flatten_out(f"obsm{_SEP}{k}", adata.obsm[k], out)
+    for k in _FACTORIZE_UNS:
+        if k in adata.uns:
+            _flatten_out(f"uns{_SEP}{k}", adata.uns[k], out)
+    return out
+
+
+def restore_factorize(adata: ad.AnnData, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write cached factorize outputs into ``adata`` (the inverse of :func:`factorize_outputs`)."""
+    tree = _unflatten(arrays)
+    obsm, uns = tree.get("obsm", {}), tree.get("uns", {})
+    if "X_nmf" not in obsm or "nmf" not in uns:
+        raise CacheCorrupt("factorize entry lacks obsm/X_nmf or uns/nmf")
+    for k, v in obsm.items():
+        if np.ndim(v) != 2 or v.shape[0] != adata.n_obs:
+            raise CacheCorrupt(f"factorize entry: obsm/{k} has shape {np.shape(v)}, data has {adata.n_obs} spots")
+    comps = np.asarray(uns["nmf"].get("components"))
+    if comps.ndim != 3 or comps.shape[2] != adata.n_vars:
+        raise CacheCorrupt(f"factorize entry: components of shape {comps.shape}, data has {adata.n_vars} genes")
+    for k, v in obsm.items():
+        adata.obsm[k] = v
+    for k, v in uns.items():
+        adata.uns[k] = v
+
+
+# ------------------------------------------------------------------------ the cache
+
+
+class StageCache:
+    """Content-keyed, size-bounded store of stage results under one folder.
+
+    Parameters
+    ----------
+    directory
+        Root folder (``cache.dir``); created on the first write.
+    max_size_gb
+        Bound on the total size of all entries; least recently used entries go first.
+    enabled
+        ``False`` makes every call compute and store nothing.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None, max_size_gb: float = 5.0, enabled: bool = True):
+        self.enabled = bool(enabled)
+        if self.enabled and directory in (None, ""):
+            raise ConfigError("cache.dir must be set when cache.enabled=true")
+        if max_size_gb is None or float(max_size_gb) <= 0:
+            raise ConfigError(f"cache.max_size_gb must be > 0, got {max_size_gb}")
+        self.dir = Path(str(directory)).expanduser() if directory else None
+        self.max_bytes = int(float(max_size_gb) * 1024**3)
+        self.hits = 0
+        self.misses = 0
+        self.events: list[dict[str, Any]] = []
+        self._input: str | None = None  # input digest of the current run, set by preprocess()
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "StageCache":
+        cfg = cfg or {}
+        return cls(cfg.get("dir"), cfg.get("max_size_gb", 5.0), cfg.get("enabled", False))
+
+    # -- paths and bookkeeping ----------------------------------------------------------
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return self.dir / stage / key
+
+    def entries(self) -> list[Path]:
+        """Every complete entry folder (those with a ``meta.json``)."""
+        if self.dir is None or not self.dir.is_dir():
+            return []
+        return [p.parent for s in STAGES for p in (self.dir / s).glob("*/meta.json")]
+
+    @staticmethod
+    def _size(entry: Path) -> int:
+        total = 0
+        for f in entry.iterdir():
+            try:
+                total += f.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def size_bytes(self) -> int:
+        return sum(self._size(e) for e in self.entries())
+
+    def _remove(self, entry: Path) -> None:
+        # rename first: a reader never sees an entry whose meta.json outlived its data
+        trash = entry.parent / f".trash-{entry.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(entry, trash)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warning("stage cache: cannot remove %s: %s", entry, e)
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _record(self, stage: str, key: str, status: str, seconds: float) -> None:
+        if status == "hit":
+            self.hits += 1
+        else:
+            self.misses += 1
+        self.events.append({"stage": stage, "key": key, "status": status, "seconds": seconds})
+
+    # -- read ----------------------------------------------------------------------------
+    def _load(self, stage: str, key: str):
+        """The entry's payload, or ``None`` when absent; :class:`CacheCorrupt` if untrustworthy."""
+        entry = self.entry_dir(stage, key)
+        meta_path = entry / "meta.json"
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            data = entry / meta["file"]
+            if meta.get("key") != key or meta.get("stage") != stage:
+                raise CacheCorrupt("meta.json names another entry")
+            if data.stat().st_size != meta["size"] or _file_digest(data) != meta["sha256"]:
+                raise CacheCorrupt(f"{data.name} does not match the sha256 in meta.json")
+            if stage == "preprocess":
+                payload = ad.read_h5ad(data)
+            else:
+                with np.load(data, allow_pickle=False) as z:
+                    payload = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            if not entry.exists():  # evicted by another process between the checks
+                return None
+            raise CacheCorrupt("a file of the entry is missing") from None
+        except CacheCorrupt:
+            raise
+        except Exception as e:  # unreadable JSON, HDF5, zip: all mean the entry is damaged
+            raise CacheCorrupt(f"{type(e).__name__}: {e}") from e
+        try:
+            os.utime(meta_path)  # last access, for LRU eviction
+        except OSError:
+            pass
+        return payload
+
+    def get(self, stage: str, key: str):
+        """Load an entry; ``None`` on a miss. A damaged entry is deleted, with a warning."""
+        if not self.enabled:
+            return None
+        try:
+            return self._load(stage, key)
+        except CacheCorrupt as e:
+            msg = f"stage cache: ignoring damaged {stage} entry {self.entry_dir(stage, key)} ({e}); recomputing"
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            self._remove(self.entry_dir(stage, key))
+            return None
+
+    # -- write ---------------------------------------------------------------------------
+    def put(self, stage: str, key: str, payload, inputs: Mapping[str, Any] | None = None) -> bool:
+        """Store ``payload`` (AnnData for preprocess, dict of arrays for factorize) atomically."""
+        if not self.enabled:
+            return False
+        final = self.entry_dir(stage, key)
+        if (final / "meta.json").is_file():
+            return True
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
+        try:
+            data = tmp / _DATA_FILE[stage]
+            if stage == "preprocess":
+                payload.write_h5ad(data)
+            else:
+                with open(data, "wb") as f:
+                    np.savez(f, **payload)
+            size = data.stat().st_size
+            if size > self.max_bytes:
+                log.warning("stage cache: the %s result (%.2f GB) is larger than cache.max_size_gb; not cached",
+                            stage, size / 1024**3)
+                return False
+            meta = {"key": key, "stage": stage, "file": data.name, "size": size, "sha256": _file_digest(data),
+                    "created": time.time(), "inputs": inputs or {}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # another process stored the same key first: its entry is as good as ours
+                if not (final / "meta.json").is_file():
+                    raise
+        except Exception as e:  # a full disk must not fail the run: the result is in memory
+            log.warning("stage cache: could not store the %s result under %s: %s", stage, final, e)
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.evict(keep=final)
+        return True
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Remove least recently used entries until the total fits ``max_size_gb``; return how many."""
+        if self.dir is None or not self.dir.is_dir():
+            return 0
+        now = time.time()
+        for s in STAGES:  # leftovers of killed writers and removers (older than an hour)
+            for junk in list((self.dir / s).glob(".tmp-*")) + list((self.dir / s).glob(".trash-*")):
+                try:
+                    if now - junk.stat().st_mtime > 3600:
+                        shutil.rmtree(junk, ignore_errors=True)
+                except FileNotFoundError:
+                    pass
+        found = []
+        for e in self.entries():
+            try:
+                found.append((os.stat(e / "meta.json").st_mtime, self._size(e), e))
+            except FileNotFoundError:
+                continue
+        total = sum(s for _, s, _ in found)
+        removed = 0
+        for _, size, e in sorted(found, key=lambda t: t[0]):
+            if total <= self.max_bytes:
+                break
+            if keep is not None and e == keep:
+                continue
+            self._remove(e)
+            total -= size
+            removed += 1
+        if removed:
+            log.info("stage cache: evicted %d entries to stay under %.2f GB", removed, self.max_bytes / 1024**3)
+        return removed
+
+    # -- the two cached stages ---------------------------------------------------------------
+    def _tag(self, stage_run, stage: str, key: str, status: str, seconds: float) -> None:
+        self._record(stage, key, status, seconds)
+        if stage_run is not None:
+            stage_run.set_tags({"cache": status, "cache.key": key})
+            stage_run.log_metric("cache_seconds", seconds)
+
+    def preprocess(self, adata: ad.AnnData, cfg: Mapping[str, Any], data_digest: str,
+                   compute: Callable[[ad.AnnData], ad.AnnData], stage_run=None) -> ad.AnnData:
+        """``compute(adata)`` (the preprocess stage), or its stored result.
+
+        ``cfg`` is the whole resolved pipeline config; ``stage_run`` (a tracking
+        :class:`~tardis_exp.tracking.StageRun`) gets the tags ``cache`` and ``cache.key``.
+        """
+        if not self.enabled:
+            return compute(adata)
+        t0 = time.perf_counter()
+        self._input = input_digest(adata, data_digest, cfg["preprocess"])
+        inputs = key_inputs("preprocess", self._input, cfg)
+        key = make_key(inputs)
+        out = self.get("preprocess", key)
+        if out is not None:
+            self._tag(stage_run, "preprocess", key, "hit", time.perf_counter() - t0)
+            return out
+        out = compute(adata)
+        self.put("preprocess", key, out, inputs)
+        self._tag(stage_run, "preprocess", key, "miss", time.perf_counter() - t0)
+        return out
+
+    def factorize(self, adata: ad.AnnData, cfg: Mapping[str, Any], compute: Callable[[ad.AnnData], Any],
+                  stage_run=None) -> None:
+        """``compute(adata)`` (the factorize stage, in place), or restore its stored outputs.
+
+        Call after :meth:`preprocess` of the same run (the key chains on its input digest).
+        """
+        if not self.enabled:
+            compute(adata)
+            return
+        if self._input is None:
+            raise RuntimeError("StageCache.factorize needs StageCache.preprocess to run first (the key chains on it)")
+        t0 = time.perf_counter()
+        inputs = key_inputs("factorize", self._input, cfg)
+        key = make_key(inputs)
+        arrays = self.get("factorize", key)
+        if arrays is not None:
+            try:
+                restore_factorize(adata, arrays)
+            except CacheCorrupt as e:
+                log.warning("stage cache: ignoring damaged factorize entry %s (%s); recomputing",
+                            self.entry_dir("factorize", key), e)
+                self._remove(self.entry_dir("factorize", key))
+            else:
+                self._tag(stage_run, "factorize", key, "hit", time.perf_counter() - t0)
+                return
+        compute(adata)
+        try:
+            arrays = factorize_outputs(adata)
+        except TypeError as e:
+            log.warning("stage cache: factorize outputs not cacheable (%s)", e)
+        else:
+            self.put("factorize", key, arrays, inputs)
+        self._tag(stage_run, "factorize", key, "miss", time.perf_counter() - t0)

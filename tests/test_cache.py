@@ -1,0 +1,224 @@
+"""The content-keyed stage cache (tardis_exp/cache.py) on real stages, real files and real MLflow.
+
+Ground truth for every hit is the same stage computed without the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from tardis_exp.cache import StageCache, factorize_outputs
+from tardis_exp.data import digest
+from tardis_exp.factorize import factorize
+from tardis_exp.pipeline import stage_kwargs
+from tardis_exp.preprocess import preprocess
+
+SMALL = ("preprocess.n_top_genes=400", "factorize.n_components=4", "factorize.n_replicates=3",
+         "factorize.max_iter=150")
+
+
+def _dense(M):
+    return M.toarray() if sp.issparse(M) else np.asarray(M)
+
+
+def _stages(cache: StageCache, adata, cfg):
+    """preprocess + factorize through ``cache`` (as pipeline.run wires them)."""
+    out = cache.preprocess(adata, cfg, digest(adata),
+                           compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
+    cache.factorize(out, cfg, compute=lambda a: factorize(a, progress=False, **stage_kwargs(cfg["factorize"])))
+    return out
+
+
+def _direct(adata, cfg):
+    out = preprocess(adata, **stage_kwargs(cfg["preprocess"]))
+    factorize(out, progress=False, **stage_kwargs(cfg["factorize"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_small, tmp_path_factory):
+    """Config and uncached result, shared by the tests (one factorization)."""
+    from conftest import compose_config
+
+    root = tmp_path_factory.mktemp("ref")
+    cfg = compose_config(root, SMALL)
+    return cfg, _direct(synthetic_small, cfg)
+
+
+def _assert_same_result(a, b):
+    np.testing.assert_array_equal(_dense(a.X), _dense(b.X))
+    assert list(a.var_names) == list(b.var_names) and list(a.obs_names) == list(b.obs_names)
+    np.testing.assert_array_equal(a.obsm["X_nmf"], b.obsm["X_nmf"])
+    np.testing.assert_array_equal(a.obsm["X_nmf_replicates"], b.obsm["X_nmf_replicates"])
+    np.testing.assert_array_equal(a.uns["X_nmf_components"], b.uns["X_nmf_components"])
+    for k in ("components", "errors", "n_iter", "converged", "seeds"):
+        np.testing.assert_array_equal(a.uns["nmf"][k], b.uns["nmf"][k])
+    assert a.uns["nmf"]["params"] == b.uns["nmf"]["params"]
+    assert a.uns["nmf"]["best_replicate"] == b.uns["nmf"]["best_replicate"]
+
+
+def test_hit_returns_the_computed_arrays(synthetic_small, reference, tmp_path):
+    cfg, ref = reference
+    first = StageCache(tmp_path / "c", max_size_gb=1)
+    miss = _stages(first, synthetic_small, cfg)
+    assert (first.hits, first.misses) == (0, 2)
+    _assert_same_result(miss, ref)
+
+    second = StageCache(tmp_path / "c", max_size_gb=1)  # a new run: nothing in memory
+    hit = _stages(second, synthetic_small, cfg)
+    assert (second.hits, second.misses) == (2, 0)
+    assert [e["status"] for e in second.events] == ["hit", "hit"]
+    _assert_same_result(hit, ref)
+    # what a hit restores has the types the stage wrote
+    assert isinstance(hit.uns["nmf"]["best_replicate"], int) and isinstance(hit.uns["nmf"]["params"]["solver"], str)
+    assert hit.uns["preprocess"] == ref.uns["preprocess"]
+    assert (hit.var["highly_variable"] == ref.var["highly_variable"]).all()
+
+
+def test_changed_upstream_or_input_misses(synthetic_small, reference, tmp_path, compose):
+    cfg, _ = reference
+    cache = StageCache(tmp_path / "c", max_size_gb=1)
+    _stages(cache, synthetic_small, cfg)
+
+    # an upstream (preprocess) change invalidates both stages
+    cfg2 = compose(*SMALL, "preprocess.n_top_genes=300")
+    c2 = StageCache(tmp_path / "c", max_size_gb=1)
+    out2 = _stages(c2, synthetic_small, cfg2)
+    assert (c2.hits, c2.misses) == (0, 2)
+    assert out2.n_vars == 300 and out2.uns["nmf"]["components"].shape == (3, 4, 300)
+    np.testing.assert_array_equal(out2.obsm["X_nmf"], _direct(synthetic_small, cfg2).obsm["X_nmf"])
+
+    # a factorize-only change reuses the preprocessing
+    cfg3 = compose(*SMALL, "factorize.n_components=3")
+    c3 = StageCache(tmp_path / "c", max_size_gb=1)
+    out3 = _stages(c3, synthetic_small, cfg3)
+    assert [e["status"] for e in c3.events] == ["hit", "miss"]
+    assert out3.obsm["X_nmf"].shape[1] == 3
+
+    # one changed count in the input: a different data digest, no hit
+    changed = synthetic_small.copy()
+    changed.X = changed.X.tocsr(copy=True)
+    changed.X.data[0] += 1
+    c4 = StageCache(tmp_path / "c", max_size_gb=1)
+    _stages(c4, changed, cfg)
+    assert (c4.hits, c4.misses) == (0, 2)
+    # every distinct input/config pair has its own entry; none was overwritten
+    assert len(list((tmp_path / "c" / "preprocess").glob("*/meta.json"))) == 3
+    assert len(list((tmp_path / "c" / "factorize").glob("*/meta.json"))) == 4
+
+
+@pytest.mark.parametrize("stage,damage", [("factorize", "flip"), ("factorize", "truncate"),
+                                          ("preprocess", "truncate"), ("preprocess", "meta")])
+def test_damaged_entry_is_recomputed(synthetic_small, reference, tmp_path, stage, damage):
+    cfg, ref = reference
+    _stages(StageCache(tmp_path / "c", max_size_gb=1), synthetic_small, cfg)
+    (entry,) = (tmp_path / "c" / stage).iterdir()
+    data = next(p for p in entry.iterdir() if p.name.startswith("data."))
+    raw = bytearray(data.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        data.write_bytes(bytes(raw[: len(raw) // 3]))
+    else:
+        (entry / "meta.json").write_text("{not json")
+    # a killed writer leaves only a .tmp-* folder; it must be ignored
+    (tmp_path / "c" / stage / ".tmp-killed-writer").mkdir()
+    (tmp_path / "c" / stage / ".tmp-killed-writer" / "data.npz").write_bytes(b"partial")
+
+    cache = StageCache(tmp_path / "c", max_size_gb=1)
+    with pytest.warns(RuntimeWarning, match=f"damaged {stage} entry"):
+        out = _stages(cache, synthetic_small, cfg)
+    _assert_same_result(out, ref)
+    # the factorize key chains on the input and the configs, not on the preprocess entry
+    assert [e["status"] for e in cache.events] == (["miss", "hit"] if stage == "preprocess" else ["hit", "miss"])
+    # the entry was rewritten and is sound again
+    again = StageCache(tmp_path / "c", max_size_gb=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _assert_same_result(_stages(again, synthetic_small, cfg), ref)
+    assert again.hits == 2
+
+
+def test_eviction_keeps_the_bound_and_the_recently_used(tmp_path):
+    rng = np.random.default_rng(0)
+    payload = lambda: {"obsm/X_nmf": rng.random((250, 1000), dtype=np.float32)}  # ~1 MB each  # noqa: E731
+    one = 250 * 1000 * 4
+    cache = StageCache(tmp_path / "c", max_size_gb=3.5 * one / 1024**3)
+    keys = [f"{i:064x}" for i in range(5)]
+    for i, k in enumerate(keys[:3]):
+        assert cache.put("factorize", k, payload())
+        os.utime(cache.entry_dir("factorize", k) / "meta.json", (1000 + i, 1000 + i))
+    assert cache.get("factorize", keys[0]) is not None  # keys[0] becomes the most recently used
+    for k in keys[3:]:
+        cache.put("factorize", k, payload())
+        assert cache.size_bytes() <= cache.max_bytes
+    left = {p.name for p in (tmp_path / "c" / "factorize").iterdir() if not p.name.startswith(".")}
+    assert left == {keys[0], keys[3], keys[4]}
+    # an entry larger than the bound is not stored at all
+    assert not cache.put("factorize", "f" * 64, {"obsm/X_nmf": rng.random((1000, 1000), dtype=np.float32)})
+    assert cache.size_bytes() <= cache.max_bytes
+
+
+def test_entries_are_h5ad_and_npz_without_pickle(synthetic_small, reference, tmp_path):
+    cfg, _ = reference
+    cache = StageCache(tmp_path / "c", max_size_gb=1)
+    _stages(cache, synthetic_small, cfg)
+    files = sorted(p.relative_to(tmp_path / "c").as_posix().split("/", 2)[::2] for p in (tmp_path / "c").rglob("*")
+                   if p.is_file())
+    assert files == [["factorize", "data.npz"], ["factorize", "meta.json"],
+                     ["preprocess", "data.h5ad"], ["preprocess", "meta.json"]]
+    (npz,) = (tmp_path / "c" / "factorize").glob("*/data.npz")
+    with np.load(npz, allow_pickle=False) as z:  # raises on any object (pickled) array
+        arrays = {k: z[k] for k in z.files}
+    assert all(a.dtype.kind != "O" for a in arrays.values())
+    assert "obsm/X_nmf" in arrays and "uns/nmf/components" in arrays
+    meta = json.loads(next((tmp_path / "c" / "factorize").glob("*/meta.json")).read_text())
+    assert meta["inputs"]["configs"]["factorize"]["n_components"] == 4 and meta["size"] == npz.stat().st_size
+    # outputs that would need pickle are refused instead of written
+    bad = synthetic_small[:5].copy()
+    bad.obsm["X_nmf"] = np.zeros((5, 2))
+    bad.uns["nmf"] = {"params": {"x": None}}
+    with pytest.raises(TypeError, match="pickle"):
+        factorize_outputs(bad)
+    src = (Path(__file__).resolve().parents[1] / "tardis_exp" / "cache.py").read_text()
+    assert "import pickle" not in src and "allow_pickle=True" not in src
+
+
+def test_pipeline_tags_hits_in_mlflow(tmp_path, compose):
+    from mlflow import MlflowClient
+
+    from tardis_exp.pipeline import run
+
+    ov = ("data.n_spots=900", "data.n_genes=800", "data.n_programs=4", *SMALL, "consensus.n_resamples=10",
+          "consensus.min_clusters=2", "consensus.max_clusters=6", "cache.enabled=true", "save_result=false",
+          "tracking.log_plots=false")
+    cfg = compose(*ov)
+    assert cfg["cache"]["dir"] == str(tmp_path / ".cache" / "tardis_exp")
+    m1 = run(cfg, tmp_path / "r1")
+    m2 = run(cfg, tmp_path / "r2")
+    assert (m1["cache_hits"], m1["cache_misses"]) == (0, 2) and (m2["cache_hits"], m2["cache_misses"]) == (2, 0)
+    for k in ("best_k", "reconstruction_error", "consensus.silhouette", "refit_error", "program_recovery"):
+        assert m1[k] == m2[k], k
+
+    client = MlflowClient(tracking_uri=cfg["tracking"]["uri"])
+    exp = client.get_experiment_by_name(cfg["tracking"]["experiment"])
+    keys = {}
+    for rid, status in ((m1["mlflow_run_id"], "miss"), (m2["mlflow_run_id"], "hit")):
+        assert client.get_run(rid).data.metrics["cache_hits"] == (0 if status == "miss" else 2)
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{rid}'")
+        tags = {c.data.tags["stage"]: c.data.tags for c in children}
+        assert set(tags) == {"preprocess", "factorize", "consensus", "score"}
+        for stage in ("preprocess", "factorize"):
+            assert tags[stage]["cache"] == status
+            keys.setdefault(stage, set()).add(tags[stage]["cache.key"])
+            assert (tmp_path / ".cache" / "tardis_exp" / stage / tags[stage]["cache.key"] / "meta.json").is_file()
+        assert "cache" not in tags["consensus"] and "cache" not in tags["score"]
+    assert all(len(v) == 1 for v in keys.values())  # the hit used the key the miss stored

@@ -1,0 +1,135 @@
+"""The k_range sweep preset on the real tardis-exp pipeline (issue 4's "done when", small).
+
+``tardis-exp -m sweep=k_range`` runs as a subprocess on synthetic data with 4 known
+programs, against a real Optuna journal and a real MLflow SQLite store, with the stage
+cache on (the preset's default). Checked: the best trial's best_k is the true number of
+programs, the objective ranks every trial at the true K above every other trial, MLflow
+holds study -> trial -> stage runs, and an impossible configuration is a FAIL trial that
+does not stop the sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+N_PROGRAMS = 4
+DATA = ["data.n_spots=1600", "data.n_genes=1500", f"data.n_programs={N_PROGRAMS}", "factorize.n_replicates=4",
+        "consensus.n_resamples=20", "save_result=false", "tracking.log_plots=false",
+        "hydra.sweeper.mlflow.log_plots=false"]
+STAGES = {"preprocess", "factorize", "consensus", "score"}
+
+pytestmark = pytest.mark.slow
+
+
+def sweep(root: Path, study: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TARDIS_EXP_PROGRESS="0", MPLBACKEND="Agg")
+    # a plain checkout: make hydra_plugins/tardis_optuna_sweeper importable
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "tardis_exp", "-m", "sweep=k_range", f"paths.root_dir={root}",
+           f"hydra.sweep.dir={root}/multirun/{study}", f"hydra.sweeper.study_name={study}", *DATA, *args]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"sweep failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def trial_metrics(root: Path, study: str, number: int) -> dict | None:
+    f = root / "multirun" / study / str(number) / "metrics.yaml"
+    return yaml.safe_load(f.read_text()) if f.exists() else None
+
+
+@pytest.fixture(scope="module")
+def k_range(tmp_path_factory):
+    """One 6-trial TPE sweep of n_components in [3, 8] and the cluster range in [2, 6]."""
+    root = tmp_path_factory.mktemp("sweep")
+    sweep(root, "k_range", "hydra.sweeper.n_trials=6",
+          "hydra.sweeper.params={factorize.n_components:'int(interval(3, 8))'}",
+          "hydra.sweeper.ordered_pairs=[{low_key:consensus.min_clusters,high_key:consensus.max_clusters,"
+          "low:2,high:6}]")
+    return root
+
+
+def _client(root: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns/mlflow.db")
+    return client, client.get_experiment_by_name("tardis-exp").experiment_id
+
+
+def _study_runs(root: Path, study: str):
+    """The study's parent run and its per-trial runs keyed by trial number."""
+    client, exp = _client(root)
+    (parent,) = client.search_runs([exp], f"tags.`optuna.role` = 'study' and tags.`optuna.study_name` = '{study}'")
+    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client, exp, parent, {int(r.data.tags["optuna_trial"]): r for r in trials}
+
+
+def test_best_trial_finds_the_true_number_of_programs(k_range):
+    res = yaml.safe_load((k_range / "multirun" / "k_range" / "optimization_results.yaml").read_text())
+    assert res["n_trials"] == 6 and res["objectives"] == [{"metric": "consensus.silhouette", "direction": "maximize"}]
+    best = trial_metrics(k_range, "k_range", res["best_trial"])
+    assert best["best_k"] == N_PROGRAMS
+    assert best["consensus.silhouette"] == pytest.approx(res["best_value"])
+    # not one lucky trial: the objective ranks every trial at the true K above all others
+    done = [m for m in (trial_metrics(k_range, "k_range", n) for n in range(6)) if m]
+    at_truth = [m["consensus.silhouette"] for m in done if m["best_k"] == N_PROGRAMS]
+    elsewhere = [m["consensus.silhouette"] for m in done if m["best_k"] != N_PROGRAMS]
+    assert at_truth and elsewhere, "the sweep should visit K at and away from the truth"
+    assert min(at_truth) > max(elsewhere)
+    # the journal agrees with what the trials wrote
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(k_range / "mlruns" / "optuna" / "journal.log")))
+    study = optuna.load_study(study_name="k_range", storage=storage)
+    assert len(study.trials) == 6 and study.best_trial.number == res["best_trial"]
+
+
+def test_mlflow_study_trial_stage_nesting_and_cache(k_range):
+    client, exp, parent, trials = _study_runs(k_range, "k_range")
+    assert sorted(trials) == list(range(6))
+    for number, run in trials.items():
+        assert run.data.tags["optuna.trial_number"] == str(number)
+        assert run.data.tags["optuna.state"] in ("COMPLETE", "FAIL")
+        stages = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        names = [s.data.tags["stage"] for s in stages]
+        assert len(names) == len(set(names)) and {"preprocess", "factorize"} <= set(names) <= STAGES
+        if run.data.tags["optuna.state"] == "COMPLETE":
+            assert set(names) == STAGES
+            m = trial_metrics(k_range, "k_range", number)
+            assert run.info.status == "FINISHED" and m["mlflow_run_id"] == run.info.run_id
+            assert run.data.metrics["objective.consensus.silhouette"] == pytest.approx(m["consensus.silhouette"])
+            assert all(s.info.status == "FINISHED" for s in stages)
+        by_stage = {s.data.tags["stage"]: s for s in stages}
+        # trial 0 stores the preprocessed data; every later trial reuses it
+        assert by_stage["preprocess"].data.tags["cache"] == ("miss" if number == 0 else "hit")
+        assert by_stage["factorize"].data.tags["cache"] in ("hit", "miss")
+    assert parent.data.tags["optuna.study_name"] == "k_range"
+
+
+def test_impossible_configuration_fails_the_trial_not_the_sweep(k_range):
+    # n_components=1600 cannot be fit to ~1500 genes; the grid visits both values
+    sweep(k_range, "bad_rank", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.name=grid",
+          "hydra.sweeper.params={factorize.n_components:'choice(4, 1600)'}", "hydra.sweeper.ordered_pairs=[]",
+          "consensus.min_clusters=2", "consensus.max_clusters=6")
+    res = yaml.safe_load((k_range / "multirun" / "bad_rank" / "optimization_results.yaml").read_text())
+    assert (res["n_complete"], res["n_fail"]) == (1, 1)
+    assert res["best_params"]["factorize.n_components"] == 4
+    client, exp, _, trials = _study_runs(k_range, "bad_rank")
+    assert sorted(trials) == [0, 1]
+    by_rank = {int(r.data.params["factorize.n_components"]): r for r in trials.values()}
+    assert by_rank[4].info.status == "FINISHED"
+    failed = by_rank[1600]
+    assert failed.info.status == "FAILED" and failed.data.tags["optuna.state"] == "FAIL"
+    assert "factorize.n_components=1600" in failed.data.tags["optuna.error"]
+    stages = {s.data.tags["stage"]: s for s in
+              client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{failed.info.run_id}'")}
+    assert stages["preprocess"].info.status == "FINISHED" and stages["factorize"].info.status == "FAILED"
+    assert "consensus" not in stages

@@ -1,0 +1,436 @@
+"""Every run recorded in MLflow: the embedded SQLite store and a real ``mlflow server``.
+
+The pipeline runs on small synthetic data with the real ``conf/`` (Hydra compose API);
+what MLflow holds is read back through ``MlflowClient`` and the REST API and compared
+with what the run wrote into its own ``result.h5ad`` and with the config it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+from hydra import compose, initialize_config_dir  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from tardis_exp.errors import InputError, TrackingError  # noqa: E402
+from tardis_exp.pipeline import run  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+SMALL = ["data.n_spots=900", "data.n_genes=800", "data.n_programs=4", "factorize.n_components=6",
+         "factorize.n_replicates=4", "consensus.n_resamples=20", "preprocess.n_top_genes=500"]
+STAGES = ("preprocess", "factorize", "consensus", "score")
+SECRET = "s3cr3t-pw"
+DB_URI = f"postgresql://alice:{SECRET}@db.example.org:5432/exp"
+
+
+def make_cfg(root: Path, name: str, *overrides: str) -> tuple[dict, Path, list[str]]:
+    """The real config, composed as ``tardis-exp`` would, anchored in ``root``."""
+    run_dir = root / "runs" / name
+    ov = [f"paths.root_dir={root}", f"paths.run_dir={run_dir}", *SMALL, *overrides]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=ov)
+    return OmegaConf.to_container(cfg, resolve=True), run_dir, ov
+
+
+def leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def as_param(v) -> str:
+    return "null" if v is None else str(v)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(uri: str, endpoint: str, params: dict | None = None, body: dict | None = None) -> dict:
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def launch_server(tmp: Path) -> tuple[subprocess.Popen, str, str]:
+    """``mlflow server`` on a free port of 127.0.0.1, SQLite backend, proxied artifacts."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    backend = f"sqlite:///{tmp / 'server.db'}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: faster start
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", backend, "--artifacts-destination", str(tmp / "server-artifacts"),
+         "--workers", "1"],
+        stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    return proc, f"http://127.0.0.1:{port}", backend
+
+
+def wait_ready(proc: subprocess.Popen, uri: str, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError(f"mlflow server did not answer /health within {timeout} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    # the server runs uvicorn as a child: end the process group we started
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """Two real servers started side by side: one to read back, one to lose mid-run."""
+    tmp = tmp_path_factory.mktemp("mlflow_servers")
+    started = {name: launch_server(tmp / name) for name in ("main", "doomed")}
+    try:
+        for name, (proc, uri, _) in started.items():
+            wait_ready(proc, uri, tmp / name / "server.log")
+        yield started
+    finally:
+        for proc, _, _ in started.values():
+            stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def server(servers):
+    return servers["main"][1]
+
+
+@pytest.fixture(scope="module")
+def sqlite_runs(tmp_path_factory):
+    """Two runs into the default store (SQLite in <root>/mlruns): 6 and 5 components.
+
+    The first carries a credential in a tag and in ``data.path`` (synthetic data ignores
+    the path), which must never reach MLflow.
+    """
+    root = tmp_path_factory.mktemp("root")
+    out = {}
+    for name, extra in (("k6", [f"+tracking.tags.db={DB_URI}", f"+data.path={DB_URI}", "tracking.run_name=k6"]),
+                        ("k5", ["factorize.n_components=5", "tracking.run_name=k5"])):
+        cfg, run_dir, ov = make_cfg(root, name, *extra)
+        metrics = run(cfg, run_dir, overrides=ov)
+        out[name] = {"cfg": cfg, "run_dir": run_dir, "metrics": metrics}
+    out["uri"] = out["k6"]["cfg"]["tracking"]["uri"]
+    out["root"] = root
+    return out
+
+
+@pytest.fixture(scope="module")
+def server_run(server, tmp_path_factory):
+    """One run against the real server, credentials in the tracking URI."""
+    root = tmp_path_factory.mktemp("root_srv")
+    port = urllib.parse.urlsplit(server).port
+    uri = f"http://bob:{SECRET}@127.0.0.1:{port}"
+    cfg, run_dir, ov = make_cfg(root, "srv", f"tracking.uri={uri}", "tracking.experiment=srv-exp")
+    metrics = run(cfg, run_dir, overrides=ov)
+    return {"cfg": cfg, "run_dir": run_dir, "metrics": metrics, "uri": server}
+
+
+def check_run(client: MlflowClient, parent_id: str, cfg: dict, dl: Path) -> dict:
+    """Everything the issue asks of one run, read back through ``client``; returns the children."""
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    exp_id = parent.info.experiment_id
+    children = {r.info.run_name: r for r in client.search_runs(
+        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
+    assert sorted(children) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    # params: every leaf of the resolved config, dotted, equal to the config value
+    p = parent.data.params
+    for key, value in leaves(cfg):
+        if SECRET in str(value):
+            assert SECRET not in p[key] and "***" in p[key], key
+        else:
+            assert p[key] == as_param(value), key
+    for stage in STAGES:  # each stage's own section on its child, undotted
+        cp = children[stage].data.params
+        assert {k: cp[k] for k, _ in leaves(cfg[stage])} == {k: as_param(v) for k, v in leaves(cfg[stage])}
+
+    # the result the run logged: ground truth for the metrics
+    path = client.download_artifacts(parent_id, "result.h5ad", str(dl))
+    res = ad.read_h5ad(path)
+    c, nmf, m = res.uns["nmf_consensus"], res.uns["nmf"], res.uns["nmf_metrics"]
+    ks = [int(k) for k in c["k_values"]]
+    assert ks == list(range(cfg["consensus"]["min_clusters"], cfg["consensus"]["max_clusters"] + 1))
+
+    cons = children["consensus"].info.run_id
+    for key in ("pac", "cophenetic", "delta_area"):
+        hist = sorted(client.get_metric_history(cons, f"consensus.{key}"), key=lambda x: x.step)
+        assert [h.step for h in hist] == ks
+        np.testing.assert_allclose([h.value for h in hist], c[key], rtol=1e-12)
+    assert children["consensus"].data.metrics["best_k"] == c["best_k"]
+
+    fac = children["factorize"].info.run_id
+    hist = sorted(client.get_metric_history(fac, "reconstruction_error"), key=lambda x: x.step)
+    assert [h.step for h in hist] == list(range(cfg["factorize"]["n_replicates"]))
+    np.testing.assert_allclose([h.value for h in hist], nmf["errors"], rtol=1e-12)
+
+    sm = children["score"].data.metrics
+    for key in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery"):
+        assert sm[key] == pytest.approx(float(m[key]), rel=1e-12)
+    for stage in STAGES:
+        assert children[stage].data.metrics["duration_s"] > 0
+
+    pm = parent.data.metrics
+    assert pm["best_k"] == c["best_k"]
+    assert pm["reconstruction_error"] == pytest.approx(float(np.min(nmf["errors"])), rel=1e-12)
+    assert pm["program_recovery"] == pytest.approx(float(m["program_recovery"]), rel=1e-12)
+    assert pm["duration_s"] >= sum(children[s].data.metrics["duration_s"] for s in STAGES)
+
+    # tags and the input dataset
+    tags = parent.data.tags
+    from tardis_exp import __version__
+    from tardis_exp.data import digest, load_data
+
+    expected_digest = digest(load_data(cfg["data"]))  # recomputed from the same data
+    assert tags["tardis_exp.version"] == __version__
+    assert tags["data.digest"] == expected_digest
+    assert len(tags["git_commit"]) in (40, 7) or tags["git_commit"] == "unknown"
+    ds = parent.inputs.dataset_inputs
+    assert len(ds) == 1 and ds[0].dataset.digest == expected_digest and ds[0].dataset.name == "synthetic"
+    assert json.loads(ds[0].dataset.profile) == {"n_obs": cfg["data"]["n_spots"], "n_vars": cfg["data"]["n_genes"]}
+
+    # artifacts: tables, config, every plot decodes
+    names = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"config.yaml", "overrides.txt", "programs.tsv", "usages.tsv.gz", "result.h5ad", "plots"} <= names
+    plots = {Path(a.path).name for a in client.list_artifacts(parent_id, "plots")}
+    assert plots == {"consensus_matrices.png", "consensus_cdf.png", "k_selection.png",
+                     "reconstruction_error.png", "program_scores.png", "top_genes_dotplot.png"}
+    import matplotlib.image as mpimg
+    import pandas as pd
+
+    for name in plots:
+        img = mpimg.imread(client.download_artifacts(parent_id, f"plots/{name}", str(dl)))
+        assert img.ndim == 3 and img.shape[0] > 150 and img.shape[1] > 150 and img.std() > 0.01, name
+    usages = pd.read_csv(client.download_artifacts(parent_id, "usages.tsv.gz", str(dl)), sep="\t", index_col=0)
+    np.testing.assert_allclose(usages.to_numpy(), res.obsm["X_nmf_consensus"], rtol=1e-6)
+    programs = pd.read_csv(client.download_artifacts(parent_id, "programs.tsv", str(dl)), sep="\t")
+    assert sorted(programs["program"].unique()) == list(range(c["best_k"]))
+    return children
+
+
+def test_default_sqlite_store(sqlite_runs, tmp_path):
+    r = sqlite_runs["k6"]
+    uri = sqlite_runs["uri"]
+    # the default store is anchored at the project root, not at the run directory
+    assert uri == f"sqlite:///{sqlite_runs['root']}/mlruns/mlflow.db"
+    assert (sqlite_runs["root"] / "mlruns" / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = r["metrics"]["mlflow_run_id"]
+    check_run(client, parent_id, r["cfg"], tmp_path)
+    assert client.get_run(parent_id).info.run_name == "k6"
+    art = client.get_run(parent_id).info.artifact_uri
+    assert art.startswith((sqlite_runs["root"] / "mlruns" / "artifacts").as_uri())
+
+
+def test_real_server_client_and_rest(server_run, tmp_path):
+    uri = server_run["uri"]
+    parent_id = server_run["metrics"]["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    children = check_run(client, parent_id, server_run["cfg"], tmp_path)
+
+    # the same through the REST API
+    exp = rest(uri, "experiments/get-by-name", {"experiment_name": "srv-exp"})["experiment"]
+    found = rest(uri, "runs/search", body={"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+    by_id = {r["info"]["run_id"]: r for r in found}
+    assert parent_id in by_id
+    kids = [r for r in found if {"key": "mlflow.parentRunId", "value": parent_id} in r["data"].get("tags", [])]
+    assert sorted(r["info"]["run_name"] for r in kids) == sorted(STAGES)
+    params = {p["key"]: p["value"] for p in by_id[parent_id]["data"]["params"]}
+    assert params["factorize.n_components"] == "6" and params["consensus.n_resamples"] == "20"
+    assert params["tracking.uri"] == f"http://bob:***@127.0.0.1:{urllib.parse.urlsplit(uri).port}"
+
+    cons = children["consensus"].info.run_id
+    hist = rest(uri, "metrics/get-history", {"run_id": cons, "metric_key": "consensus.pac"})["metrics"]
+    (tmp_path / "rest").mkdir()
+    res = ad.read_h5ad(client.download_artifacts(parent_id, "result.h5ad", str(tmp_path / "rest")))
+    c = res.uns["nmf_consensus"]
+    hist = sorted(hist, key=lambda h: h["step"])
+    assert [h["step"] for h in hist] == [int(k) for k in c["k_values"]]
+    np.testing.assert_allclose([h["value"] for h in hist], c["pac"], rtol=1e-12)
+    listed = rest(uri, "artifacts/list", {"run_id": parent_id, "path": "plots"})["files"]
+    assert len([f for f in listed if f["path"].endswith(".png")]) == 6
+    # the credential from the tracking URI is nowhere in what the server holds
+    everything = json.dumps(found) + (tmp_path / "rest").joinpath("result.h5ad").read_bytes().decode("latin-1")
+    assert SECRET not in everything
+
+
+def test_compare_runs_by_param_and_metric(sqlite_runs):
+    uri = sqlite_runs["uri"]
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        for name, k in (("k6", "6"), ("k5", "5")):
+            df = mlflow.search_runs(experiment_names=["tardis-exp"],
+                                    filter_string=f"params.`factorize.n_components` = '{k}'")
+            assert list(df["run_id"]) == [sqlite_runs[name]["metrics"]["mlflow_run_id"]]
+            assert df["metrics.reconstruction_error"].iloc[0] == pytest.approx(
+                sqlite_runs[name]["metrics"]["reconstruction_error"], rel=1e-12)
+        both = mlflow.search_runs(experiment_names=["tardis-exp"],
+                                  filter_string="metrics.best_k >= 2 and tags.`tardis_exp.version` != ''",
+                                  order_by=["metrics.reconstruction_error ASC"])
+        # parents only carry the headline metrics: two rows, sorted by their own errors
+        errs = {sqlite_runs[n]["metrics"]["mlflow_run_id"]: sqlite_runs[n]["metrics"]["reconstruction_error"]
+                for n in ("k6", "k5")}
+        assert set(both["run_id"]) == set(errs)
+        assert list(both["run_id"]) == sorted(errs, key=errs.get)
+        assert set(both["params.factorize.n_components"]) == {"5", "6"}
+    finally:
+        mlflow.set_tracking_uri(old)
+
+
+def test_credentials_never_logged(sqlite_runs, tmp_path):
+    r = sqlite_runs["k6"]
+    client = MlflowClient(tracking_uri=sqlite_runs["uri"])
+    pid = r["metrics"]["mlflow_run_id"]
+    parent = client.get_run(pid)
+    assert parent.data.tags["db"] == "postgresql://alice:***@db.example.org:5432/exp"
+    assert parent.data.params["data.path"] == "postgresql://alice:***@db.example.org:5432/exp"
+    runs = client.search_runs([parent.info.experiment_id])
+    blob = json.dumps([[r.data.params, r.data.tags] for r in runs])
+    blob += json.dumps([d.dataset.source for d in parent.inputs.dataset_inputs])
+    for name in ("config.yaml", "overrides.txt"):
+        blob += Path(client.download_artifacts(pid, name, str(tmp_path))).read_text()
+    blob += (r["run_dir"] / "config.yaml").read_text()
+    assert "db.example.org" in blob and SECRET not in blob
+
+
+def test_failing_stage_marks_runs_failed(sqlite_runs, tmp_path):
+    # passes validation (0 < resample_frac <= 1) but leaves < 3 components per resample;
+    # same store as the other runs (no second database to create), its own experiment
+    cfg, run_dir, ov = make_cfg(sqlite_runs["root"], "fail", "consensus.resample_frac=0.1",
+                                "tracking.experiment=failing")
+    with pytest.raises(InputError, match="resample_frac"):
+        run(cfg, run_dir, overrides=ov)
+    client = MlflowClient(tracking_uri=cfg["tracking"]["uri"])
+    exp = client.get_experiment_by_name("failing")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED"
+    pid = parent[0].info.run_id
+    kids = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid}
+    assert {k: r.info.status for k, r in kids.items()} == {
+        "preprocess": "FINISHED", "factorize": "FINISHED", "consensus": "FAILED"}
+    for rid in (pid, kids["consensus"].info.run_id):
+        tb = Path(client.download_artifacts(rid, "traceback.txt", str(tmp_path / rid))).read_text()
+        assert "InputError" in tb and "resample_frac" in tb
+        assert "InputError" in client.get_run(rid).data.tags["error"]
+    # what was logged before the failure is kept
+    errs = client.get_metric_history(kids["factorize"].info.run_id, "reconstruction_error")
+    assert len(errs) == cfg["factorize"]["n_replicates"]
+    assert parent[0].data.params["consensus.resample_frac"] == "0.1"
+    assert {a.path for a in client.list_artifacts(pid)} >= {"config.yaml", "overrides.txt", "traceback.txt"}
+    assert "InputError" in (run_dir / "traceback.txt").read_text()
+
+
+def test_unreachable_server_fails_before_compute(tmp_path):
+    cfg, run_dir, ov = make_cfg(tmp_path, "down", f"tracking.uri=http://127.0.0.1:{free_port()}")
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match=r"tracking.uri=http://127.0.0.1:\d+ is unreachable"):
+        run(cfg, run_dir, overrides=ov)
+    assert time.perf_counter() - t0 < 15
+    assert not (run_dir / "result.h5ad").exists() and not (run_dir / "programs.tsv").exists()
+
+
+def test_store_lost_mid_run_keeps_local_result(servers, tmp_path, caplog):
+    """The server dies while the run computes: the run finishes, the local result is whole."""
+    proc, uri, backend = servers["doomed"]
+    cfg, run_dir, ov = make_cfg(tmp_path, "lost", f"tracking.uri={uri}", "tracking.experiment=lost")
+    killed = threading.Event()
+
+    def kill_when_consensus_starts():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed.is_set():
+            try:
+                exp = rest(uri, "experiments/get-by-name", {"experiment_name": "lost"})["experiment"]
+                found = rest(uri, "runs/search", body={"experiment_ids": [exp["experiment_id"]],
+                                                       "filter": "attributes.run_name = 'consensus'"})
+                if found.get("runs"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed.set()
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_when_consensus_starts, daemon=True)
+    watcher.start()
+    try:
+        with caplog.at_level("WARNING", logger="tardis_exp.tracking"):
+            metrics = run(cfg, run_dir, overrides=ov)
+    finally:
+        watcher.join(timeout=5)
+        stop_server(proc)
+    assert killed.is_set()
+    res = ad.read_h5ad(run_dir / "result.h5ad")
+    assert metrics["best_k"] == res.uns["nmf_consensus"]["best_k"]
+    assert (run_dir / "plots" / "k_selection.png").is_file()
+    log_text = (run_dir / "tracking_errors.log").read_text()
+    assert "result.h5ad" in log_text  # logged after the kill: recorded as not logged
+    assert any("MLflow logging failed" in r.getMessage() for r in caplog.records)
+    # what reached the store before it died is there (read the server's database directly)
+    client = MlflowClient(tracking_uri=backend)
+    exp = client.get_experiment_by_name("lost")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert runs["factorize"].info.status == "FINISHED"
+    assert len(client.get_metric_history(runs["factorize"].info.run_id, "reconstruction_error")) == 4
+
+
+def test_plots_survive_missing_inputs(sqlite_runs, caplog):
+    from tardis_exp.plots import make_plots
+
+    a = ad.read_h5ad(sqlite_runs["k6"]["run_dir"] / "result.h5ad")
+    del a.obsm["spatial"]  # no coordinates: score heatmap instead of maps
+    del a.uns["nmf"]  # reconstruction errors unavailable: that plot alone is skipped
+    out = sqlite_runs["root"] / "plots_partial"
+    with caplog.at_level("WARNING", logger="tardis_exp.plots"):
+        written = make_plots(a, out)
+    assert sorted(p.name for p in written) == ["consensus_cdf.png", "consensus_matrices.png", "k_selection.png",
+                                               "program_scores.png", "top_genes_dotplot.png"]
+    assert any("reconstruction_error.png skipped" in r.getMessage() for r in caplog.records)
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(out / "program_scores.png")
+    assert img.shape[0] > 200 and img.std() > 0.01
