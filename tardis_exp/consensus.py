@@ -345,6 +345,19 @@ def consensus(
     return adata if copy else None
 
 
+def _per_k_result(ks, best, spectra, stats, cdfs, mats) -> dict:
+    """The entries of ``uns['nmf_consensus']`` both methods share."""
+    return {
+        "k_values": np.array(ks),
+        "best_k": int(best),
+        "spectra": spectra,
+        **{key: np.asarray(val, dtype=np.float64) for key, val in stats.items()},
+        "cdf": np.stack([cdfs[kk] for kk in ks]),
+        "cdf_grid": CDF_GRID,
+        "matrices": {str(kk): mats[kk] for kk in ks},
+    }
+
+
 def _aggregate(members: np.ndarray, how: str) -> np.ndarray:
     L = _l2rows(members.astype(np.float64))
     return np.median(L, axis=0) if how == "median" else L.mean(0)
@@ -407,13 +420,7 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     item_labels = np.full(R * k, -1)
     item_labels[items] = labels
     return {
-        "k_values": np.array(ks),
-        "best_k": int(best),
-        "spectra": spectra,
-        **{key: np.asarray(val, dtype=np.float64) for key, val in stats.items()},
-        "cdf": np.stack([cdfs[kk] for kk in ks]),
-        "cdf_grid": CDF_GRID,
-        "matrices": {str(kk): mats[kk] for kk in ks},
+        **_per_k_result(ks, best, spectra, stats, cdfs, mats),
         "matrix_items": items if store_idx is None else items[store_idx],
         "item_labels": item_labels,  # cluster of each pooled component, -1 = outlier
         "admissible": admissible,
@@ -479,13 +486,7 @@ def _spots(adata, rng, random_state, min_k, max_k, n_resamples, frac, rule, tol,
         [cats[c] if c >= 0 else None for c in spot_labels], categories=cats
     )
     return {
-        "k_values": np.array(ks),
-        "best_k": int(best),
-        "spectra": spectra,
-        **{key: np.asarray(val, dtype=np.float64) for key, val in stats.items()},
-        "cdf": np.stack([cdfs[kk] for kk in ks]),
-        "cdf_grid": CDF_GRID,
-        "matrices": {str(kk): mats[kk] for kk in ks},
+        **_per_k_result(ks, best, spectra, stats, cdfs, mats),
         "matrix_items": cap if store_idx is None else cap[store_idx],
         "n_items": N,
         "resample_errors": np.array([f.error for f in fits]),
