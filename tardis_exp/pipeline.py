@@ -29,7 +29,7 @@ from .preprocess import check_params as check_preprocess
 from .preprocess import preprocess
 from .score import check_params as check_score
 from .score import score
-from .tracking import Tracker, flatten, redact
+from .tracking import Tracker, flatten, redact, redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,14 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = cfg.get("progress")
-    _atomic_write_text(yaml.safe_dump(_redacted(cfg), sort_keys=False), run_dir / "config.yaml")
+    safe_cfg = redact_tree(cfg)  # credentials never reach the run dir or MLflow
+    _atomic_write_text(yaml.safe_dump(safe_cfg, sort_keys=False), run_dir / "config.yaml")
     _atomic_write_text("\n".join(redact(o) for o in (overrides or [])) + "\n", run_dir / "overrides.txt")
 
     tracker = Tracker.from_config(cfg["tracking"])
     tags = {"tardis_exp.version": __version__, "git_commit": _git_commit(), "data.name": cfg["data"].get("name")}
     with tracker.run(tags=tags, local_dir=run_dir) as parent:
-        parent.log_params(flatten(_redacted(cfg)))
+        parent.log_params(flatten(safe_cfg))
         parent.log_artifact(run_dir / "config.yaml")
         parent.log_artifact(run_dir / "overrides.txt")
 
@@ -186,7 +187,7 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
         parent.log_metrics(metrics)
         _write_outputs(adata, run_dir, cfg, parent)
     metrics["mlflow_run_id"] = parent.run_id
-    _atomic_write_text(yaml.safe_dump({k: v for k, v in metrics.items()}, sort_keys=False),
+    _atomic_write_text(yaml.safe_dump(metrics, sort_keys=False),
                        run_dir / "metrics.yaml")
     return metrics
 
@@ -209,11 +210,3 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
         plot_dir = run_dir / "plots"
         make_plots(adata, plot_dir)
         parent.log_artifact(plot_dir, "plots")
-
-
-def _redacted(cfg):
-    if isinstance(cfg, Mapping):
-        return {k: _redacted(v) for k, v in cfg.items()}
-    if isinstance(cfg, list):
-        return [_redacted(v) for v in cfg]
-    return redact(cfg)

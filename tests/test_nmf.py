@@ -67,7 +67,8 @@ def test_per_factorization_convergence_and_recovery():
     base = np.linalg.norm(X)
     assert all(r.error < 0.2 * base for r in res)
     assert res[2].error < res[0].error  # more components fit at least as well
-    assert len({r.n_iter for r in res}) >= 1 and all(r.W.min() >= 0 and r.H.min() >= 0 for r in res)
+    assert all(r.n_iter < 2000 for r in res)  # each stopped on its own rule, not at max_iter
+    assert all(r.W.min() >= 0 and r.H.min() >= 0 for r in res)
 
 
 def test_estimator_api_and_seeds():
