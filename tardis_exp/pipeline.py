@@ -157,6 +157,9 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
                                      compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
             st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
 
+        # the store opened on its own thread while the data loaded; a store that cannot be
+        # used must fail the run here, before the factorization, not after it
+        tracker.wait_ready()
         with tracker.stage("factorize", cfg["factorize"]) as st:
             cache.factorize(adata, cfg, stage_run=st,
                             compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))

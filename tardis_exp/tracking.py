@@ -4,11 +4,18 @@ Everything goes through an explicit :class:`mlflow.MlflowClient` bound to the co
 tracking URI -- no global fluent state -- so several pipelines (sweep trials) can run in
 one process and never log into each other's runs.
 
+Store calls run on one background thread, in the order they were made: importing MLflow
+and opening the store (about 2 s of CPU for an SQLite store) overlap with loading and
+preprocessing the data, and logging never waits on the store. Runs keep the times at
+which the pipeline started and ended them, not the times the thread got to them.
+
 Failure policy
 --------------
-* Before any compute (:meth:`Tracker.connect`, creating the parent run) a store that
-  cannot be used raises :class:`~tardis_exp.errors.TrackingError` within about
-  ``tracking.connect_timeout_s``.
+* A tracking server that does not answer ``/health`` raises
+  :class:`~tardis_exp.errors.TrackingError` before the data is read (within about
+  ``tracking.connect_timeout_s``); any other store that cannot be used (a corrupt
+  database, a deleted experiment) raises it at :meth:`Tracker.wait_ready`, which the
+  pipeline calls before the factorization: never after heavy compute.
 * Once the parent run exists, a logging call that fails (the server went away, the
   disk is full) never stops the computation: it is logged as a warning, counted, written
   to ``tracking_errors.log`` in the run directory and, when the store still answers,
@@ -27,9 +34,11 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import traceback
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -89,6 +98,10 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
@@ -143,23 +156,32 @@ def _http_settings(timeout_s: float, max_retries: int) -> None:
 class StageRun:
     """Handle on one MLflow run (a stage or the parent); every call is safe to make.
 
-    ``run_id`` is ``None`` when tracking is disabled or the run could not be created:
-    the calls then do nothing (the latter already warned). Metrics are buffered and sent
-    in one batch when the run ends (or fails, or :meth:`flush` is called): each store
-    call costs tens of milliseconds, a batch costs one.
+    Calls are queued for the tracker's store thread and return at once. Metrics are
+    buffered and sent in one batch when the run ends (or fails, or :meth:`flush` is
+    called): each store call costs milliseconds, a batch costs one. :attr:`run_id` waits
+    for the store; it is ``None`` when tracking is disabled or the run could not be
+    created (which was warned about).
     """
 
-    def __init__(self, tracker: "Tracker", run_id: str | None):
+    def __init__(self, tracker: "Tracker", active: bool):
         self.tracker = tracker
-        self.run_id = run_id
+        self.active = active  # False: tracking disabled, every call is a no-op
+        self._id: str | None = None  # set on the store thread once the run exists
         self.metrics: dict[str, float] = {}
         self._pending: list[tuple[str, float, int]] = []
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (waits for the queued store calls)."""
+        if self.active:
+            self.tracker.drain()
+        return self._id
 
     def flush(self) -> None:
         """Send the buffered metrics now."""
         pending, self._pending = self._pending, []
         if pending:
-            self.tracker._metric_batch(self.run_id, pending)
+            self.tracker._metric_batch(self, pending)
 
     def log_metric(self, key: str, value, step: int | None = None) -> None:
         if value is None:
@@ -167,7 +189,7 @@ class StageRun:
         value = float(value)
         if step is None:
             self.metrics[key] = value
-        if self.run_id is not None:
+        if self.active:
             self._pending.append((key, value, int(step or 0)))
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
@@ -179,7 +201,7 @@ class StageRun:
             except (TypeError, ValueError):  # a label, not a number: a caller's slip, not a reason to fail
                 log.warning("metric %s=%r is not a number; not logged", k, v)
         self.metrics.update(vals)
-        if self.run_id is not None:
+        if self.active:
             self._pending.extend((k, v, 0) for k, v in vals.items())
 
     def log_steps(self, key: str, values: Iterable, steps: Iterable[int] | None = None) -> None:
@@ -188,20 +210,20 @@ class StageRun:
         steps = [int(s) for s in steps] if steps is not None else list(range(len(values)))
         if len(steps) != len(values):
             raise ValueError(f"metric {key}: {len(values)} values but {len(steps)} steps")
-        if self.run_id is not None:
+        if self.active:
             self._pending.extend((key, v, s) for v, s in zip(values, steps))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self.tracker._params(self.run_id, flatten(params))
+        self.tracker._params(self, flatten(params))
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
-        self.tracker._artifact(self.run_id, path, artifact_path)
+        self.tracker._artifact(self, path, artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
-        self.tracker._text(self.run_id, text, name)
+        self.tracker._text(self, text, name)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.tracker._tags(self.run_id, tags)
+        self.tracker._tags(self, tags)
 
 
 class Tracker:
@@ -248,6 +270,8 @@ class Tracker:
         self.failures: list[str] = []
         self._consecutive = 0
         self._gave_up = False
+        self._pool: ThreadPoolExecutor | None = None  # the store thread of the current run
+        self._ready: Future | None = None  # connect + create the parent run
 
     @classmethod
     def from_config(cls, cfg) -> "Tracker":
@@ -259,16 +283,31 @@ class Tracker:
                    http_max_retries=t.get("http_max_retries", 2))
 
     # -- connection -------------------------------------------------------------
-    def connect(self) -> None:
-        """Open the store and the experiment; raise :class:`TrackingError` early."""
+    def precheck(self) -> None:
+        """The checks that cost milliseconds: a server answers, a local store's folder exists."""
         if not self.enabled:
             return
         check_reachable(self.uri, self.timeout)
         _http_settings(self.http_timeout, self.http_max_retries)
+        if self.uri.startswith("sqlite:///"):
+            folder = Path(self.uri[len("sqlite:///"):]).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TrackingError(f"tracking.uri={redact(self.uri)}: cannot create {folder}: {e.strerror}") from None
+            if not os.access(folder, os.W_OK):
+                raise TrackingError(f"tracking.uri={redact(self.uri)}: {folder} is not writable")
+
+    def connect(self) -> None:
+        """Open the store and the experiment (synchronously); raise :class:`TrackingError`."""
+        if not self.enabled:
+            return
+        self.precheck()
+        self._open_store()
+
+    def _open_store(self) -> None:
         import mlflow
 
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.client = mlflow.MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(self.experiment)
@@ -325,78 +364,128 @@ class Tracker:
         if not self.failures:
             return
         log.warning("%d MLflow logging call(s) failed or were skipped for run %s; the MLflow record is "
-                    "incomplete, the run directory is not", len(self.failures), self.parent and self.parent.run_id)
+                    "incomplete, the run directory is not", len(self.failures), self.parent and self.parent._id)
         if self.local_dir is not None:
             try:
                 with open(self.local_dir / "tracking_errors.log", "a") as f:
                     f.write("\n".join(self.failures) + "\n")
             except OSError as e:
                 log.warning("could not write tracking_errors.log: %s", e)
-        if self.parent is not None and self.parent.run_id is not None and not self._gave_up:
-            n = len(self.failures)
+        if self.parent is not None and self.parent._id is not None and not self._gave_up:
+            n, rid = len(self.failures), self.parent._id
             self._safe("tag tracking failures", lambda: self.client.set_tag(
-                self.parent.run_id, "tardis_exp.tracking_failures", str(n)))
+                rid, "tardis_exp.tracking_failures", str(n)))
+
+    # -- the store thread --------------------------------------------------------
+    def _submit(self, st: StageRun | None, what: str, fn: Callable[[str], Any], *, always: bool = False) -> None:
+        """Queue ``fn(run_id)`` for the store thread; skipped when ``st`` has no run."""
+        if not self.enabled or self._pool is None or (st is not None and not st.active):
+            return
+
+        def task():
+            rid = st._id if st is not None else None
+            if st is not None and rid is None:
+                return  # the run was never created (store unusable): already recorded
+            self._safe(what, lambda: fn(rid), always=always)
+
+        self._pool.submit(task)
+
+    def drain(self) -> None:
+        """Wait until every queued store call has run."""
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()
+
+    def wait_ready(self) -> None:
+        """Wait for the store and the parent run; raise :class:`TrackingError` if unusable.
+
+        The pipeline calls this before heavy compute, so a bad store costs the time to
+        load and preprocess the data, never a factorization.
+        """
+        if self._ready is not None:
+            self._ready.result()  # re-raises the TrackingError from the store thread
 
     # -- runs -------------------------------------------------------------------
-    def _create(self, name: str, parent: str | None, tags: Mapping | None = None) -> str:
+    def _create(self, name: str, parent: str | None, tags: Mapping | None = None,
+                start_ms: int | None = None) -> str:
         all_tags = {k: str(redact(v))[:5000] for k, v in (tags or {}).items() if v is not None}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self.client.create_run(self.experiment_id, start_time=start_ms, run_name=name, tags=all_tags)
         return run.info.run_id
 
-    def _end(self, run_id: str | None, status: str) -> None:
-        if run_id is None:
-            return
-        self._safe(f"mark run {run_id} {status}", lambda: self.client.set_terminated(run_id, status=status),
-                   always=True)
+    def _end(self, st: StageRun, status: str) -> None:
+        end_ms = _now_ms()
+        self._submit(st, f"mark run {status}",
+                     lambda rid: self.client.set_terminated(rid, status=status, end_time=end_ms), always=True)
 
     @contextmanager
     def run(self, tags: Mapping | None = None, local_dir: str | os.PathLike | None = None):
         """The parent run of a pipeline run; FAILED with the traceback on error.
 
-        Connecting and creating the parent raise :class:`TrackingError`; everything after
-        that is best-effort (see the module docstring). ``local_dir`` (the run directory)
-        receives ``traceback.txt`` and ``tracking_errors.log`` when there is something to say.
+        The fast checks (:meth:`precheck`) raise :class:`TrackingError` here; opening the
+        store and creating the parent run happen on the store thread and raise at
+        :meth:`wait_ready` (or when the block ends). Everything after that is best-effort
+        (see the module docstring). ``local_dir`` (the run directory) receives
+        ``traceback.txt`` and ``tracking_errors.log`` when there is something to say.
         """
         self.local_dir = Path(local_dir) if local_dir is not None else None
         self.failures, self._consecutive, self._gave_up = [], 0, False
-        self.connect()
-        rid = None
+        self.precheck()
+        self.parent = StageRun(self, self.enabled)
         if self.enabled:
-            tags = {**self.tags, **(tags or {})}
-            if "optuna_trial" in tags:
-                tags.setdefault("optuna.trial_number", tags["optuna_trial"])
-            tags.setdefault("mlflow.source.type", "LOCAL")
-            tags.setdefault("mlflow.source.name", "tardis-exp")
-            if tags.get("git_commit") not in (None, "unknown"):
-                tags.setdefault("mlflow.source.git.commit", tags["git_commit"])
-            try:
-                tags.setdefault("mlflow.user", getpass.getuser())
-            except Exception:  # noqa: BLE001 -- no user name in some containers
-                pass
-            try:
-                rid = self._create(self.run_name or "pipeline", self.parent_run_id, tags)
-            except Exception as e:
-                raise TrackingError(f"cannot create a run in tracking.uri={redact(self.uri)} "
-                                    f"(experiment {self.experiment!r}): {type(e).__name__}: {redact(str(e))}") from e
-        self.parent = StageRun(self, rid)
+            tags = self._parent_tags(tags)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tardis-mlflow")
+            self._ready = self._pool.submit(self._open_and_create_parent, tags, _now_ms())
         t0 = time.perf_counter()
         try:
-            yield self.parent
-        except BaseException as e:
+            try:
+                yield self.parent
+            except BaseException as e:
+                self.parent.log_metric("duration_s", time.perf_counter() - t0)
+                self.parent.flush()
+                self._fail(self.parent, e)
+                raise
             self.parent.log_metric("duration_s", time.perf_counter() - t0)
             self.parent.flush()
-            self._fail(rid, e)
-            self._record_failures()
-            raise
-        else:
-            self.parent.log_metric("duration_s", time.perf_counter() - t0)
-            self.parent.flush()
-            self._record_failures()
-            self._end(rid, "FINISHED")
-            if rid is not None:
-                log.info("MLflow run %s in experiment %r at %s", rid, self.experiment, self.run_url(rid))
+            self._end(self.parent, "FINISHED")
+            self.wait_ready()  # a store that never opened fails the run rather than pass silently
+        finally:
+            self._close()
+        if self.parent._id is not None:
+            log.info("MLflow run %s in experiment %r at %s", self.parent._id, self.experiment,
+                     self.run_url(self.parent._id))
+
+    def _parent_tags(self, tags: Mapping | None) -> dict:
+        tags = {**self.tags, **(tags or {})}
+        if "optuna_trial" in tags:
+            tags.setdefault("optuna.trial_number", tags["optuna_trial"])
+        tags.setdefault("mlflow.source.type", "LOCAL")
+        tags.setdefault("mlflow.source.name", "tardis-exp")
+        if tags.get("git_commit") not in (None, "unknown"):
+            tags.setdefault("mlflow.source.git.commit", tags["git_commit"])
+        try:
+            tags.setdefault("mlflow.user", getpass.getuser())
+        except Exception:  # noqa: BLE001 -- no user name in some containers
+            pass
+        return tags
+
+    def _open_and_create_parent(self, tags: Mapping, start_ms: int) -> None:
+        """On the store thread: import MLflow, open the store, create the parent run."""
+        self._open_store()
+        try:
+            self.parent._id = self._create(self.run_name or "pipeline", self.parent_run_id, tags, start_ms)
+        except Exception as e:
+            raise TrackingError(f"cannot create a run in tracking.uri={redact(self.uri)} "
+                                f"(experiment {self.experiment!r}): {type(e).__name__}: {redact(str(e))}") from e
+
+    def _close(self) -> None:
+        """Let the queued calls finish, then say what did not reach the store."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._ready is not None and self._ready.exception() is not None:
+            self.failures.append(f"open store: {self._ready.exception()}")
+        self._record_failures()
 
     def run_url(self, run_id: str) -> str:
         """Where to see a run: its UI page on a server, else the ``mlflow ui`` command for the store."""
@@ -411,11 +500,17 @@ class Tracker:
         A child that cannot be created (store gone) leaves the stage untracked, with a
         warning; the stage itself always runs.
         """
-        rid = None
-        if self.enabled and self.client is not None:
-            parent = self.parent.run_id if self.parent else None
-            rid = self._safe(f"create stage run {name}", lambda: self._create(name, parent, {"stage": name}))
-        st = StageRun(self, rid)
+        st = StageRun(self, self.enabled and self._pool is not None)
+        if st.active:
+            start_ms, parent = _now_ms(), self.parent
+
+            def create():
+                if parent is None or parent._id is None:
+                    return  # no parent run: the store never opened (recorded there)
+                st._id = self._safe(f"create stage run {name}",
+                                    lambda: self._create(name, parent._id, {"stage": name}, start_ms))
+
+            self._pool.submit(create)
         if params:
             st.log_params(params)
         t0 = time.perf_counter()
@@ -424,14 +519,14 @@ class Tracker:
         except BaseException as e:
             st.log_metric("duration_s", time.perf_counter() - t0)
             st.flush()
-            self._fail(rid, e)
+            self._fail(st, e)
             raise
         else:
             st.log_metric("duration_s", time.perf_counter() - t0)
             st.flush()
-            self._end(rid, "FINISHED")
+            self._end(st, "FINISHED")
 
-    def _fail(self, run_id, exc: BaseException) -> None:
+    def _fail(self, st: StageRun, exc: BaseException) -> None:
         """Traceback as an artifact (and in the run directory), error tag, FAILED/KILLED."""
         tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         if self.local_dir is not None:
@@ -439,60 +534,60 @@ class Tracker:
                 (self.local_dir / "traceback.txt").write_text(tb)
             except OSError:
                 pass
-        if run_id is None:
-            return
-        self._safe("log traceback.txt", lambda: self.client.log_text(run_id, tb, "traceback.txt"))
-        self._tags(run_id, {"error": f"{type(exc).__name__}: {exc}"})
-        self._end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        self._text(st, tb, "traceback.txt")
+        self._tags(st, {"error": f"{type(exc).__name__}: {exc}"})
+        self._end(st, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
 
-    # -- logging primitives --------------------------------------------------------
-    def _metric(self, run_id, key, value, step=None) -> None:
-        self._metric_batch(run_id, [(key, value, step or 0)])
-
-    def _metric_batch(self, run_id, items) -> None:
+    # -- logging primitives (queued for the store thread) --------------------------
+    def _metric_batch(self, st: StageRun, items) -> None:
         """Finite values only (MLflow stores NaN, but the UI cannot compare it); 1000 per batch."""
-        if run_id is None:
-            return
-        from mlflow.entities import Metric
+        ts = _now_ms()  # when the pipeline logged it, not when the thread sent it
+        items = [(k, float(v), int(s)) for k, v, s in items if math.isfinite(float(v))]
 
-        ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, int(s)) for k, v, s in items if math.isfinite(float(v))]
-        for i in range(0, len(ms), 1000):
-            chunk = ms[i: i + 1000]
-            self._safe(f"log metrics {sorted({m.key for m in chunk})}",
-                       lambda: self.client.log_batch(run_id, metrics=chunk))
+        def send(rid):
+            from mlflow.entities import Metric
 
-    def _params(self, run_id, params) -> None:
-        if run_id is None:
-            return
-        from mlflow.entities import Param
+            ms = [Metric(k, v, ts, s) for k, v, s in items]
+            for i in range(0, len(ms), 1000):
+                chunk = ms[i: i + 1000]
+                self._safe(f"log metrics {sorted({m.key for m in chunk})}",
+                           lambda: self.client.log_batch(rid, metrics=chunk))
 
-        ps = [Param(k, v) for k, v in safe_params(params).items()]
-        for i in range(0, len(ps), 100):
-            chunk = ps[i: i + 100]
-            self._safe(f"log {len(chunk)} params", lambda: self.client.log_batch(run_id, params=chunk))
+        self._submit(st, "log metrics", send)
 
-    def _tags(self, run_id, tags) -> None:
-        if run_id is None:
-            return
-        from mlflow.entities import RunTag
+    def _params(self, st: StageRun, params) -> None:
+        items = list(safe_params(params).items())
 
-        ts = [RunTag(k, str(redact(v))[:5000]) for k, v in tags.items() if v is not None]
-        self._safe(f"set tags {sorted(tags)}", lambda: self.client.log_batch(run_id, tags=ts))
+        def send(rid):
+            from mlflow.entities import Param
 
-    def _artifact(self, run_id, path, artifact_path=None) -> None:
-        if run_id is None:
-            return
+            ps = [Param(k, v) for k, v in items]
+            for i in range(0, len(ps), 100):
+                chunk = ps[i: i + 100]
+                self._safe(f"log {len(chunk)} params", lambda: self.client.log_batch(rid, params=chunk))
+
+        self._submit(st, "log params", send)
+
+    def _tags(self, st: StageRun, tags) -> None:
+        items = [(k, str(redact(v))[:5000]) for k, v in tags.items() if v is not None]
+
+        def send(rid):
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(rid, tags=[RunTag(k, v) for k, v in items])
+
+        self._submit(st, f"set tags {sorted(tags)}", send)
+
+    def _artifact(self, st: StageRun, path, artifact_path=None) -> None:
         p = Path(path)
         if p.is_dir():
-            self._safe(f"log artifacts {p.name}/", lambda: self.client.log_artifacts(run_id, str(p), artifact_path))
+            self._submit(st, f"log artifacts {p.name}/",
+                         lambda rid: self.client.log_artifacts(rid, str(p), artifact_path))
         else:
-            self._safe(f"log artifact {p.name}", lambda: self.client.log_artifact(run_id, str(p), artifact_path))
+            self._submit(st, f"log artifact {p.name}", lambda rid: self.client.log_artifact(rid, str(p), artifact_path))
 
-    def _text(self, run_id, text, name) -> None:
-        if run_id is None:
-            return
-        self._safe(f"log {name}", lambda: self.client.log_text(run_id, text, name))
+    def _text(self, st: StageRun, text, name) -> None:
+        self._submit(st, f"log {name}", lambda rid: self.client.log_text(rid, text, name))
 
     def log_input(self, adata, name: str, digest: str, source: str) -> None:
         """Record the input with ``mlflow.data`` so runs on the same data group together.
@@ -500,10 +595,11 @@ class Tracker:
         The dataset carries name, digest, source and a profile with the shape; the
         matrix itself is not uploaded.
         """
-        if not self.enabled or self.parent is None or self.parent.run_id is None:
+        if self.parent is None:
             return
+        profile = json.dumps({"n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)})
 
-        def _log():
+        def _log(rid):
             from mlflow.data.code_dataset_source import CodeDatasetSource
             from mlflow.data.dataset_source_registry import resolve_dataset_source
             from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -520,8 +616,8 @@ class Tracker:
             if src is None:  # generated in process (data=synthetic) or not a file MLflow knows
                 src = CodeDatasetSource({"mlflow.source.name": f"tardis_exp.data:{src_text}"})
             ent = Dataset(name=name, digest=digest, source_type=src._get_source_type(), source=src.to_json(),
-                          profile=json.dumps({"n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)}))
-            self.client.log_inputs(self.parent.run_id,
+                          profile=profile)
+            self.client.log_inputs(rid,
                                    datasets=[DatasetInput(ent, tags=[InputTag("mlflow.data.context", "input")])])
 
-        self._safe("log input dataset", _log)
+        self._submit(self.parent, "log input dataset", _log)

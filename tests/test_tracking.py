@@ -213,6 +213,18 @@ def check_run(client: MlflowClient, parent_id: str, cfg: dict, dl: Path) -> dict
     for stage in STAGES:
         assert children[stage].data.metrics["duration_s"] > 0
 
+    # run times are the pipeline's, not the store thread's (which opens the store while
+    # the data loads): stages nest in the parent, follow each other, and last as long
+    # as the pipeline measured them
+    info = {s: children[s].info for s in STAGES}
+    assert parent.info.start_time <= info["preprocess"].start_time
+    for a, b in zip(STAGES, STAGES[1:]):
+        assert info[a].end_time <= info[b].start_time, (a, b)
+    assert info["score"].end_time <= parent.info.end_time
+    for stage in STAGES:
+        wall = (info[stage].end_time - info[stage].start_time) / 1000
+        assert wall == pytest.approx(children[stage].data.metrics["duration_s"], abs=0.05), stage
+
     pm = parent.data.metrics
     assert pm["best_k"] == c["best_k"]
     assert pm["reconstruction_error"] == pytest.approx(float(np.min(nmf["errors"])), rel=1e-12)
@@ -372,6 +384,20 @@ def test_unreachable_server_fails_before_compute(tmp_path):
         run(cfg, run_dir, overrides=ov)
     assert time.perf_counter() - t0 < 15
     assert not (run_dir / "result.h5ad").exists() and not (run_dir / "programs.tsv").exists()
+
+
+def test_unusable_store_fails_before_the_factorization(tmp_path, caplog):
+    """A store that fails to open on the store thread stops the run before the heavy compute."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"this is not an SQLite database" * 100)
+    cfg, run_dir, ov = make_cfg(tmp_path, "corrupt", f"tracking.uri=sqlite:///{db}")
+    with caplog.at_level("INFO"), pytest.raises(TrackingError, match=r"cannot use tracking.uri=sqlite:///"):
+        run(cfg, run_dir, overrides=ov)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "preprocess:" in logged and "factorize:" not in logged  # stopped between the two
+    assert not (run_dir / "result.h5ad").exists()
+    assert "open store" in (run_dir / "tracking_errors.log").read_text()
 
 
 def test_store_lost_mid_run_keeps_local_result(servers, tmp_path, caplog):
