@@ -11,7 +11,13 @@ tardis_exp pipeline
     ``tardis_exp.pipeline.run`` with the default config (tracking off).
 tardis_exp grid
     The cNMF grid -- 20 replicates x k = 4..10, 140 factorizations -- in ONE
-    :func:`tardis_exp.nmf.fit_batch`, then cNMF's K rule (below).
+    :func:`tardis_exp.nmf.fit_batch`, then cNMF's K rule (below), on the pipeline's
+    default input (log-normalized HVGs).
+tardis_exp grid, cNMF's input
+    The same on the matrix cNMF factorizes: the counts of the same HVGs, each gene
+    scaled to unit variance without centering (``preprocess(normalize='none',
+    scale=True)``; ``experiment=cnmf_input`` in the pipeline). Same input, same grid:
+    the like-for-like solver comparison.
 sklearn MU / CD
     ``sklearn.decomposition.NMF`` (float32, dense X, init='random', same tol/max_iter),
     one replicate per k = 4..10 (7 fits), time extrapolated x20 to the grid.
@@ -57,7 +63,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GRID_KS = list(range(4, 11))
 GRID_REPS = 20
-TOOLS = ("tardis_pipeline", "tardis_grid", "sklearn_mu", "sklearn_cd", "seed", "cnmf")
+TOOLS = ("tardis_pipeline", "tardis_grid", "tardis_grid_cnmf", "sklearn_mu", "sklearn_cd", "seed", "cnmf")
 # the seed imports consensusclustering inside nmf_consensus without declaring it
 ENV_PINS = {"cnmf": ["cnmf==1.7.1"], "seed": ["tardis-spac", "consensusclustering"]}
 
@@ -99,7 +105,7 @@ def prepare_data(workdir: Path) -> None:
     from tardis_exp.preprocess import preprocess
     from tardis_exp.synthetic import make_synthetic
 
-    if (workdir / "hvg.h5ad").exists():
+    if (workdir / "hvg.h5ad").exists() and (workdir / "hvg_cnmf.h5ad").exists():
         return
     workdir.mkdir(parents=True, exist_ok=True)
     raw = make_synthetic()
@@ -109,6 +115,10 @@ def prepare_data(workdir: Path) -> None:
     ad.AnnData(lognorm.X, obs=lognorm.obs[[]], var=lognorm.var[[]]).write_h5ad(workdir / "lognorm.h5ad")
     hvg = preprocess(raw)
     ad.AnnData(hvg.X, obs=hvg.obs[[]], var=hvg.var[[]]).write_h5ad(workdir / "hvg.h5ad")
+    # cNMF's input: counts of the same genes, unit variance per gene, no centering
+    vs = preprocess(counts[:, hvg.var_names].copy(), normalize="none", scale=True, n_top_genes=None,
+                    min_cells=0, min_counts=0)
+    ad.AnnData(vs.X, obs=vs.obs[[]], var=vs.var[[]]).write_h5ad(workdir / "hvg_cnmf.h5ad")
     (workdir / "genes.txt").write_text("\n".join(hvg.var_names) + "\n")
     np.savez(workdir / "truth.npz", genes=np.asarray(raw.var_names, dtype=str),
              true_program=np.asarray(raw.var["true_program"], dtype=str),
@@ -138,14 +148,14 @@ def _pick_k(stab: dict, tol=0.02) -> int:
     return max(k for k, v in stab.items() if v >= best - tol)
 
 
-def worker_tardis_grid(workdir: Path) -> None:
+def worker_tardis_grid(workdir: Path, name: str = "tardis_grid", matrix: str = "hvg.h5ad") -> None:
     import anndata as ad
     import numpy as np
     import scipy.sparse as sp
 
     from tardis_exp import nmf
 
-    X = nmf.prepare_matrix(ad.read_h5ad(workdir / "hvg.h5ad").X)
+    X = nmf.prepare_matrix(ad.read_h5ad(workdir / matrix).X)
     n, m = X.shape
     nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
     log = []
@@ -191,14 +201,15 @@ def worker_tardis_grid(workdir: Path) -> None:
     executed = sum(2.0 * (n * m if meth in ("dense-chunks", "dense") else nnz) * K for K, _, meth in log)
     t_prod = sum(s for _, s, _ in log)
     methods = sorted({meth for _, _, meth in log})
-    _save(workdir, "tardis_grid", {
+    _save(workdir, name, {
         "seconds": t_all, "factorize_seconds": t_fit, "best_k": best, "stability": stab,
         "n_fits": len(fits), "iters": [f.n_iter for f in fits], "density": nnz / (n * m),
         "sgemm_peak_gflops": peak, "products_seconds": t_prod, "products_useful_gflops": useful / t_prod / 1e9,
         "products_executed_gflops": executed / t_prod / 1e9, "solver_useful_gflops": useful / t_fit / 1e9,
+        "solver_executed_gflops": executed / t_fit / 1e9,
         "n_products": len(log), "product_methods": methods,
     }, spectra=cons[best], spectra6=cons[6], labels=W.argmax(1), genes=np.asarray(
-        ad.read_h5ad(workdir / "hvg.h5ad").var_names, dtype=str))
+        ad.read_h5ad(workdir / matrix).var_names, dtype=str))
 
 
 def _timed(f) -> float:
@@ -317,6 +328,7 @@ def worker_cnmf(workdir: Path) -> None:
 
 
 WORKERS = {"tardis_pipeline": worker_tardis_pipeline, "tardis_grid": worker_tardis_grid,
+           "tardis_grid_cnmf": lambda w: worker_tardis_grid(w, "tardis_grid_cnmf", "hvg_cnmf.h5ad"),
            "sklearn_mu": lambda w: _worker_sklearn(w, "mu"), "sklearn_cd": lambda w: _worker_sklearn(w, "cd"),
            "seed": worker_seed, "cnmf": worker_cnmf}
 
@@ -392,13 +404,16 @@ def make_table(workdir: Path, res: dict) -> str:
 
     truth = np.load(workdir / "truth.npz")
     q = {name: quality(workdir, name, truth) for name in res}
-    grid = res.get("tardis_grid", {})
-    t_grid = grid.get("seconds")
+    # each tool against the tardis_exp row that ran on the same input
+    ref = {"sklearn_mu": "tardis_grid", "sklearn_cd": "tardis_grid", "cnmf": "tardis_grid_cnmf",
+           "seed": "tardis_pipeline"}
     rows = []
     labels = {"tardis_pipeline": "tardis_exp, full default pipeline (10 replicates of k=10, consensus, score)",
-              "tardis_grid": "tardis_exp, cNMF grid (140 fits in one batch) + K selection + consensus",
-              "sklearn_mu": "scikit-learn NMF MU float32, cNMF grid (extrapolated)",
-              "sklearn_cd": "scikit-learn NMF CD float32, cNMF grid (extrapolated)",
+              "tardis_grid": "tardis_exp, cNMF grid (140 fits in one batch) + K selection + consensus; "
+                             "log-normalized HVGs",
+              "tardis_grid_cnmf": "tardis_exp, the same on cNMF's input (unit-variance counts of the same HVGs)",
+              "sklearn_mu": "scikit-learn NMF MU float32, cNMF grid (extrapolated); log-normalized HVGs",
+              "sklearn_cd": "scikit-learn NMF CD float32, cNMF grid (extrapolated); log-normalized HVGs",
               "seed": "seed tardis-spac: nmf_consensus(nmf_clustering(n_components=50))",
               "cnmf": "cNMF 1.7.1, cNMF grid (prepare+factorize+combine+k_selection+consensus)"}
     for name in TOOLS:
@@ -407,26 +422,37 @@ def make_table(workdir: Path, res: dict) -> str:
         r, qq = res[name], q[name]
         rec = r.get("program_recovery", qq.get("recovery"))
         ari = r.get("ari", qq.get("ari", qq.get("ari6")))  # sklearn rows: at k=6
-        ratio = (r["seconds"] / t_grid) if (t_grid and name not in ("tardis_grid", "tardis_pipeline")) else None
+        base = res.get(ref.get(name, ""), {}).get("seconds")
+        ratio = r["seconds"] / base if base else None
         rows.append(
             f"| {labels[name]} | {r['seconds']:.1f} | {_fmt(r.get('factorize_seconds'), '.1f')} | "
             f"{r['peak_rss_mb']:.0f} | {_fmt(r.get('best_k'))} | {_fmt(rec)} | {_fmt(qq.get('recovery6'))} | "
             f"{_fmt(ari)} | {_fmt(ratio, '.1f')}{'x' if ratio else ''} |")
     head = ("| tool | wall s | factorize s | peak RSS MB | best K | recovery (best K) | recovery (k=6) | ARI | "
-            "time / tardis_exp grid |\n|---|---|---|---|---|---|---|---|---|")
-    lines = [head, *rows, ""]
-    if grid:
+            "time / tardis_exp on the same input |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head, *rows, "", "Same input: scikit-learn rows against the log-normalized grid row, cNMF against "
+             "the cNMF-input grid row, the seed against the default pipeline."]
+    grid = {}
+    for gname in ("tardis_grid", "tardis_grid_cnmf"):
+        grid = res.get(gname)
+        if not grid:
+            continue
+        peak = grid["sgemm_peak_gflops"]
         lines += [
-            f"Solver on the grid ({grid['n_fits']} fits, X {grid['density']:.1%} non-zero CSR, products: "
-            f"{', '.join(grid['product_methods'])}): fat products {grid['products_useful_gflops']:.1f} GFLOP/s "
-            f"useful (2·nnz·K per product), {grid['products_executed_gflops']:.1f} GFLOP/s executed "
-            f"(2·n·m·K on densified chunks); whole solver {grid['solver_useful_gflops']:.1f} GFLOP/s useful "
-            f"over its wall time; measured sgemm peak {grid['sgemm_peak_gflops']:.1f} GFLOP/s (4096³ float32) -> "
-            f"products at {grid['products_executed_gflops'] / grid['sgemm_peak_gflops']:.0%} of peak executed, "
-            f"{grid['products_useful_gflops'] / grid['sgemm_peak_gflops']:.0%} useful; "
-            f"products {grid['products_seconds']:.1f} s of {grid['factorize_seconds']:.1f} s factorize.",
             "",
-            "Stability (silhouette) per k: tardis_exp " + ", ".join(
+            f"Solver, {gname} ({grid['n_fits']} fits, X {grid['density']:.1%} non-zero CSR, products: "
+            f"{', '.join(grid['product_methods'])}): measured sgemm peak {peak:.1f} GFLOP/s (4096³ float32, "
+            f"same process). Whole solver (factorize wall time): "
+            f"{grid.get('solver_executed_gflops', float('nan')):.1f} GFLOP/s executed = "
+            f"{grid.get('solver_executed_gflops', float('nan')) / peak:.0%} of peak, "
+            f"{grid['solver_useful_gflops']:.1f} GFLOP/s counting stored entries only (2·nnz·K) = "
+            f"{grid['solver_useful_gflops'] / peak:.0%}. Fat products alone: "
+            f"{grid['products_executed_gflops']:.1f} executed ({grid['products_executed_gflops'] / peak:.0%}), "
+            f"{grid['products_useful_gflops']:.1f} useful ({grid['products_useful_gflops'] / peak:.0%}); "
+            f"products {grid['products_seconds']:.1f} s of {grid['factorize_seconds']:.1f} s factorize; "
+            f"mean iterations {sum(grid['iters']) / len(grid['iters']):.0f}.",
+            "",
+            f"Stability (silhouette) per k, {gname}: " + ", ".join(
                 f"{k}: {v:.3f}" for k, v in grid["stability"].items()),
         ]
     if "cnmf" in res:

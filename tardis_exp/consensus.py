@@ -341,7 +341,7 @@ def consensus(
     res.update(spectra=spectra.astype(np.float32), refit_error=float(err), method=method,
                k_selection=k_selection, seconds=time.perf_counter() - t0)
     adata.uns["nmf_consensus"] = res
-    log.info("consensus (%s): K in %s, best K = %d", method, list(res["k_values"]), res["best_k"])
+    log.info("consensus (%s): K in %d..%d, best K = %d", method, min(res["k_values"]), max(res["k_values"]), res["best_k"])
     return adata if copy else None
 
 

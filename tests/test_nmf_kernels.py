@@ -30,7 +30,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["csr", "dense-chunks", "auto"])
+@pytest.mark.parametrize("method", ["csr", "dense-chunks", "dense", "auto"])
 @pytest.mark.parametrize("n,m,density,seed", SHAPES)
 @pytest.mark.parametrize("K", [1, 13, 300])
 def test_products_equal_scipy(method, n, m, density, seed, K):
@@ -88,13 +88,20 @@ def test_dense_chunks_span_several_chunks(monkeypatch):
     np.testing.assert_allclose(P.xtw(W), X.toarray().T @ W, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_method_depends_only_on_density_and_K():
+def test_auto_method_depends_only_on_density_size_and_K(monkeypatch):
     dense_x = _random_csr(100, 80, 0.5, 9)
     sparse_x = _random_csr(100, 80, 0.05, 9)
     P, Q = SparseProducts(dense_x), SparseProducts(sparse_x)
+    # dense enough and small: one dense copy for every product
+    assert P.method == "dense" and P.method_for(1) == "dense" and P.method_for(10_000) == "dense"
+    np.testing.assert_array_equal(P._dense, dense_x.toarray())
+    assert Q.method_for(10_000) == "csr" and Q._dense is None
+    # a dense copy over the size cap: chunks for fat products, the CSR kernel for skinny ones
+    monkeypatch.setattr(_kernels, "DENSE_COPY_MAX_BYTES", 4 * 100 * 80 - 1)
+    P = SparseProducts(dense_x)
+    assert P._dense is None
     assert P.method_for(_kernels.DENSE_CHUNK_MIN_K) == "dense-chunks"
     assert P.method_for(_kernels.DENSE_CHUNK_MIN_K - 1) == "csr"
-    assert Q.method_for(10_000) == "csr"
     with pytest.raises(ValueError, match="unknown sparse product method"):
         SparseProducts(dense_x, "gpu")
 
@@ -109,7 +116,7 @@ def _planted(seed=0):
     return X
 
 
-@pytest.mark.parametrize("method", ["csr", "dense-chunks", "scipy"])
+@pytest.mark.parametrize("method", ["csr", "dense-chunks", "dense", "scipy"])
 def test_fit_batch_csr_equals_dense(method):
     Xd = _planted(1)
     Xs = sp.csr_matrix(Xd)
