@@ -15,12 +15,21 @@ the versions of the libraries the stage calls, and a hash of the stage's source 
 edited solver never serves stale results in a development checkout). ``consensus`` and
 ``score`` are cheap and are not cached.
 
+The input itself is not copied. What the cache remembers about it is its digests and
+shape, under a key of its *source*: the data config plus, for files, the path, size and
+modification time of every file read (for generated data, the generator's code and numpy's
+version). When that memo and the preprocess entry are both present, the raw data is not
+read at all -- a sweep reads its input once, not once per trial. A file rewritten in place
+with the same size and modification time (to the nanosecond) would defeat the memo; any
+ordinary write changes the time.
+
 Layout under ``cache.dir``::
 
     preprocess/<key>/data.h5ad   the preprocessed AnnData (anndata's own format)
     preprocess/<key>/meta.json   sha256 and size of data.h5ad, key inputs, created time
     factorize/<key>/data.npz     the factorize outputs (np.savez; read with allow_pickle=False)
     factorize/<key>/meta.json
+    inputs/<key>.json            digests and shape of an input source (a few hundred bytes)
 
 Safety: only h5ad and npz are written, never pickle; npz entries are read with
 ``allow_pickle=False`` and object arrays are refused on write. An entry is written in a
@@ -250,6 +259,82 @@ def restore_factorize(adata: ad.AnnData, arrays: Mapping[str, np.ndarray]) -> No
 # ------------------------------------------------------------------------ the cache
 
 
+class Input:
+    """The run's input data with its digests; read from its source only when a stage needs it.
+
+    Attributes
+    ----------
+    digest
+        :func:`tardis_exp.data.digest` of the data.
+    input_digest
+        :func:`input_digest` for the run's preprocess config (``None`` until computed).
+    shape
+        ``(n_obs, n_vars)``.
+    from_memo
+        ``True`` when the digests came from the cache and the data has not been read.
+    """
+
+    def __init__(self, digest: str, shape: tuple[int, int], adata: ad.AnnData | None = None,
+                 load: Callable[[], ad.AnnData] | None = None, input_digest: str | None = None):
+        self.digest = digest
+        self.shape = tuple(int(x) for x in shape)
+        self.input_digest = input_digest
+        self._adata = adata
+        self._load = load
+        self.from_memo = adata is None
+
+    @property
+    def adata(self) -> ad.AnnData:
+        """The data (read now if it has not been)."""
+        if self._adata is None:
+            from .data import digest
+
+            a = self._load()
+            if digest(a) != self.digest:  # the source changed under an unchanged size and time
+                raise CacheCorrupt("the input's content no longer matches its cached digest")
+            self._adata = a
+        return self._adata
+
+
+def _stat_files(path: Path) -> list:
+    if path.is_file():
+        st = path.stat()
+        return [[str(path), st.st_size, st.st_mtime_ns]]
+    out = []
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        out.append([str(f.relative_to(path)), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def source_key(data_cfg: Mapping[str, Any], pre_cfg: Mapping[str, Any]) -> str | None:
+    """Key of an input *source* (not its content); ``None`` when it cannot be keyed."""
+    cfg = {k: v for k, v in dict(data_cfg).items() if k != "name"}
+    parts: dict[str, Any] = {"data": cfg, "tardis_exp": __version__, "code": _source_code_digest(),
+                             "numpy": np.__version__, "anndata": ad.__version__,
+                             # what input_digest reads besides X depends on these
+                             "pre": {k: pre_cfg.get(k) for k in ("use_raw", "layer")}}
+    if cfg.get("source") not in ("synthetic", "pbmc68k"):
+        path = cfg.get("path")
+        if not path:
+            return None
+        try:
+            p = Path(str(path)).expanduser().resolve()
+            parts["files"] = [str(p), _stat_files(p)]
+        except OSError:
+            return None
+    return make_key(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_code_digest() -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in ("data.py", "synthetic.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
 class StageCache:
     """Content-keyed, size-bounded store of stage results under one folder.
 
@@ -440,6 +525,37 @@ class StageCache:
             log.info("stage cache: evicted %d entries to stay under %.2f GB", removed, self.max_bytes / 1024**3)
         return removed
 
+    # -- the input ------------------------------------------------------------------------
+    def load_input(self, cfg: Mapping[str, Any], load: Callable[[], ad.AnnData]) -> Input:
+        """The run's input: read and digested, or -- when its source is known -- not read yet.
+
+        ``load()`` reads the data (``tardis_exp.data.load_data``); with the cache disabled
+        or a source seen for the first time it runs now and the digests are remembered.
+        """
+        from .data import digest
+
+        skey = source_key(cfg["data"], cfg["preprocess"]) if self.enabled else None
+        memo_path = self.dir / "inputs" / f"{skey}.json" if skey else None
+        if memo_path is not None and memo_path.is_file():
+            try:
+                m = json.loads(memo_path.read_text())
+                return Input(m["digest"], tuple(m["shape"]), load=load, input_digest=m["input_digest"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("stage cache: ignoring damaged input memo %s (%s)", memo_path, e)
+        a = load()
+        inp = Input(digest(a), a.shape, adata=a)
+        if memo_path is not None:
+            inp.input_digest = input_digest(a, inp.digest, cfg["preprocess"])
+            try:
+                memo_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = memo_path.with_name(f".{memo_path.name}.{uuid.uuid4().hex[:8]}.tmp")
+                tmp.write_text(json.dumps({"digest": inp.digest, "input_digest": inp.input_digest,
+                                           "shape": list(inp.shape)}))
+                os.replace(tmp, memo_path)
+            except OSError as e:
+                log.warning("stage cache: could not store the input memo %s: %s", memo_path, e)
+        return inp
+
     # -- the two cached stages ---------------------------------------------------------------
     def _tag(self, stage_run, stage: str, key: str, status: str, seconds: float) -> None:
         self._record(stage, key, status, seconds)
@@ -447,23 +563,36 @@ class StageCache:
             stage_run.set_tags({"cache": status, "cache.key": key})
             stage_run.log_metric("cache_seconds", seconds)
 
-    def preprocess(self, adata: ad.AnnData, cfg: Mapping[str, Any], data_digest: str,
-                   compute: Callable[[ad.AnnData], ad.AnnData], stage_run=None) -> ad.AnnData:
+    def preprocess(self, data: ad.AnnData | Input, cfg: Mapping[str, Any], data_digest: str | None = None,
+                   compute: Callable[[ad.AnnData], ad.AnnData] = None, stage_run=None) -> ad.AnnData:
         """``compute(adata)`` (the preprocess stage), or its stored result.
 
-        ``cfg`` is the whole resolved pipeline config; ``stage_run`` (a tracking
-        :class:`~tardis_exp.tracking.StageRun`) gets the tags ``cache`` and ``cache.key``.
+        ``data`` is the input AnnData (with its ``data_digest``) or an :class:`Input` from
+        :meth:`load_input`, which a hit never reads. ``cfg`` is the whole resolved pipeline
+        config; ``stage_run`` (a tracking :class:`~tardis_exp.tracking.StageRun`) gets the
+        tags ``cache`` and ``cache.key``.
         """
+        if not isinstance(data, Input):
+            data = Input(data_digest, data.shape, adata=data)
         if not self.enabled:
-            return compute(adata)
+            return compute(data.adata)
         t0 = time.perf_counter()
-        self._input = input_digest(adata, data_digest, cfg["preprocess"])
+        if data.input_digest is None:
+            data.input_digest = input_digest(data.adata, data.digest, cfg["preprocess"])
+        self._input = data.input_digest
         inputs = key_inputs("preprocess", self._input, cfg)
         key = make_key(inputs)
         out = self.get("preprocess", key)
         if out is not None:
             self._tag(stage_run, "preprocess", key, "hit", time.perf_counter() - t0)
             return out
+        try:
+            adata = data.adata
+        except CacheCorrupt as e:
+            from .errors import InputError
+
+            raise InputError(f"data.path: the input changed while its size and modification time did not ({e}); "
+                             f"delete {self.dir / 'inputs'} and run again") from None
         out = compute(adata)
         self.put("preprocess", key, out, inputs)
         self._tag(stage_run, "preprocess", key, "miss", time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from . import __version__
 from .cache import StageCache
 from .consensus import check_params as check_consensus
 from .consensus import consensus
-from .data import check_data, digest, load_data
+from .data import check_data, load_data
 from .errors import ConfigError
 from .factorize import check_params as check_factorize
 from .factorize import factorize
@@ -144,16 +144,19 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
         parent.log_artifact(run_dir / "config.yaml")
         parent.log_artifact(run_dir / "overrides.txt")
 
-        adata = load_data(cfg["data"])
-        data_digest = digest(adata)
-        parent.set_tags({"data.digest": data_digest, "data.shape": f"{adata.n_obs}x{adata.n_vars}"})
-        tracker.log_input(adata, name=str(cfg["data"].get("name")), digest=data_digest,
+        # content-keyed reuse of the input's digests and of preprocess/factorize results
+        # (sweeps); a no-op when disabled. A sweep trial whose preprocessing is cached
+        # never reads the raw data.
+        cache = StageCache.from_config(cfg.get("cache"))
+        data = cache.load_input(cfg, load=lambda: load_data(cfg["data"]))
+        shape = f"{data.shape[0]}x{data.shape[1]}"
+        parent.set_tags({"data.digest": data.digest, "data.shape": shape,
+                         **({"cache.input": "hit"} if data.from_memo else {})})
+        tracker.log_input(data.shape, name=str(cfg["data"].get("name")), digest=data.digest,
                           source=str(cfg["data"].get("path") or cfg["data"]["source"]))
 
-        # content-keyed reuse of preprocess/factorize results (sweeps); a no-op when disabled
-        cache = StageCache.from_config(cfg.get("cache"))
         with tracker.stage("preprocess", cfg["preprocess"]) as st:
-            adata = cache.preprocess(adata, cfg, data_digest, stage_run=st,
+            adata = cache.preprocess(data, cfg, stage_run=st,
                                      compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
             st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
 

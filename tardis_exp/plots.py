@@ -19,7 +19,9 @@ Every figure reads only what the stages wrote into the AnnData:
     scanpy dot plot of each program's top genes by ``obs['nmf_cluster']``.
 
 :func:`make_plots` draws them all; one figure that fails is a logged warning, never a
-failed run.
+failed run. From a shell, for any finished run (sweep trials skip the figures)::
+
+    python -m tardis_exp.plots outputs/multirun/<time>/<trial>/result.h5ad [OUT_DIR]
 """
 
 from __future__ import annotations
@@ -245,3 +247,35 @@ def make_plots(adata, out_dir) -> list[Path]:
         else:
             log.debug("plot %s in %.2fs", name, time.perf_counter() - t0)
     return written
+
+
+def main(argv=None) -> int:
+    """``python -m tardis_exp.plots RESULT.h5ad [OUT_DIR]``: draw a finished run's figures."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m tardis_exp.plots", description=main.__doc__)
+    ap.add_argument("result", type=Path, help="a run's result.h5ad")
+    ap.add_argument("out_dir", type=Path, nargs="?", help="default: plots/ beside the result")
+    a = ap.parse_args(argv)
+    if not a.result.is_file():
+        print(f"error: {a.result} is not a file (a run's result.h5ad)", file=sys.stderr)
+        return 2
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(a.result)
+    except Exception as e:  # noqa: BLE001 -- say which file and why, in one line
+        print(f"error: cannot read {a.result}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if "nmf_consensus" not in adata.uns:
+        print(f"error: {a.result} holds no consensus result (uns['nmf_consensus']); "
+              "is it a tardis-exp result.h5ad?", file=sys.stderr)
+        return 2
+    written = make_plots(adata, a.out_dir or a.result.parent / "plots")
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -589,7 +589,7 @@ class Tracker:
     def _text(self, st: StageRun, text, name) -> None:
         self._submit(st, f"log {name}", lambda rid: self.client.log_text(rid, text, name))
 
-    def log_input(self, adata, name: str, digest: str, source: str) -> None:
+    def log_input(self, shape: tuple[int, int], name: str, digest: str, source: str) -> None:
         """Record the input with ``mlflow.data`` so runs on the same data group together.
 
         The dataset carries name, digest, source and a profile with the shape; the
@@ -597,7 +597,7 @@ class Tracker:
         """
         if self.parent is None:
             return
-        profile = json.dumps({"n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)})
+        profile = json.dumps({"n_obs": int(shape[0]), "n_vars": int(shape[1])})
 
         def _log(rid):
             from mlflow.data.code_dataset_source import CodeDatasetSource

@@ -222,3 +222,84 @@ def test_pipeline_tags_hits_in_mlflow(tmp_path, compose):
             assert (tmp_path / ".cache" / "tardis_exp" / stage / tags[stage]["cache.key"] / "meta.json").is_file()
         assert "cache" not in tags["consensus"] and "cache" not in tags["score"]
     assert all(len(v) == 1 for v in keys.values())  # the hit used the key the miss stored
+
+
+# ----------------------------------------------------------------------------- the input memo
+
+
+def _reads(cfg):
+    """A real loader that counts how often it actually read the data."""
+    from tardis_exp.data import load_data
+
+    calls = []
+
+    def load():
+        calls.append(1)
+        return load_data(cfg["data"])
+    return load, calls
+
+
+def test_input_memo_skips_reading_when_preprocess_is_cached(compose, tmp_path):
+    cfg = compose("data.n_spots=400", "data.n_genes=300", "data.n_programs=3", *SMALL)
+    load, calls = _reads(cfg)
+    first = StageCache(tmp_path / "c", max_size_gb=1)
+    inp = first.load_input(cfg, load)
+    assert not inp.from_memo and len(calls) == 1
+    ref = first.preprocess(inp, cfg, compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
+    assert inp.digest == digest(load())  # ground truth: the digest of the data as read
+    calls.clear()
+
+    second = StageCache(tmp_path / "c", max_size_gb=1)
+    inp2 = second.load_input(cfg, load)
+    assert inp2.from_memo and (inp2.digest, inp2.shape) == (inp.digest, (400, 300))
+    out = second.preprocess(inp2, cfg, compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
+    assert calls == [] and second.hits == 1  # never read: the preprocessed data came from the cache
+    np.testing.assert_array_equal(_dense(out.X), _dense(ref.X))
+
+    # another preprocessing of the same source: now the data must be read (once)
+    cfg2 = compose("data.n_spots=400", "data.n_genes=300", "data.n_programs=3", *SMALL, "preprocess.n_top_genes=100")
+    third = StageCache(tmp_path / "c", max_size_gb=1)
+    out3 = third.preprocess(third.load_input(cfg2, load), cfg2,
+                            compute=lambda a: preprocess(a, **stage_kwargs(cfg2["preprocess"])))
+    assert len(calls) == 1 and out3.n_vars == 100
+
+    # a different generated data set is a different source
+    cfg4 = compose("data.n_spots=400", "data.n_genes=300", "data.n_programs=3", "data.seed=5", *SMALL)
+    load4, calls4 = _reads(cfg4)
+    inp4 = StageCache(tmp_path / "c", max_size_gb=1).load_input(cfg4, load4)
+    assert not inp4.from_memo and inp4.digest != inp.digest and calls4 == [1]
+
+
+def test_input_memo_follows_the_file(compose, tmp_path, synthetic_small):
+    path = tmp_path / "in.h5ad"
+    a = synthetic_small.copy()
+    a.X = a.X.toarray()  # dense: one changed value keeps the file size
+    a.write_h5ad(path)
+    cfg = compose("data=h5ad", f"data.path={path}", *SMALL)
+    load, calls = _reads(cfg)
+    inp = StageCache(tmp_path / "c", max_size_gb=1).load_input(cfg, load)
+    again = StageCache(tmp_path / "c", max_size_gb=1).load_input(cfg, load)
+    assert again.from_memo and again.digest == inp.digest and len(calls) == 1
+
+    # rewritten: new modification time, so the memo is not used
+    b = a.copy()
+    b.X[0, 0] += 1
+    b.write_h5ad(path)
+    changed = StageCache(tmp_path / "c", max_size_gb=1).load_input(cfg, load)
+    assert not changed.from_memo and changed.digest == digest(b) != inp.digest
+
+    # rewritten again with the old size and time forced back: the memo says one thing,
+    # the file another; reading it (a preprocess miss) stops with a clear error
+    st = path.stat()
+    b.X[0, 0] += 1
+    b.write_h5ad(path)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stale = StageCache(tmp_path / "c", max_size_gb=1).load_input(cfg, load)
+    assert stale.from_memo
+    from tardis_exp.errors import InputError
+
+    cfg2 = compose("data=h5ad", f"data.path={path}", *SMALL, "preprocess.n_top_genes=100")
+    with pytest.raises(InputError, match="input changed while its size and modification time did not"):
+        StageCache(tmp_path / "c", max_size_gb=1).preprocess(
+            stale, cfg2, compute=lambda x: preprocess(x, **stage_kwargs(cfg2["preprocess"])))

@@ -460,3 +460,21 @@ def test_plots_survive_missing_inputs(sqlite_runs, caplog):
 
     img = mpimg.imread(out / "program_scores.png")
     assert img.shape[0] > 200 and img.std() > 0.01
+
+
+def test_plots_command_draws_a_finished_run(sqlite_runs, tmp_path, capsys):
+    """``python -m tardis_exp.plots result.h5ad``: what sweep trials skip, drawn afterwards."""
+    from tardis_exp.plots import PLOTS, main
+
+    out = tmp_path / "figs"
+    assert main([str(sqlite_runs["k5"]["run_dir"] / "result.h5ad"), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS)
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(out / "k_selection.png").std() > 0.01
+    # not a result: a one-line error, exit 2
+    plain = tmp_path / "plain.h5ad"
+    ad.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(plain)
+    assert main([str(plain)]) == 2
+    assert "holds no consensus result" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.h5ad")]) == 2
