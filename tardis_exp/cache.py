@@ -1,4 +1,4 @@
-"""Content-keyed stage cache: reuse preprocess and factorize results across runs and sweep trials.
+"""Content-keyed stage cache: reuse preprocess, factorize and consensus results across runs and trials.
 
 A sweep repeats the same preprocessing in every trial and, with integer search spaces,
 often the same factorization rank. Both stages are deterministic functions of the input
@@ -10,10 +10,11 @@ Key (sha256) of a stage = the stage name, the input's content digest
 stages read besides ``X``: the counts layer or ``.raw`` named by ``preprocess.layer`` /
 ``preprocess.use_raw``, ``obs``, ``obsm``, ``varm``), the resolved config of the stage and
 of every stage upstream (``preprocess`` for ``preprocess``; ``preprocess`` + ``factorize``
-for ``factorize``), the content of ``preprocess.exclude_genes_file``, the package version,
-the versions of the libraries the stage calls, and a hash of the stage's source files (an
-edited solver never serves stale results in a development checkout). ``consensus`` and
-``score`` are cheap and are not cached.
+for ``factorize``; all three for ``consensus``), the content of
+``preprocess.exclude_genes_file``, the package version, the versions of the libraries the
+stage calls, and a hash of the stage's source files (an edited solver never serves stale
+results in a development checkout). ``score`` (cheap, and it reads the ground truth) is
+not cached.
 
 The input itself is not copied. What the cache remembers about it is its digests and
 shape, under a key of its *source*: the data config plus, for files, the path, size and
@@ -29,6 +30,8 @@ Layout under ``cache.dir``::
     preprocess/<key>/meta.json   sha256 and size of data.h5ad, key inputs, created time
     factorize/<key>/data.npz     the factorize outputs (np.savez; read with allow_pickle=False)
     factorize/<key>/meta.json
+    consensus/<key>/data.npz     the consensus outputs (same format)
+    consensus/<key>/meta.json
     inputs/<key>.json            digests and shape of an input source (a few hundred bytes)
 
 Safety: only h5ad and npz are written, never pickle; npz entries are read with
@@ -68,16 +71,23 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("preprocess", "factorize")
+STAGES = ("preprocess", "factorize", "consensus")
 # what each stage's result depends on, upstream first
-UPSTREAM = {"preprocess": ("preprocess",), "factorize": ("preprocess", "factorize")}
+UPSTREAM = {"preprocess": ("preprocess",), "factorize": ("preprocess", "factorize"),
+            "consensus": ("preprocess", "factorize", "consensus")}
 # source files whose code decides each stage's result
-_CODE = {"preprocess": ("preprocess.py",), "factorize": ("preprocess.py", "factorize.py", "nmf.py", "_kernels.py")}
-_LIBS = {"preprocess": ("anndata", "scanpy", "numpy"), "factorize": ("anndata", "scanpy", "numpy", "scipy", "sklearn")}
-# factorize writes these; they are what a hit restores
+_FACTORIZE_CODE = ("preprocess.py", "factorize.py", "nmf.py", "_kernels.py")
+_CODE = {"preprocess": ("preprocess.py",), "factorize": _FACTORIZE_CODE,
+         "consensus": (*_FACTORIZE_CODE, "consensus.py", "progress.py")}
+_LIBS = {"preprocess": ("anndata", "scanpy", "numpy"), "factorize": ("anndata", "scanpy", "numpy", "scipy", "sklearn"),
+         "consensus": ("anndata", "scanpy", "numpy", "scipy", "sklearn")}
+# what factorize and consensus write; what a hit restores
 _FACTORIZE_OBSM = ("X_nmf", "X_nmf_replicates")
 _FACTORIZE_UNS = ("X_nmf_components", "nmf")
-_DATA_FILE = {"preprocess": "data.h5ad", "factorize": "data.npz"}
+_CONSENSUS_OBSM = ("X_nmf_consensus",)
+_CONSENSUS_UNS = ("nmf_consensus",)
+_CONSENSUS_OBS = ("nmf_spot_consensus",)  # categorical labels (method=spots)
+_DATA_FILE = {"preprocess": "data.h5ad", "factorize": "data.npz", "consensus": "data.npz"}
 _SEP = "/"
 
 
@@ -236,6 +246,43 @@ def factorize_outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
         if k in adata.uns:
             _flatten_out(f"uns{_SEP}{k}", adata.uns[k], out)
     return out
+
+
+def consensus_outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
+    """What the consensus stage wrote into ``adata``, as flat npz-able arrays."""
+    out: dict[str, np.ndarray] = {}
+    for k in _CONSENSUS_OBSM:
+        if k in adata.obsm:
+            _flatten_out(f"obsm{_SEP}{k}", adata.obsm[k], out)
+    for k in _CONSENSUS_UNS:
+        if k in adata.uns:
+            _flatten_out(f"uns{_SEP}{k}", adata.uns[k], out)
+    for k in _CONSENSUS_OBS:
+        if k in adata.obs:
+            col = adata.obs[k]
+            out[f"obs{_SEP}{k}"] = np.asarray(col.astype(str), dtype=str)
+            out[f"obscat{_SEP}{k}"] = np.asarray(col.cat.categories.astype(str), dtype=str)
+    return out
+
+
+def restore_consensus(adata: ad.AnnData, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write cached consensus outputs into ``adata`` (the inverse of :func:`consensus_outputs`)."""
+    tree = _unflatten(arrays)
+    obsm, uns, obs, cats = (tree.get(k, {}) for k in ("obsm", "uns", "obs", "obscat"))
+    if "X_nmf_consensus" not in obsm or "nmf_consensus" not in uns:
+        raise CacheCorrupt("consensus entry lacks obsm/X_nmf_consensus or uns/nmf_consensus")
+    W = obsm["X_nmf_consensus"]
+    spectra = np.asarray(uns["nmf_consensus"].get("spectra"))
+    if np.ndim(W) != 2 or W.shape[0] != adata.n_obs or spectra.ndim != 2 or spectra.shape[1] != adata.n_vars:
+        raise CacheCorrupt(f"consensus entry: usages {np.shape(W)} / spectra {spectra.shape} do not fit "
+                           f"{adata.n_obs} spots x {adata.n_vars} genes")
+    for k, v in obs.items():
+        if len(v) != adata.n_obs:
+            raise CacheCorrupt(f"consensus entry: obs/{k} has {len(v)} values for {adata.n_obs} spots")
+        adata.obs[k] = pd.Categorical(np.asarray(v, dtype=str), categories=list(cats.get(k, np.unique(v))))
+    adata.obsm["X_nmf_consensus"] = W
+    for k, v in uns.items():
+        adata.uns[k] = v
 
 
 def restore_factorize(adata: ad.AnnData, arrays: Mapping[str, np.ndarray]) -> None:
@@ -604,30 +651,43 @@ class StageCache:
 
         Call after :meth:`preprocess` of the same run (the key chains on its input digest).
         """
+        self._array_stage("factorize", adata, cfg, compute, stage_run, factorize_outputs, restore_factorize)
+
+    def consensus(self, adata: ad.AnnData, cfg: Mapping[str, Any], compute: Callable[[ad.AnnData], Any],
+                  stage_run=None) -> None:
+        """``compute(adata)`` (the consensus stage, in place), or restore its stored outputs.
+
+        The key covers the preprocess, factorize and consensus configs: a sweep that
+        repeats a configuration (a re-run study, another objective over the same trials)
+        reuses the whole consensus, usages refit included.
+        """
+        self._array_stage("consensus", adata, cfg, compute, stage_run, consensus_outputs, restore_consensus)
+
+    def _array_stage(self, stage, adata, cfg, compute, stage_run, outputs, restore) -> None:
         if not self.enabled:
             compute(adata)
             return
         if self._input is None:
-            raise RuntimeError("StageCache.factorize needs StageCache.preprocess to run first (the key chains on it)")
+            raise RuntimeError(f"StageCache.{stage} needs StageCache.preprocess to run first (the key chains on it)")
         t0 = time.perf_counter()
-        inputs = key_inputs("factorize", self._input, cfg)
+        inputs = key_inputs(stage, self._input, cfg)
         key = make_key(inputs)
-        arrays = self.get("factorize", key)
+        arrays = self.get(stage, key)
         if arrays is not None:
             try:
-                restore_factorize(adata, arrays)
+                restore(adata, arrays)
             except CacheCorrupt as e:
-                log.warning("stage cache: ignoring damaged factorize entry %s (%s); recomputing",
-                            self.entry_dir("factorize", key), e)
-                self._remove(self.entry_dir("factorize", key))
+                log.warning("stage cache: ignoring damaged %s entry %s (%s); recomputing",
+                            stage, self.entry_dir(stage, key), e)
+                self._remove(self.entry_dir(stage, key))
             else:
-                self._tag(stage_run, "factorize", key, "hit", time.perf_counter() - t0)
+                self._tag(stage_run, stage, key, "hit", time.perf_counter() - t0)
                 return
         compute(adata)
         try:
-            arrays = factorize_outputs(adata)
+            arrays = outputs(adata)
         except TypeError as e:
-            log.warning("stage cache: factorize outputs not cacheable (%s)", e)
+            log.warning("stage cache: %s outputs not cacheable (%s)", stage, e)
         else:
-            self.put("factorize", key, arrays, inputs)
-        self._tag(stage_run, "factorize", key, "miss", time.perf_counter() - t0)
+            self.put(stage, key, arrays, inputs)
+        self._tag(stage_run, stage, key, "miss", time.perf_counter() - t0)

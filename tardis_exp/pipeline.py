@@ -144,7 +144,7 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
         parent.log_artifact(run_dir / "config.yaml")
         parent.log_artifact(run_dir / "overrides.txt")
 
-        # content-keyed reuse of the input's digests and of preprocess/factorize results
+        # content-keyed reuse of the input's digests and of preprocess/factorize/consensus results
         # (sweeps); a no-op when disabled. A sweep trial whose preprocessing is cached
         # never reads the raw data.
         cache = StageCache.from_config(cfg.get("cache"))
@@ -174,7 +174,8 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
                             "fit_seconds": nmf["fit_seconds"]})
 
         with tracker.stage("consensus", cfg["consensus"]) as st:
-            consensus(adata, progress=progress, **stage_kwargs(cfg["consensus"]))
+            cache.consensus(adata, cfg, stage_run=st,
+                            compute=lambda a: consensus(a, progress=progress, **stage_kwargs(cfg["consensus"])))
             c = adata.uns["nmf_consensus"]
             for key in ("pac", "cophenetic", "delta_area", "area", "mean_cluster_consensus", "silhouette"):
                 st.log_steps(f"consensus.{key}", c[key], steps=[int(k) for k in c["k_values"]])

@@ -204,7 +204,7 @@ def test_pipeline_tags_hits_in_mlflow(tmp_path, compose):
     assert cfg["cache"]["dir"] == str(tmp_path / ".cache" / "tardis_exp")
     m1 = run(cfg, tmp_path / "r1")
     m2 = run(cfg, tmp_path / "r2")
-    assert (m1["cache_hits"], m1["cache_misses"]) == (0, 2) and (m2["cache_hits"], m2["cache_misses"]) == (2, 0)
+    assert (m1["cache_hits"], m1["cache_misses"]) == (0, 3) and (m2["cache_hits"], m2["cache_misses"]) == (3, 0)
     for k in ("best_k", "reconstruction_error", "consensus.silhouette", "refit_error", "program_recovery"):
         assert m1[k] == m2[k], k
 
@@ -212,15 +212,15 @@ def test_pipeline_tags_hits_in_mlflow(tmp_path, compose):
     exp = client.get_experiment_by_name(cfg["tracking"]["experiment"])
     keys = {}
     for rid, status in ((m1["mlflow_run_id"], "miss"), (m2["mlflow_run_id"], "hit")):
-        assert client.get_run(rid).data.metrics["cache_hits"] == (0 if status == "miss" else 2)
+        assert client.get_run(rid).data.metrics["cache_hits"] == (0 if status == "miss" else 3)
         children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{rid}'")
         tags = {c.data.tags["stage"]: c.data.tags for c in children}
         assert set(tags) == {"preprocess", "factorize", "consensus", "score"}
-        for stage in ("preprocess", "factorize"):
+        for stage in ("preprocess", "factorize", "consensus"):
             assert tags[stage]["cache"] == status
             keys.setdefault(stage, set()).add(tags[stage]["cache.key"])
             assert (tmp_path / ".cache" / "tardis_exp" / stage / tags[stage]["cache.key"] / "meta.json").is_file()
-        assert "cache" not in tags["consensus"] and "cache" not in tags["score"]
+        assert "cache" not in tags["score"]
     assert all(len(v) == 1 for v in keys.values())  # the hit used the key the miss stored
 
 
@@ -303,3 +303,56 @@ def test_input_memo_follows_the_file(compose, tmp_path, synthetic_small):
     with pytest.raises(InputError, match="input changed while its size and modification time did not"):
         StageCache(tmp_path / "c", max_size_gb=1).preprocess(
             stale, cfg2, compute=lambda x: preprocess(x, **stage_kwargs(cfg2["preprocess"])))
+
+
+# ----------------------------------------------------------------------------- consensus
+
+
+def _assert_tree_equal(a, b, path="uns"):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(map(str, a)) == set(map(str, b)), path
+        for k in a:
+            if k != "seconds":  # the stage's own timing: the hit keeps the time of the run that computed it
+                _assert_tree_equal(a[k], b[str(k)] if str(k) in b else b[k], f"{path}/{k}")
+    else:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+
+
+@pytest.mark.parametrize("method", ["components", "spots"])
+def test_consensus_hit_restores_what_the_stage_computed(synthetic_small, tmp_path, compose, method):
+    from tardis_exp.consensus import consensus
+
+    cfg = compose(*SMALL, f"consensus.method={method}", "consensus.n_resamples=6", "consensus.min_clusters=2",
+                  "consensus.max_clusters=5", "consensus.spots_max_iter=100")
+
+    def run_stages(cache):
+        out = _stages(cache, synthetic_small, cfg)
+        cache.consensus(out, cfg, compute=lambda a: consensus(a, progress=False, **stage_kwargs(cfg["consensus"])))
+        return out
+
+    miss = run_stages(StageCache(tmp_path / "c", max_size_gb=1))
+    again = StageCache(tmp_path / "c", max_size_gb=1)
+    hit = run_stages(again)
+    assert [e["status"] for e in again.events] == ["hit", "hit", "hit"]
+    # ground truth: the stage computed without any cache
+    direct = _direct(synthetic_small, cfg)
+    consensus(direct, progress=False, **stage_kwargs(cfg["consensus"]))
+    for got in (miss, hit):
+        _assert_tree_equal(direct.uns["nmf_consensus"], got.uns["nmf_consensus"])
+        np.testing.assert_array_equal(direct.obsm["X_nmf_consensus"], got.obsm["X_nmf_consensus"])
+    assert isinstance(hit.uns["nmf_consensus"]["best_k"], int)
+    assert isinstance(hit.uns["nmf_consensus"]["method"], str)
+    if method == "spots":
+        assert hit.obs["nmf_spot_consensus"].dtype == "category"
+        assert list(hit.obs["nmf_spot_consensus"]) == list(direct.obs["nmf_spot_consensus"])
+        assert list(hit.obs["nmf_spot_consensus"].cat.categories) == list(
+            direct.obs["nmf_spot_consensus"].cat.categories)
+    hit.write_h5ad(tmp_path / "hit.h5ad")  # what a hit restores can be written as the result
+
+    # another consensus setting misses; the factorization still hits
+    cfg2 = compose(*SMALL, f"consensus.method={method}", "consensus.n_resamples=7", "consensus.min_clusters=2",
+                   "consensus.max_clusters=5", "consensus.spots_max_iter=100")
+    c3 = StageCache(tmp_path / "c", max_size_gb=1)
+    out = _stages(c3, synthetic_small, cfg2)
+    c3.consensus(out, cfg2, compute=lambda a: consensus(a, progress=False, **stage_kwargs(cfg2["consensus"])))
+    assert [e["status"] for e in c3.events] == ["hit", "hit", "miss"]
