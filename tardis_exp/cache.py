@@ -236,27 +236,23 @@ def _unflatten(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return root
 
 
+def _outputs(adata: ad.AnnData, obsm_keys, uns_keys) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for group, keys, mapping in (("obsm", obsm_keys, adata.obsm), ("uns", uns_keys, adata.uns)):
+        for k in keys:
+            if k in mapping:
+                _flatten_out(f"{group}{_SEP}{k}", mapping[k], out)
+    return out
+
+
 def factorize_outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
     """What the factorize stage wrote into ``adata``, as flat npz-able arrays."""
-    out: dict[str, np.ndarray] = {}
-    for k in _FACTORIZE_OBSM:
-        if k in adata.obsm:
-            _flatten_out(f"obsm{_SEP}{k}", adata.obsm[k], out)
-    for k in _FACTORIZE_UNS:
-        if k in adata.uns:
-            _flatten_out(f"uns{_SEP}{k}", adata.uns[k], out)
-    return out
+    return _outputs(adata, _FACTORIZE_OBSM, _FACTORIZE_UNS)
 
 
 def consensus_outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
     """What the consensus stage wrote into ``adata``, as flat npz-able arrays."""
-    out: dict[str, np.ndarray] = {}
-    for k in _CONSENSUS_OBSM:
-        if k in adata.obsm:
-            _flatten_out(f"obsm{_SEP}{k}", adata.obsm[k], out)
-    for k in _CONSENSUS_UNS:
-        if k in adata.uns:
-            _flatten_out(f"uns{_SEP}{k}", adata.uns[k], out)
+    out = _outputs(adata, _CONSENSUS_OBSM, _CONSENSUS_UNS)
     for k in _CONSENSUS_OBS:
         if k in adata.obs:
             col = adata.obs[k]

@@ -159,6 +159,7 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
             adata = cache.preprocess(data, cfg, stage_run=st,
                                      compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
             st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
+        del data  # the raw counts: free them before the factorization needs the memory
 
         # the store opened on its own thread while the data loaded; a store that cannot be
         # used must fail the run here, before the factorization, not after it
