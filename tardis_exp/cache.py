@@ -354,7 +354,7 @@ def source_key(data_cfg: Mapping[str, Any], pre_cfg: Mapping[str, Any]) -> str |
     """Key of an input *source* (not its content); ``None`` when it cannot be keyed."""
     cfg = {k: v for k, v in dict(data_cfg).items() if k != "name"}
     parts: dict[str, Any] = {"data": cfg, "tardis_exp": __version__, "code": _source_code_digest(),
-                             "numpy": np.__version__, "anndata": ad.__version__,
+                             "libs": _lib_versions("preprocess"),
                              # what input_digest reads besides X depends on these
                              "pre": {k: pre_cfg.get(k) for k in ("use_raw", "layer")}}
     if cfg.get("source") not in ("synthetic", "pbmc68k"):

@@ -22,8 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 N_PROGRAMS = 4
 DATA = ["data.n_spots=1600", "data.n_genes=1500", f"data.n_programs={N_PROGRAMS}", "factorize.n_replicates=4",
-        "consensus.n_resamples=20", "save_result=false", "tracking.log_plots=false",
-        "hydra.sweeper.mlflow.log_plots=false"]
+        "consensus.n_resamples=20", "tracking.log_plots=false", "hydra.sweeper.mlflow.log_plots=false"]
 STAGES = {"preprocess", "factorize", "consensus", "score"}
 
 pytestmark = pytest.mark.slow
@@ -133,3 +132,22 @@ def test_impossible_configuration_fails_the_trial_not_the_sweep(k_range):
               client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{failed.info.run_id}'")}
     assert stages["preprocess"].info.status == "FINISHED" and stages["factorize"].info.status == "FAILED"
     assert "consensus" not in stages
+
+
+def test_best_trial_gets_its_figures_at_the_end(k_range):
+    """Trials skip their figures (tracking.log_plots=false); the study draws the best one's."""
+    res = yaml.safe_load((k_range / "multirun" / "k_range" / "optimization_results.yaml").read_text())
+    best = res["best_trial"]
+    from tardis_exp.plots import PLOTS
+
+    for n in range(res["n_trials"]):
+        plots = k_range / "multirun" / "k_range" / str(n) / "plots"
+        if n == best:
+            assert sorted(p.name for p in plots.iterdir()) == sorted(PLOTS)
+        else:
+            assert not plots.exists(), n
+    client, exp, parent, trials = _study_runs(k_range, "k_range")
+    logged = {a.path for a in client.list_artifacts(trials[best].info.run_id, "plots")}
+    assert logged == {f"plots/{p}" for p in PLOTS}
+    other = next(n for n in trials if n != best)
+    assert not client.list_artifacts(trials[other].info.run_id, "plots")

@@ -51,6 +51,8 @@ HEARTBEAT_ATTR = "tardis.heartbeat"
 FAIL_REASON_ATTR = "fail_reason"
 VALUES_ATTR = "values"
 OVERRIDES_ATTR = "overrides"
+# best trials whose figures the study draws at its end (trials skip them in the presets)
+MAX_BEST_TRIAL_PLOTS = 3
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "nsga2", "nsga3", "motpe", "qmc")
 PRUNERS = ("none", "nop", "median", "percentile", "hyperband", "successive_halving", "threshold")
@@ -863,9 +865,15 @@ class MlflowTracker:
                              if trial.state == TrialState.PRUNED else "FINISHED")
 
     def finish(self, study: optuna.Study, objectives: List[Objective], best_rows: List[Dict[str, Any]],
-               all_rows: List[Dict[str, Any]], log_plots: bool) -> None:
+               all_rows: List[Dict[str, Any]], log_plots: bool,
+               best_trials: Optional[List[FrozenTrial]] = None) -> None:
         c = self.client
         rid = self.parent_run_id
+        for t in (best_trials or [])[:MAX_BEST_TRIAL_PLOTS]:
+            try:
+                self._best_trial_figures(t)
+            except Exception as e:  # figures are a view: never a reason to fail the study
+                log.warning("Trial %d: could not draw its figures: %s: %s", t.number, type(e).__name__, e)
         with tempfile.TemporaryDirectory() as tmp:
             best_name = "best_trials.tsv" if len(objectives) == 1 else "pareto_front.tsv"
             _write_tsv(Path(tmp) / best_name, best_rows)
@@ -886,6 +894,26 @@ class MlflowTracker:
             c.log_metric(rid, f"best.{objectives[0].metric}", best_rows[0][f"value.{objectives[0].metric}"])
             c.set_tag(rid, "optuna.best_trial", str(best_rows[0]["number"]))
         c.set_terminated(rid, "FINISHED")
+
+
+    def _best_trial_figures(self, t: FrozenTrial) -> None:
+        """The figures of a best trial that skipped them (sweep presets do), from its result.h5ad."""
+        out_dir = t.user_attrs.get("output_dir")
+        result = Path(out_dir) / "result.h5ad" if out_dir else None
+        if result is None or not result.is_file():
+            return  # another worker's machine, or save_result=false
+        plots = result.parent / "plots"
+        if plots.is_dir() and any(plots.glob("*.png")):
+            return  # drawn by the trial itself (tracking.log_plots=true)
+        import anndata as ad
+
+        from tardis_exp.plots import make_plots
+
+        written = make_plots(ad.read_h5ad(result), plots)
+        run_id = self._find_child(t.number)
+        if run_id and written:
+            self.client.log_artifacts(run_id, str(plots), artifact_path="plots")
+        log.info("Trial %d (best): figures in %s", t.number, plots)
 
 
 def _write_tsv(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -1212,6 +1240,9 @@ class TardisOptunaSweeperImpl:
         try:
             if ret.working_dir:
                 trial.set_user_attr("job_dir", str(ret.working_dir))
+            out_dir = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg else None
+            if out_dir:  # where the trial wrote its outputs (job_dir is the cwd unless chdir)
+                trial.set_user_attr("output_dir", str(out_dir))
             if error:
                 trial.set_user_attr(FAIL_REASON_ATTR, error[:2000])
         except Exception:
@@ -1310,7 +1341,8 @@ class TardisOptunaSweeperImpl:
                     key=lambda r: r["number"],
                 )
                 tracker.finish(study, self.objectives, [self._row(t) for t in best], rows,
-                               bool(self.mlflow_cfg.get("log_plots", True)))
+                               bool(self.mlflow_cfg.get("log_plots", True)),
+                               best if self.mlflow_cfg.get("best_trial_plots", True) else None)
             except Exception as e:
                 log.warning("MLflow: could not log study results: %s", e)
         return results

@@ -49,10 +49,12 @@ class TardisOptunaSweeperConf:
     heartbeat_interval: Optional[int] = 60
     grace_period: Optional[int] = None  # default: 2 * heartbeat_interval
 
-    # {enabled: true, log_plots: true}; active only when the task config has
-    # tracking.uri and tracking.experiment.
+    # {enabled: true, log_plots: true, best_trial_plots: true}; active only when the task
+    # config has tracking.uri and tracking.experiment. log_plots: the study's own plots;
+    # best_trial_plots: at the end, draw the figures of up to 3 best trials that skipped
+    # them (from their result.h5ad) and log them to those trials' runs.
     mlflow: Dict[str, Any] = field(
-        default_factory=lambda: {"enabled": True, "log_plots": True}
+        default_factory=lambda: {"enabled": True, "log_plots": True, "best_trial_plots": True}
     )
 
 
