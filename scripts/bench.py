@@ -155,7 +155,8 @@ def worker_tardis_grid(workdir: Path, name: str = "tardis_grid", matrix: str = "
 
     from tardis_exp import nmf
 
-    X = nmf.prepare_matrix(ad.read_h5ad(workdir / matrix).X)
+    a = ad.read_h5ad(workdir / matrix)
+    X = nmf.prepare_matrix(a.X)
     n, m = X.shape
     nnz = X.nnz if sp.issparse(X) else int(np.count_nonzero(X))
     log = []
@@ -208,8 +209,7 @@ def worker_tardis_grid(workdir: Path, name: str = "tardis_grid", matrix: str = "
         "products_executed_gflops": executed / t_prod / 1e9, "solver_useful_gflops": useful / t_fit / 1e9,
         "solver_executed_gflops": executed / t_fit / 1e9,
         "n_products": len(log), "product_methods": methods,
-    }, spectra=cons[best], spectra6=cons[6], labels=W.argmax(1), genes=np.asarray(
-        ad.read_h5ad(workdir / matrix).var_names, dtype=str))
+    }, spectra=cons[best], spectra6=cons[6], labels=W.argmax(1), genes=np.asarray(a.var_names, dtype=str))
 
 
 def _timed(f) -> float:

@@ -18,8 +18,8 @@ not cached.
 
 The input itself is not copied. What the cache remembers about it is its digests and
 shape, under a key of its *source*: the data config plus, for files, the path, size and
-modification time of every file read (for generated data, the generator's code and numpy's
-version). When that memo and the preprocess entry are both present, the raw data is not
+modification time of every file read (for generated data, the generator's code and the
+library versions). When that memo and the preprocess entry are both present, the raw data is not
 read at all -- a sweep reads its input once, not once per trial. A file rewritten in place
 with the same size and modification time (to the nanosecond) would defeat the memo; any
 ordinary write changes the time.
@@ -599,15 +599,15 @@ class StageCache:
                 log.warning("stage cache: could not store the input memo %s: %s", memo_path, e)
         return inp
 
-    # -- the two cached stages ---------------------------------------------------------------
+    # -- the cached stages ------------------------------------------------------------------
     def _tag(self, stage_run, stage: str, key: str, status: str, seconds: float) -> None:
         self._record(stage, key, status, seconds)
         if stage_run is not None:
             stage_run.set_tags({"cache": status, "cache.key": key})
             stage_run.log_metric("cache_seconds", seconds)
 
-    def preprocess(self, data: ad.AnnData | Input, cfg: Mapping[str, Any], data_digest: str | None = None,
-                   compute: Callable[[ad.AnnData], ad.AnnData] = None, stage_run=None) -> ad.AnnData:
+    def preprocess(self, data: ad.AnnData | Input, cfg: Mapping[str, Any], data_digest: str | None = None, *,
+                   compute: Callable[[ad.AnnData], ad.AnnData], stage_run=None) -> ad.AnnData:
         """``compute(adata)`` (the preprocess stage), or its stored result.
 
         ``data`` is the input AnnData (with its ``data_digest``) or an :class:`Input` from

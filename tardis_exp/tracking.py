@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 import traceback
 import warnings
@@ -377,16 +376,18 @@ class Tracker:
                 rid, "tardis_exp.tracking_failures", str(n)))
 
     # -- the store thread --------------------------------------------------------
-    def _submit(self, st: StageRun | None, what: str, fn: Callable[[str], Any], *, always: bool = False) -> None:
-        """Queue ``fn(run_id)`` for the store thread; skipped when ``st`` has no run."""
-        if not self.enabled or self._pool is None or (st is not None and not st.active):
+    def _submit(self, st: StageRun, what: str, fn: Callable[[str], Any], *, always: bool = False) -> None:
+        """Queue ``fn(run_id)`` for the store thread, guarded by :meth:`_safe`.
+
+        Skipped when tracking is off, and on the thread when ``st``'s run was never
+        created (the store was unusable: already recorded).
+        """
+        if not self.enabled or self._pool is None or not st.active:
             return
 
         def task():
-            rid = st._id if st is not None else None
-            if st is not None and rid is None:
-                return  # the run was never created (store unusable): already recorded
-            self._safe(what, lambda: fn(rid), always=always)
+            if st._id is not None:
+                self._safe(what, lambda: fn(st._id), always=always)
 
         self._pool.submit(task)
 
@@ -543,30 +544,28 @@ class Tracker:
         """Finite values only (MLflow stores NaN, but the UI cannot compare it); 1000 per batch."""
         ts = _now_ms()  # when the pipeline logged it, not when the thread sent it
         items = [(k, float(v), int(s)) for k, v, s in items if math.isfinite(float(v))]
+        # one guarded store call per chunk: a failure counts once towards giving up
+        for i in range(0, len(items), 1000):
+            chunk = items[i: i + 1000]
 
-        def send(rid):
-            from mlflow.entities import Metric
+            def send(rid, chunk=chunk):
+                from mlflow.entities import Metric
 
-            ms = [Metric(k, v, ts, s) for k, v, s in items]
-            for i in range(0, len(ms), 1000):
-                chunk = ms[i: i + 1000]
-                self._safe(f"log metrics {sorted({m.key for m in chunk})}",
-                           lambda: self.client.log_batch(rid, metrics=chunk))
+                self.client.log_batch(rid, metrics=[Metric(k, v, ts, s) for k, v, s in chunk])
 
-        self._submit(st, "log metrics", send)
+            self._submit(st, f"log metrics {sorted({k for k, _, _ in chunk})}", send)
 
     def _params(self, st: StageRun, params) -> None:
         items = list(safe_params(params).items())
+        for i in range(0, len(items), 100):
+            chunk = items[i: i + 100]
 
-        def send(rid):
-            from mlflow.entities import Param
+            def send(rid, chunk=chunk):
+                from mlflow.entities import Param
 
-            ps = [Param(k, v) for k, v in items]
-            for i in range(0, len(ps), 100):
-                chunk = ps[i: i + 100]
-                self._safe(f"log {len(chunk)} params", lambda: self.client.log_batch(rid, params=chunk))
+                self.client.log_batch(rid, params=[Param(k, v) for k, v in chunk])
 
-        self._submit(st, "log params", send)
+            self._submit(st, f"log {len(chunk)} params", send)
 
     def _tags(self, st: StageRun, tags) -> None:
         items = [(k, str(redact(v))[:5000]) for k, v in tags.items() if v is not None]

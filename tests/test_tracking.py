@@ -435,6 +435,9 @@ def test_store_lost_mid_run_keeps_local_result(servers, tmp_path, caplog):
     assert (run_dir / "plots" / "k_selection.png").is_file()
     log_text = (run_dir / "tracking_errors.log").read_text()
     assert "result.h5ad" in log_text  # logged after the kill: recorded as not logged
+    # three failed calls in a row and the tracker stops calling the dead store
+    assert "skipped (store unreachable)" in log_text
+    assert any("failed 3 times in a row" in r.getMessage() for r in caplog.records)
     assert any("MLflow logging failed" in r.getMessage() for r in caplog.records)
     # what reached the store before it died is there (read the server's database directly)
     client = MlflowClient(tracking_uri=backend)
@@ -478,3 +481,28 @@ def test_plots_command_draws_a_finished_run(sqlite_runs, tmp_path, capsys):
     assert main([str(plain)]) == 2
     assert "holds no consensus result" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.h5ad")]) == 2
+
+
+def test_failed_metric_batches_count_towards_giving_up(tmp_path):
+    """Each failed batch counts once: after three in a row the tracker stops calling the store."""
+    import sqlite3
+
+    from tardis_exp.tracking import Tracker
+
+    db = tmp_path / "mlruns" / "mlflow.db"
+    tr = Tracker(uri=f"sqlite:///{db}", artifact_location=str(tmp_path / "mlruns" / "artifacts"))
+    with tr.run(local_dir=tmp_path) as parent:
+        tr.wait_ready()
+        parent.log_metrics({"before": 1.0})
+        parent.flush()
+        tr.drain()
+        with sqlite3.connect(db) as con:  # the store breaks under a running run
+            con.execute("DROP TABLE metrics")
+        for i in range(5):
+            parent.log_metrics({f"after_{i}": float(i)})
+            parent.flush()
+    lines = (tmp_path / "tracking_errors.log").read_text().splitlines()
+    failed = [ln for ln in lines if ln.startswith("log metrics") and "skipped" not in ln]
+    skipped = [ln for ln in lines if ln.startswith("log metrics") and "skipped (store unreachable)" in ln]
+    assert len(failed) == 3 and len(skipped) >= 2, lines
+    assert MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(parent.run_id).info.status == "FINISHED"

@@ -895,7 +895,6 @@ class MlflowTracker:
             c.set_tag(rid, "optuna.best_trial", str(best_rows[0]["number"]))
         c.set_terminated(rid, "FINISHED")
 
-
     def _best_trial_figures(self, t: FrozenTrial) -> None:
         """The figures of a best trial that skipped them (sweep presets do), from its result.h5ad."""
         out_dir = t.user_attrs.get("output_dir")
