@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import yaml
@@ -74,6 +75,19 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_consensus(**stage_kwargs(cfg["consensus"]))
     check_score(**stage_kwargs(cfg["score"]))
     check_data(cfg["data"])
+    result_mode(cfg)
+
+
+SAVE_RESULT = {True: "full", False: "none", "full": "full", "results": "results", "none": "none"}
+
+
+def result_mode(cfg: Mapping[str, Any]) -> str:
+    """``save_result``: ``full`` (the AnnData with X and layers), ``results`` (without them:
+    what the stages computed, a fraction of the size and write time; sweep trials), ``none``."""
+    value = cfg.get("save_result", True)
+    if not isinstance(value, (bool, str)) or value not in SAVE_RESULT:
+        raise ConfigError(f"save_result={value!r} is not one of true/full, results, false/none")
+    return SAVE_RESULT[value]
 
 
 def _git_commit() -> str:
@@ -208,7 +222,13 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     usages.to_csv(run_dir / "usages.tsv.gz", sep="\t", compression="gzip")
     parent.log_artifact(run_dir / "programs.tsv")
     parent.log_artifact(run_dir / "usages.tsv.gz")
-    if cfg.get("save_result", True):
+    mode = result_mode(cfg)
+    if mode != "none":
+        if mode == "results":
+            # the input matrices are the same in every trial of a sweep (and in the stage
+            # cache): leave them out, keep everything the stages wrote
+            adata = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), varm=dict(adata.varm),
+                               obsp=dict(adata.obsp), uns=adata.uns)
         _atomic_write_h5ad(adata, run_dir / "result.h5ad")
         if cfg["tracking"].get("log_result", True):
             parent.log_artifact(run_dir / "result.h5ad")

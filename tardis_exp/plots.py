@@ -197,10 +197,18 @@ def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
     return _save(fig, path)
 
 
+class NotDrawn(Exception):
+    """A figure whose input this result does not hold, by configuration (not an error)."""
+
+
 def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
     """scanpy dot plot of each program's top genes, spots grouped by ``obs['nmf_cluster']``."""
     import scanpy as sc
 
+    if adata.X is None:
+        raise NotDrawn("needs X, and this result was saved without it (save_result=results): run the "
+                       "overrides in the run's overrides.txt again with save_result=full (cached stages "
+                       "make that quick)")
     table = adata.uns["nmf_programs"]
     table = table.sort_values(["program", "rank"])
     genes: dict[str, list[str]] = {}
@@ -241,6 +249,8 @@ def make_plots(adata, out_dir) -> list[Path]:
         t0 = time.perf_counter()
         try:
             written.append(fn(adata, out_dir / name))
+        except NotDrawn as e:
+            log.info("plot %s not drawn: %s", name, e)
         except Exception as e:  # noqa: BLE001 -- any plotting failure is non-fatal by design
             log.warning("plot %s skipped: %s: %s", name, type(e).__name__, e)
             plt.close("all")

@@ -284,6 +284,8 @@ def test_pipeline_checks_n_components_right_after_preprocess(compose, tmp_path):
     ("data=h5ad", ["data.path is required"]),
     ("data=tenx_mtx data.path=/tmp data.var_names=symbols", ["data.var_names='symbols' is unknown"]),
     ("data.n_spots=0", ["data.n_spots"]),
+    ("save_result=some", ["save_result='some'", "results"]),
+    ("save_result=1", ["save_result=1"]),
 ])
 def test_bad_config_values(compose, override, needles):
     cfg = compose(*override.split())

@@ -63,3 +63,30 @@ def test_cli_overrides_reach_every_stage(tmp_path, synthetic_small):
     assert a.uns["nmf"]["components"].shape == (3, 5, 300)
     assert list(a.uns["nmf_consensus"]["k_values"]) == [3, 4, 5, 6]
     assert (a.uns["nmf_programs"].groupby("program").size() == 20).all()
+
+
+def test_save_result_results_leaves_out_the_input_matrices(compose, tmp_path):
+    """save_result=results (sweep presets): the stages' outputs, identical, without X and layers."""
+    ov = ("data.n_spots=600", "data.n_genes=500", "data.n_programs=3", "preprocess.n_top_genes=300",
+          "factorize.n_components=4", "factorize.n_replicates=3", "factorize.max_iter=150",
+          "consensus.n_resamples=10", "consensus.min_clusters=2", "consensus.max_clusters=5",
+          "tracking.enabled=false")
+    run(compose(*ov, "save_result=full"), tmp_path / "full")
+    run(compose(*ov, "save_result=results"), tmp_path / "results")
+    full = ad.read_h5ad(tmp_path / "full" / "result.h5ad")
+    lite = ad.read_h5ad(tmp_path / "results" / "result.h5ad")
+    assert full.X is not None and "counts" in full.layers
+    assert lite.X is None and len(lite.layers) == 0
+    assert lite.shape == full.shape and list(lite.var_names) == list(full.var_names)
+    assert set(lite.obsm) == set(full.obsm)
+    for k in full.obsm:
+        np.testing.assert_array_equal(lite.obsm[k], full.obsm[k])
+    assert lite.obs.equals(full.obs)
+    assert lite.uns["nmf_programs"].equals(full.uns["nmf_programs"])
+    assert lite.uns["nmf_consensus"]["best_k"] == full.uns["nmf_consensus"]["best_k"]
+    assert (tmp_path / "results" / "result.h5ad").stat().st_size < 0.6 * (tmp_path / "full" / "result.h5ad").stat().st_size
+
+    from tardis_exp.plots import make_plots
+
+    names = {p.name for p in make_plots(lite, tmp_path / "plots")}
+    assert "k_selection.png" in names and "top_genes_dotplot.png" not in names  # the dot plot needs X
