@@ -42,7 +42,8 @@ checks the sha256 recorded in ``meta.json``; an entry that fails the check or do
 is logged as a warning, deleted and recomputed. The total size stays under
 ``cache.max_size_gb``: after each write the least recently used entries (last hit or write,
 recorded in the mtime of ``meta.json``, since file access times are often not kept) are
-removed.
+removed; input memos count towards the bound and are evicted the same way (by their own
+mtime, refreshed when read).
 """
 
 from __future__ import annotations
@@ -429,8 +430,17 @@ class StageCache:
                 pass
         return total
 
+    def _memos(self) -> list[Path]:
+        return list((self.dir / "inputs").glob("*.json")) if self.dir is not None else []
+
     def size_bytes(self) -> int:
-        return sum(self._size(e) for e in self.entries())
+        memos = 0
+        for m in self._memos():
+            try:
+                memos += m.stat().st_size
+            except FileNotFoundError:
+                pass
+        return sum(self._size(e) for e in self.entries()) + memos
 
     def _remove(self, entry: Path) -> None:
         # rename first: a reader never sees an entry whose meta.json outlived its data
@@ -554,6 +564,13 @@ class StageCache:
                 found.append((os.stat(e / "meta.json").st_mtime, self._size(e), e))
             except FileNotFoundError:
                 continue
+        # input memos are tiny, but a cache that sees many inputs must not grow without bound
+        for memo in self._memos():
+            try:
+                st = memo.stat()
+                found.append((st.st_mtime, st.st_size, memo))
+            except FileNotFoundError:
+                continue
         total = sum(s for _, s, _ in found)
         removed = 0
         for _, size, e in sorted(found, key=lambda t: t[0]):
@@ -561,7 +578,10 @@ class StageCache:
                 break
             if keep is not None and e == keep:
                 continue
-            self._remove(e)
+            if e.is_file():
+                e.unlink(missing_ok=True)
+            else:
+                self._remove(e)
             total -= size
             removed += 1
         if removed:
@@ -582,6 +602,7 @@ class StageCache:
         if memo_path is not None and memo_path.is_file():
             try:
                 m = json.loads(memo_path.read_text())
+                os.utime(memo_path)  # recently used, for eviction
                 return Input(m["digest"], tuple(m["shape"]), load=load, input_digest=m["input_digest"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("stage cache: ignoring damaged input memo %s (%s)", memo_path, e)

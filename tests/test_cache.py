@@ -356,3 +356,32 @@ def test_consensus_hit_restores_what_the_stage_computed(synthetic_small, tmp_pat
     out = _stages(c3, synthetic_small, cfg2)
     c3.consensus(out, cfg2, compute=lambda a: consensus(a, progress=False, **stage_kwargs(cfg2["consensus"])))
     assert [e["status"] for e in c3.events] == ["hit", "hit", "miss"]
+
+
+def test_input_memos_count_towards_the_bound_and_are_evicted_oldest_first(tmp_path, compose):
+    """Memos of many inputs cannot grow the cache without bound; the one just used survives."""
+    from tardis_exp.synthetic import make_synthetic
+
+    cache = StageCache(tmp_path / "c", max_size_gb=1)
+    cfgs = [compose(f"data.seed={i}", "data.n_spots=100", "data.n_genes=60", "data.n_programs=2", "data.n_markers=10")
+            for i in range(4)]
+    for c in cfgs:
+        cache.load_input(c, load=lambda c=c: make_synthetic(n_spots=100, n_genes=60, n_programs=2, n_markers=10,
+                                                            seed=c["data"]["seed"]))
+    memos = [_memo_of(cache, c) for c in cfgs]
+    assert len(set(memos)) == 4 and all(m.is_file() for m in memos)
+    for i, m in enumerate(memos):
+        os.utime(m, (1000 + i, 1000 + i))  # cfgs[0]'s memo is the oldest
+    inp = cache.load_input(cfgs[0], load=lambda: 1 / 0)  # read back from the memo, never loaded
+    assert inp.from_memo
+    assert cache.size_bytes() == sum(m.stat().st_size for m in memos)
+    cache.max_bytes = int(2.5 * memos[0].stat().st_size)
+    assert cache.evict() == 2
+    assert [m.is_file() for m in memos] == [True, False, False, True]
+    assert cache.size_bytes() <= cache.max_bytes
+
+
+def _memo_of(cache, cfg):
+    from tardis_exp.cache import source_key
+
+    return cache.dir / "inputs" / f"{source_key(cfg['data'], cfg['preprocess'])}.json"
