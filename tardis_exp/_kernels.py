@@ -40,7 +40,7 @@ __all__ = ["SparseProducts", "csr_matmul", "csr_t_matmul", "DENSE_CHUNK_MIN_DENS
 
 # sgemm on densified chunks multiplies the zeros too; it beats the CSR kernel only when X
 # is dense enough and the product fat enough (K columns) for sgemm to run near its peak.
-# Measured by scripts/bench.py ("sparse products" table).
+# Measured by scripts/bench_kernels.py (README, "Kernel rates").
 DENSE_CHUNK_MIN_DENSITY = 0.2
 DENSE_CHUNK_MIN_K = 256
 # rows per densified chunk: chunk x m float32 stays a few MB, large enough for sgemm
