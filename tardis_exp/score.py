@@ -69,6 +69,9 @@ def top_genes_table(spectra, var_names, n_genes=50, ranking="specific") -> pd.Da
     return pd.DataFrame(rows, columns=["program", "rank", "gene", "loading", "specificity", "score"])
 
 
+_CHUNK_BYTES = 64 * 2**20
+
+
 def _gene_means(X) -> np.ndarray:
     # exactly what sc.tl.score_genes bins genes by: float64 sums for sparse X, X's own
     # dtype for dense X (np.nanmean), so that ties in the expression bins fall the same way
@@ -78,7 +81,7 @@ def _gene_means(X) -> np.ndarray:
 
 
 def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins: int = 25,
-                    random_state: int | None = 0, chunk_spots: int = 50_000) -> np.ndarray:
+                    random_state: int | None = 0, chunk_spots: int | None = None) -> np.ndarray:
     """``sc.tl.score_genes`` for many gene sets in one pass over ``X`` (spots x sets).
 
     Equal to calling :func:`scanpy.tl.score_genes` once per set (``use_raw=False``,
@@ -89,6 +92,7 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
     computed once and all sets are scored by one product of ``X`` (in row chunks, float64)
     with a genes x (2 x sets) weight matrix. The test suite checks the equality against
     scanpy itself. ``X`` with NaNs falls back to scanpy (its NaN-aware means).
+    ``chunk_spots`` rows are converted to float64 at a time (default: about 64 MB of them).
     """
     X = adata.X
     values = X.data if sp.issparse(X) else np.asarray(X)
@@ -130,6 +134,9 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
     finally:
         np.random.set_state(state)
 
+    if chunk_spots is None:
+        per_row = 12 * (X.nnz / max(X.shape[0], 1)) if sp.issparse(X) else 8 * X.shape[1]
+        chunk_spots = max(1, int(_CHUNK_BYTES // max(per_row, 1)))
     means = np.empty((adata.n_obs, W.shape[1]))
     for start in range(0, adata.n_obs, chunk_spots):
         block = X[start:start + chunk_spots]
