@@ -620,6 +620,23 @@ class StageCache:
                 log.warning("stage cache: could not store the input memo %s: %s", memo_path, e)
         return inp
 
+    def cached_preprocessed(self, cfg: Mapping[str, Any]) -> ad.AnnData | None:
+        """The preprocessed AnnData of a run with config ``cfg``, if the cache holds it.
+
+        Reads neither the raw data nor anything else: ``None`` when the input memo or the
+        preprocess entry is missing (or the cache is disabled). For a result saved without
+        ``X`` (``save_result=results``) whose figures need it.
+        """
+        skey = source_key(cfg["data"], cfg["preprocess"]) if self.enabled else None
+        memo_path = self.dir / "inputs" / f"{skey}.json" if skey else None
+        if memo_path is None or not memo_path.is_file():
+            return None
+        try:
+            input_dig = json.loads(memo_path.read_text())["input_digest"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return self.get("preprocess", make_key(key_inputs("preprocess", input_dig, cfg)))
+
     # -- the cached stages ------------------------------------------------------------------
     def _tag(self, stage_run, stage: str, key: str, status: str, seconds: float) -> None:
         self._record(stage, key, status, seconds)

@@ -206,9 +206,9 @@ def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
     import scanpy as sc
 
     if adata.X is None:
-        raise NotDrawn("needs X, and this result was saved without it (save_result=results): run the "
-                       "overrides in the run's overrides.txt again with save_result=full (cached stages "
-                       "make that quick)")
+        raise NotDrawn("needs X, and this result was saved without it (save_result=results) and the "
+                       "stage cache no longer holds it: run the overrides in the run's overrides.txt "
+                       "again with save_result=full")
     table = adata.uns["nmf_programs"]
     table = table.sort_values(["program", "rank"])
     genes: dict[str, list[str]] = {}
@@ -259,6 +259,34 @@ def make_plots(adata, out_dir) -> list[Path]:
     return written
 
 
+def read_result(path):
+    """Read a run's ``result.h5ad``; a result saved without ``X`` (``save_result=results``,
+    sweep trials) gets it back from the stage cache when the cache still holds the run's
+    preprocessed data (``config.yaml`` beside the result says where), without reading the
+    raw data. Otherwise ``X`` stays ``None`` and the figures that need it are not drawn.
+    """
+    import anndata as ad
+    import yaml
+
+    path = Path(path)
+    adata = ad.read_h5ad(path)
+    cfg_path = path.parent / "config.yaml"
+    if adata.X is not None or not cfg_path.is_file():
+        return adata
+    try:
+        from .cache import StageCache
+
+        cfg = yaml.safe_load(cfg_path.read_text())
+        pre = StageCache.from_config(cfg.get("cache")).cached_preprocessed(cfg)
+    except Exception as e:  # noqa: BLE001 -- a view of the result: never fail on the cache
+        log.info("%s: X not restored from the stage cache: %s: %s", path, type(e).__name__, e)
+        return adata
+    if pre is not None and pre.obs_names.equals(adata.obs_names) and pre.var_names.equals(adata.var_names):
+        adata.X = pre.X
+        log.info("%s: X restored from the stage cache", path)
+    return adata
+
+
 def main(argv=None) -> int:
     """``python -m tardis_exp.plots RESULT.h5ad [OUT_DIR]``: draw a finished run's figures."""
     import argparse
@@ -271,10 +299,8 @@ def main(argv=None) -> int:
     if not a.result.is_file():
         print(f"error: {a.result} is not a file (a run's result.h5ad)", file=sys.stderr)
         return 2
-    import anndata as ad
-
     try:
-        adata = ad.read_h5ad(a.result)
+        adata = read_result(a.result)
     except Exception as e:  # noqa: BLE001 -- say which file and why, in one line
         print(f"error: cannot read {a.result}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

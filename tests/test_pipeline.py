@@ -72,7 +72,8 @@ def test_save_result_results_leaves_out_the_input_matrices(compose, tmp_path):
           "consensus.n_resamples=10", "consensus.min_clusters=2", "consensus.max_clusters=5",
           "tracking.enabled=false")
     run(compose(*ov, "save_result=full"), tmp_path / "full")
-    run(compose(*ov, "save_result=results"), tmp_path / "results")
+    cfg = compose(*ov, "save_result=results", "cache.enabled=true")
+    run(cfg, tmp_path / "results")
     full = ad.read_h5ad(tmp_path / "full" / "result.h5ad")
     lite = ad.read_h5ad(tmp_path / "results" / "result.h5ad")
     assert full.X is not None and "counts" in full.layers
@@ -86,7 +87,17 @@ def test_save_result_results_leaves_out_the_input_matrices(compose, tmp_path):
     assert lite.uns["nmf_consensus"]["best_k"] == full.uns["nmf_consensus"]["best_k"]
     assert (tmp_path / "results" / "result.h5ad").stat().st_size < 0.6 * (tmp_path / "full" / "result.h5ad").stat().st_size
 
-    from tardis_exp.plots import make_plots
+    from tardis_exp.plots import PLOTS, make_plots, read_result
 
-    names = {p.name for p in make_plots(lite, tmp_path / "plots")}
-    assert "k_selection.png" in names and "top_genes_dotplot.png" not in names  # the dot plot needs X
+    # figures of such a result: X comes back from the stage cache, without the raw data
+    back = read_result(tmp_path / "results" / "result.h5ad")
+    assert (back.X != full.X).nnz == 0
+    assert {p.name for p in make_plots(back, tmp_path / "plots1")} == set(PLOTS)
+    # ... and without a cache the dot plot (the one figure that reads X) is not drawn
+    import shutil
+
+    shutil.rmtree(cfg["cache"]["dir"])
+    back = read_result(tmp_path / "results" / "result.h5ad")
+    assert back.X is None
+    names = {p.name for p in make_plots(back, tmp_path / "plots2")}
+    assert names == set(PLOTS) - {"top_genes_dotplot.png"}

@@ -904,11 +904,9 @@ class MlflowTracker:
         plots = result.parent / "plots"
         if plots.is_dir() and any(plots.glob("*.png")):
             return  # drawn by the trial itself (tracking.log_plots=true)
-        import anndata as ad
+        from tardis_exp.plots import make_plots, read_result
 
-        from tardis_exp.plots import make_plots
-
-        written = make_plots(ad.read_h5ad(result), plots)
+        written = make_plots(read_result(result), plots)
         run_id = self._find_child(t.number)
         if run_id and written:
             self.client.log_artifacts(run_id, str(plots), artifact_path="plots")
