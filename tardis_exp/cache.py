@@ -422,8 +422,9 @@ class StageCache:
 
     @staticmethod
     def _size(entry: Path) -> int:
+        """Bytes of an entry folder (its files) or of a memo file; 0 once removed."""
         total = 0
-        for f in entry.iterdir():
+        for f in entry.iterdir() if entry.is_dir() else [entry]:
             try:
                 total += f.stat().st_size
             except FileNotFoundError:
@@ -434,13 +435,7 @@ class StageCache:
         return list((self.dir / "inputs").glob("*.json")) if self.dir is not None else []
 
     def size_bytes(self) -> int:
-        memos = 0
-        for m in self._memos():
-            try:
-                memos += m.stat().st_size
-            except FileNotFoundError:
-                pass
-        return sum(self._size(e) for e in self.entries()) + memos
+        return sum(self._size(e) for e in self.entries() + self._memos())
 
     def _remove(self, entry: Path) -> None:
         # rename first: a reader never sees an entry whose meta.json outlived its data
@@ -567,8 +562,7 @@ class StageCache:
         # input memos are tiny, but a cache that sees many inputs must not grow without bound
         for memo in self._memos():
             try:
-                st = memo.stat()
-                found.append((st.st_mtime, st.st_size, memo))
+                found.append((memo.stat().st_mtime, self._size(memo), memo))
             except FileNotFoundError:
                 continue
         total = sum(s for _, s, _ in found)
