@@ -95,8 +95,12 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
     ``chunk_spots`` rows are converted to float64 at a time (default: about 64 MB of them).
     """
     X = adata.X
-    values = X.data if sp.issparse(X) else np.asarray(X)
-    if not np.isfinite(values).all():
+    if sp.issparse(X):
+        finite = bool(np.isfinite(X.data).all())
+    else:  # row blocks: no boolean copy of a large dense X
+        step = max(1, _CHUNK_BYTES // max(X.shape[1], 1))
+        finite = all(np.isfinite(X[a:a + step]).all() for a in range(0, X.shape[0], step))
+    if not finite:
         out = np.zeros((adata.n_obs, len(gene_sets)))
         for p, genes in enumerate(gene_sets):
             with warnings.catch_warnings():
