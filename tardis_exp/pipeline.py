@@ -224,12 +224,13 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     parent.log_artifact(run_dir / "usages.tsv.gz")
     mode = result_mode(cfg)
     if mode != "none":
+        saved = adata
         if mode == "results":
             # the input matrices are the same in every trial of a sweep (and in the stage
-            # cache): leave them out, keep everything the stages wrote
-            adata = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), varm=dict(adata.varm),
+            # cache): leave them out of the file, keep everything the stages wrote
+            saved = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), varm=dict(adata.varm),
                                obsp=dict(adata.obsp), uns=adata.uns)
-        _atomic_write_h5ad(adata, run_dir / "result.h5ad")
+        _atomic_write_h5ad(saved, run_dir / "result.h5ad")
         if cfg["tracking"].get("log_result", True):
             parent.log_artifact(run_dir / "result.h5ad")
     if cfg["tracking"].get("log_plots", True):

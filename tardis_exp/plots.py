@@ -206,9 +206,9 @@ def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
     import scanpy as sc
 
     if adata.X is None:
-        raise NotDrawn("needs X, and this result was saved without it (save_result=results) and the "
-                       "stage cache no longer holds it: run the overrides in the run's overrides.txt "
-                       "again with save_result=full")
+        raise NotDrawn("needs X: this result was saved without it (save_result=results) and X could not "
+                       "be restored from the stage cache (disabled, or the entry is gone); run the "
+                       "overrides in the run's overrides.txt again with save_result=full")
     table = adata.uns["nmf_programs"]
     table = table.sort_values(["program", "rank"])
     genes: dict[str, list[str]] = {}

@@ -73,21 +73,24 @@ _CHUNK_BYTES = 64 * 2**20
 
 
 def _gene_means(X) -> np.ndarray:
-    # exactly what sc.tl.score_genes bins genes by: float64 sums for sparse X, X's own
-    # dtype for dense X (np.nanmean), so that ties in the expression bins fall the same way
+    # what sc.tl.score_genes bins genes by: float64 sums for sparse X (the same scipy call),
+    # X's own dtype for dense X (np.nanmean there; np.mean gives the same for finite X,
+    # checked before this is called, without nanmean's full-size copy)
     if sp.issparse(X):
         return np.asarray(X.sum(axis=0, dtype="float64")).ravel() / X.shape[0]
-    return np.nanmean(X, axis=0)
+    return np.mean(X, axis=0)
 
 
 def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins: int = 25,
                     random_state: int | None = 0, chunk_spots: int | None = None) -> np.ndarray:
     """``sc.tl.score_genes`` for many gene sets in one pass over ``X`` (spots x sets).
 
-    Equal to calling :func:`scanpy.tl.score_genes` once per set (``use_raw=False``,
+    Equal (to float32 rounding for sparse ``X``, whose row sums scipy accumulates in
+    float32 for scanpy) to calling :func:`scanpy.tl.score_genes` once per set (``use_raw=False``,
     ``ctrl_as_ref=True``, the same ``ctrl_size``, ``n_bins`` and ``random_state``): the same
     expression bins, the same control genes (drawn from NumPy's global generator reseeded
-    per set, as scanpy does; its state is restored afterwards), the same mean differences.
+    per set, as scanpy does; with an integer ``random_state`` its state is restored
+    afterwards, with ``None`` it advances as in scanpy), the same mean differences.
     scanpy recomputes every gene's mean and slices ``X`` twice per set; here the means are
     computed once and all sets are scored by one product of ``X`` (in row chunks, float64)
     with a genes x (2 x sets) weight matrix. The test suite checks the equality against
@@ -105,9 +108,9 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
         for p, genes in enumerate(gene_sets):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out[:, p] = sc.tl.score_genes(adata, genes, ctrl_size=ctrl_size, n_bins=n_bins,
-                                              random_state=random_state, use_raw=False,
-                                              copy=True).obs["score"].to_numpy(dtype=np.float64)
+                sc.tl.score_genes(adata, genes, ctrl_size=ctrl_size, n_bins=n_bins, random_state=random_state,
+                                  use_raw=False, score_name="_tardis_exp_score")
+            out[:, p] = adata.obs.pop("_tardis_exp_score").to_numpy(dtype=np.float64)
         return out
     var_names = adata.var_names
     pool = var_names.astype("string")
@@ -117,12 +120,15 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
     obs_cut = obs_avg.rank(method="min") // n_items
 
     W = np.zeros((adata.n_vars, 2 * len(gene_sets)))
-    state = np.random.get_state()
+    state = np.random.get_state() if random_state is not None else None
     try:
         for p, genes in enumerate(gene_sets):
             if random_state is not None:
                 np.random.seed(random_state)
             glist = pd.Index(genes).intersection(var_names)
+            if len(glist) < len(set(genes)):
+                log.warning("score: program %d: genes not in var_names are ignored: %s", p,
+                            sorted(set(genes) - set(glist))[:10])
             if len(glist) == 0:
                 raise InputError(f"score: program {p} has no gene in var_names")
             ctrl = pd.Index([], dtype="string")
@@ -136,7 +142,8 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
             W[var_names.get_indexer(glist), p] = 1.0 / len(glist)
             W[var_names.get_indexer(ctrl), len(gene_sets) + p] = 1.0 / len(ctrl)
     finally:
-        np.random.set_state(state)
+        if state is not None:
+            np.random.set_state(state)
 
     if chunk_spots is None:
         per_row = 12 * (X.nnz / max(X.shape[0], 1)) if sp.issparse(X) else 8 * X.shape[1]

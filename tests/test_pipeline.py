@@ -72,8 +72,10 @@ def test_save_result_results_leaves_out_the_input_matrices(compose, tmp_path):
           "consensus.n_resamples=10", "consensus.min_clusters=2", "consensus.max_clusters=5",
           "tracking.enabled=false")
     run(compose(*ov, "save_result=full"), tmp_path / "full")
-    cfg = compose(*ov, "save_result=results", "cache.enabled=true")
+    cfg = compose(*ov, "save_result=results", "cache.enabled=true", "tracking.log_plots=true")
     run(cfg, tmp_path / "results")
+    # figures drawn in the run itself use the X in memory, whatever the file leaves out
+    assert (tmp_path / "results" / "plots" / "top_genes_dotplot.png").is_file()
     full = ad.read_h5ad(tmp_path / "full" / "result.h5ad")
     lite = ad.read_h5ad(tmp_path / "results" / "result.h5ad")
     assert full.X is not None and "counts" in full.layers
