@@ -591,15 +591,13 @@ class StageCache:
         """
         from .data import digest
 
-        skey = source_key(cfg["data"], cfg["preprocess"]) if self.enabled else None
-        memo_path = self.dir / "inputs" / f"{skey}.json" if skey else None
-        if memo_path is not None and memo_path.is_file():
+        memo_path, m = self._read_memo(cfg)
+        if m is not None:
             try:
-                m = json.loads(memo_path.read_text())
                 os.utime(memo_path)  # recently used, for eviction
-                return Input(m["digest"], tuple(m["shape"]), load=load, input_digest=m["input_digest"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("stage cache: ignoring damaged input memo %s (%s)", memo_path, e)
+            except OSError:
+                pass  # a read-only cache still serves its memos
+            return Input(m["digest"], m["shape"], load=load, input_digest=m["input_digest"])
         a = load()
         inp = Input(digest(a), a.shape, adata=a)
         if memo_path is not None:
@@ -621,15 +619,25 @@ class StageCache:
         preprocess entry is missing (or the cache is disabled). For a result saved without
         ``X`` (``save_result=results``) whose figures need it.
         """
+        _, m = self._read_memo(cfg)
+        if m is None:
+            return None
+        return self.get("preprocess", make_key(key_inputs("preprocess", m["input_digest"], cfg)))
+
+    def _read_memo(self, cfg: Mapping[str, Any]) -> tuple[Path | None, dict | None]:
+        """The input memo's path for ``cfg`` (``None``: disabled or unkeyable) and its content
+        (``None``: absent or damaged, with a warning)."""
         skey = source_key(cfg["data"], cfg["preprocess"]) if self.enabled else None
-        memo_path = self.dir / "inputs" / f"{skey}.json" if skey else None
-        if memo_path is None or not memo_path.is_file():
-            return None
+        path = self.dir / "inputs" / f"{skey}.json" if skey else None
+        if path is None or not path.is_file():
+            return path, None
         try:
-            input_dig = json.loads(memo_path.read_text())["input_digest"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return self.get("preprocess", make_key(key_inputs("preprocess", input_dig, cfg)))
+            m = json.loads(path.read_text())
+            return path, {"digest": str(m["digest"]), "input_digest": str(m["input_digest"]),
+                          "shape": tuple(int(x) for x in m["shape"])}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("stage cache: ignoring damaged input memo %s (%s)", path, e)
+            return path, None
 
     # -- the cached stages ------------------------------------------------------------------
     def _tag(self, stage_run, stage: str, key: str, status: str, seconds: float) -> None:

@@ -385,3 +385,19 @@ def _memo_of(cache, cfg):
     from tardis_exp.cache import source_key
 
     return cache.dir / "inputs" / f"{source_key(cfg['data'], cfg['preprocess'])}.json"
+
+
+def test_a_damaged_input_memo_is_ignored_by_both_readers(compose, tmp_path, caplog):
+    cfg = compose("data.n_spots=400", "data.n_genes=300", "data.n_programs=3", *SMALL)
+    load, calls = _reads(cfg)
+    cache = StageCache(tmp_path / "c", max_size_gb=1)
+    cache.preprocess(cache.load_input(cfg, load), cfg,
+                     compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
+    assert cache.cached_preprocessed(cfg) is not None and len(calls) == 1
+    _memo_of(cache, cfg).write_text('{"digest": "abc", "shape": "not a shape"}')
+    with caplog.at_level("WARNING"):
+        assert cache.cached_preprocessed(cfg) is None
+        inp = cache.load_input(cfg, load)
+    assert not inp.from_memo and len(calls) == 2  # read again, and the memo rewritten
+    assert sum("damaged input memo" in r.getMessage() for r in caplog.records) == 2
+    assert cache.cached_preprocessed(cfg) is not None
