@@ -25,8 +25,8 @@ from .errors import TardisError
 
 log = logging.getLogger("tardis_exp")
 
-# conf/ sits at the project root, beside the package (editable install or checkout)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/ ships inside the package as tardis_exp.conf (pyproject maps the root conf/ there)
+CONF_DIR = "pkg://tardis_exp.conf"
 EXIT_USAGE = 2  # argparse's status for a usage error
 
 
