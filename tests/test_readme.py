@@ -197,26 +197,43 @@ def _clone_like_copy(dst: Path) -> None:
             shutil.copy2(src, dst / f)
 
 
+def _importable_from(python: Path, module: str, cwd: Path) -> Path:
+    out = subprocess.run([str(python), "-c", f"import {module}; print({module}.__file__)"], cwd=cwd,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return Path(out).resolve()
+
+
+@pytest.mark.slow
 def test_command_1_in_a_copy_of_the_repository(tmp_path: Path):
-    repo = tmp_path / "tardis_exp"
+    repo = tmp_path / "clone"
     _clone_like_copy(repo)
     assert not (repo / ".venv").exists() and not (repo / "outputs").exists()
-    # Pre-seed .venv so that its pip finds the dependencies this environment already has;
-    # command 1's own `python3 -m venv .venv` then keeps it, and `pip install -e .` installs
-    # the copy into it.
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(repo / ".venv")], check=True)
-    purelib = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-c",
-                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    # Pre-seed .venv (with its own pip) so that pip finds the dependencies this environment
+    # already has through a .pth file; command 1's own `python3 -m venv .venv` keeps it, and
+    # `pip install -e .` installs the copy into it. pip leaves packages outside the
+    # environment alone, and this venv's bin is not on PATH, so this one stays untouched.
+    subprocess.run(["python3", "-m", "venv", str(repo / ".venv")], check=True,
+                   env={**os.environ, "PATH": _path_without(BIN)})
+    venv_python = repo / ".venv" / "bin" / "python"
+    purelib = subprocess.run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
     Path(purelib, "_tardis_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = clean_env(PIP_DISABLE_PIP_VERSION_CHECK="1")
-    p = sh(COMMAND_1, repo, env, timeout=900)
-    # the copy was installed and ran: its run folder and store are inside the copy
-    where = sh(". .venv/bin/activate && python -c 'import tardis_exp, sys; print(tardis_exp.__file__)'",
-               repo, env).stdout.strip()
-    assert Path(where).resolve().is_relative_to(repo.resolve()), where
-    (folder,) = _run_folders(repo)
-    metrics = yaml.safe_load((folder / "metrics.yaml").read_text())
-    assert metrics["best_k"] == 6 and metrics["program_recovery"] == pytest.approx(1.0)
-    assert (repo / "mlruns" / "mlflow.db").is_file()
-    assert "tardis_exp" in p.stdout + p.stderr
+    env["PATH"] = _path_without(BIN)
+    try:
+        p = sh(COMMAND_1, repo, env, timeout=900)
+        # the copy was installed into its own .venv and ran there
+        assert _importable_from(venv_python, "tardis_exp", tmp_path).is_relative_to(repo.resolve())
+        (folder,) = _run_folders(repo)
+        metrics = yaml.safe_load((folder / "metrics.yaml").read_text())
+        assert metrics["best_k"] == 6 and metrics["program_recovery"] == pytest.approx(1.0)
+        assert (repo / "mlruns" / "mlflow.db").is_file()
+        assert "tardis_exp" in p.stdout + p.stderr
+    finally:
+        # this environment still runs this checkout
+        assert _importable_from(Path(sys.executable), "tardis_exp", tmp_path).is_relative_to(REPO)
+
+
+def _path_without(d: Path) -> str:
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != d.resolve())
