@@ -347,7 +347,11 @@ def fresh_postgres_database(url: str):
     conn = psycopg2.connect(**admin)
     conn.autocommit = True
     try:
-        conn.cursor().execute(f'CREATE DATABASE "{name}"')
+        try:
+            conn.cursor().execute(f'CREATE DATABASE "{name}"')
+        except psycopg2.errors.InsufficientPrivilege:
+            pytest.fail(f"role {u.username} may not create databases: ALTER ROLE {u.username} CREATEDB "
+                        "(scripts/start_postgres.sh grants it)")
         yield u.set(database=name).render_as_string(hide_password=False)
     finally:
         conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
