@@ -158,14 +158,15 @@ def sqlite_init_lock(uri: str):
     path = uri[len("sqlite:///"):].split("?", 1)[0] + ".lock"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:  # read-only folder: MLflow itself reports what is wrong
-        yield
-        return
+    except OSError:  # read-only folder: opening the store reports what is wrong
+        fd = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
 
 
 def _http_settings(timeout_s: float, max_retries: int) -> None:
