@@ -43,6 +43,10 @@ psql_pg() { as_pg psql -h /tmp -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$
 if [ "$(psql_pg -c "SELECT 1 FROM pg_roles WHERE rolname='$USER_NAME'")" != 1 ]; then
   psql_pg -c "CREATE ROLE $USER_NAME LOGIN PASSWORD '$PASSWORD'" >&2
 fi
+# the tests create a fresh database per run of the concurrent-schema-creation test
+if [ "$(psql_pg -c "SELECT rolcreatedb FROM pg_roles WHERE rolname='$USER_NAME'")" != t ]; then
+  psql_pg -c "ALTER ROLE $USER_NAME CREATEDB" >&2
+fi
 if [ "$(psql_pg -c "SELECT 1 FROM pg_database WHERE datname='$DB'")" != 1 ]; then
   psql_pg -c "CREATE DATABASE $DB OWNER $USER_NAME" >&2
 fi

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -28,6 +29,19 @@ log = logging.getLogger("tardis_exp")
 # conf/ ships inside the package as tardis_exp.conf (pyproject maps the root conf/ there)
 CONF_DIR = "pkg://tardis_exp.conf"
 EXIT_USAGE = 2  # argparse's status for a usage error
+
+
+def _run_suffix() -> str:
+    """A short random suffix for run folders (``${tardis_uid:}`` in ``conf/config.yaml``).
+
+    Two runs started in the same second share ``${now:...}``; the suffix keeps their
+    folders apart (16.7 million values). Cached per composed config like ``now``, so
+    every interpolation of one run -- and Hydra's copies for its jobs -- see one value.
+    """
+    return secrets.token_hex(3)
+
+
+OmegaConf.register_new_resolver("tardis_uid", _run_suffix, use_cache=True, replace=True)
 
 
 def _one_line(e: BaseException) -> str:

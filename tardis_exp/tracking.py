@@ -140,6 +140,35 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+@contextmanager
+def sqlite_init_lock(uri: str):
+    """Serialize opening an SQLite store among processes (a no-op for other stores).
+
+    MLflow creates and migrates the schema of a new ``mlflow.db`` on first use; two
+    processes doing it at once can leave the file broken for good ("table
+    _alembic_tmp_tags already exists"). An ``fcntl`` lock on ``<db>.lock`` beside it
+    makes the first opener create the schema while the others wait; the OS releases
+    it if the holder dies.
+    """
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        yield
+        return
+    import fcntl
+
+    path = uri[len("sqlite:///"):].split("?", 1)[0] + ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # read-only folder: opening the store reports what is wrong
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+
 def _http_settings(timeout_s: float, max_retries: int) -> None:
     # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) turn a dead server
     # into minutes of waiting per call. Explicit environment settings still win.
@@ -305,6 +334,10 @@ class Tracker:
         self._open_store()
 
     def _open_store(self) -> None:
+        with sqlite_init_lock(self.uri):
+            self._open_store_unlocked()
+
+    def _open_store_unlocked(self) -> None:
         import mlflow
 
         try:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -333,13 +334,45 @@ def test_two_workers_journal(tmp_path: Path) -> None:
     _two_workers(tmp_path, journal(tmp_path), "two")
 
 
+@contextmanager
+def fresh_postgres_database(url: str):
+    """A new, empty database on the server of `url` (dropped afterwards): Optuna's tables
+    do not exist yet, so the workers that start on it create them."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    name = f"tardis_fresh_{os.getpid()}_{int(time.time() * 1000)}"
+    admin = dict(host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database)
+    conn = psycopg2.connect(**admin)
+    conn.autocommit = True
+    try:
+        try:
+            conn.cursor().execute(f'CREATE DATABASE "{name}"')
+        except psycopg2.errors.InsufficientPrivilege:
+            pytest.fail(f"role {u.username} may not create databases: ALTER ROLE {u.username} CREATEDB "
+                        "(scripts/start_postgres.sh grants it)")
+        yield u.set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
 @pytest.mark.postgres
 def test_two_workers_postgres(tmp_path: Path) -> None:
+    """Two workers started at once on a fresh database: both create Optuna's tables
+    (UniqueViolation on pg_type before the schema lock), then share the study."""
     url = os.environ.get("TARDIS_TEST_POSTGRES_URL")
     if not url:
         pytest.skip("TARDIS_TEST_POSTGRES_URL not set (see scripts/start_postgres.sh)")
     study = f"two_{os.getpid()}_{int(time.time() * 1000)}"
-    _two_workers(tmp_path, url, study)
+    with fresh_postgres_database(url) as fresh:
+        _two_workers(tmp_path, fresh, study)
+        for i in range(2):
+            out = (tmp_path / f"w{i}.out").read_text()
+            assert "Traceback" not in out and "Error" not in out, out
+        # the schema is complete and usable after the race
+        assert optuna.storages.RDBStorage(fresh).get_all_studies()[0].study_name == study
 
 
 @pytest.mark.parametrize("preset", ["k_range", "k_range_mo"])

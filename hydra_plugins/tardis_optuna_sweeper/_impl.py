@@ -563,13 +563,36 @@ def make_storage(
         engine_kwargs = {"connect_args": {"timeout": 120}}
     elif spec.location.startswith(("postgresql", "mysql")):
         engine_kwargs = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(
-        spec.location,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        heartbeat_stale_trial_callback=stale_callback if heartbeat_interval else None,
-    )
+    import sqlalchemy.exc
+
+    # RDBStorage creates Optuna's tables on first use; two workers doing it at once on a
+    # fresh PostgreSQL database collide (UniqueViolation on pg_type_typname_nsp_index).
+    # Workers of this sweeper create them one at a time under a database-wide lock; a
+    # collision with some other process (optuna-dashboard, a plain Optuna script) is
+    # retried, by when the tables exist.
+    attempts = 3
+    with StudyLock(spec, SCHEMA_LOCK_NAME):
+        for attempt in range(1, attempts + 1):
+            try:
+                return optuna.storages.RDBStorage(
+                    spec.location,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=stale_callback if heartbeat_interval else None,
+                )
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                    sqlalchemy.exc.OperationalError) as e:
+                if attempt == attempts or "already exists" not in str(e) and "duplicate key" not in str(e):
+                    raise
+                log.info("Optuna's tables were being created by another process; retrying (%s)",
+                         type(e).__name__)
+                time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+# the database-wide lock under which Optuna's tables are created (not a study name)
+SCHEMA_LOCK_NAME = "<schema>"
 
 
 class StudyLock:
@@ -1025,6 +1048,9 @@ class TardisOptunaSweeperImpl:
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
+        # Hydra sets its runtime config only when a job starts, but hydra.sweep.dir may go
+        # through ${hydra:...} (the default: paths.root_dir -> ${hydra:runtime.cwd}).
+        HydraConfig.instance().set_config(config)
         self.sweep_dir = config.hydra.sweep.dir
 
     # -- validation -------------------------------------------------------------------------
