@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import subprocess
+import threading
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,10 +25,12 @@ import yaml
 
 from . import __version__
 from .cache import StageCache
+from .cache import check_config as check_cache
 from .consensus import check_params as check_consensus
+from .consensus import check_resources as check_consensus_resources
 from .consensus import consensus
 from .data import check_data, load_data
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted, OutputError, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
 from .preprocess import check_params as check_preprocess
@@ -31,6 +38,7 @@ from .preprocess import preprocess
 from .score import check_params as check_score
 from .score import score
 from .tracking import Tracker, flatten, redact, redact_tree
+from .tracking import check_config as check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,16 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_factorize(**stage_kwargs(cfg["factorize"]))
     check_consensus(**stage_kwargs(cfg["consensus"]))
     check_score(**stage_kwargs(cfg["score"]))
+    check_tracking(cfg["tracking"])
+    check_cache(cfg.get("cache"))
     check_data(cfg["data"])
     result_mode(cfg)
+
+
+def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:
+    """The checks that need the preprocessed data's shape (spots, genes), before the factorization."""
+    check_factorize(**stage_kwargs(cfg["factorize"]), shape=shape)
+    check_consensus_resources(shape, **stage_kwargs(cfg["consensus"]))
 
 
 SAVE_RESULT = {True: "full", False: "none", "full": "full", "results": "results", "none": "none"}
@@ -99,20 +115,71 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _atomic_write_h5ad(adata, path: Path) -> None:
-    # write beside the target, then rename: a kill never leaves a half-written result
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename: a kill or a full disk never leaves a
+    half-written file under the final name (the temporary file is removed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        adata.write_h5ad(tmp, compression="gzip")
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(e, path.parent, f"write {path.name}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _atomic_write_h5ad(adata, path: Path) -> None:
+    def write(tmp):
+        try:
+            adata.write_h5ad(tmp, compression="gzip")
+        except OSError:
+            raise
+        except Exception as e:  # h5py/anndata wrap the OSError of a full disk in their own errors
+            oserr = _os_error_in(e)
+            if oserr is None:
+                raise
+            raise oserr from e
+
+    _atomic_write(path, write)
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError under anndata's/h5py's wrappers (``errno`` may only be in the text)."""
+    import errno
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+        if os.strerror(code) in text or f"errno = {code}" in text:
+            return OSError(code, os.strerror(code))
+    return None
+
+
 def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`~tardis_exp.errors.Interrupted` (a KeyboardInterrupt) in the
+    main thread, so that it ends the run as Ctrl-C does: runs marked KILLED, temporary
+    files removed. Elsewhere (a worker thread) the handler cannot be set: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(f"terminated by signal {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def headline_metrics(adata) -> dict[str, float]:
@@ -144,8 +211,15 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
     ``cfg`` is the resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
     """
     validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with _sigterm_as_interrupt():
+        return _run(cfg, Path(run_dir), overrides)
+
+
+def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, run_dir.parent, "create the run folder") from e
     progress = cfg.get("progress")
     safe_cfg = redact_tree(cfg)  # credentials never reach the run dir or MLflow
     _atomic_write_text(yaml.safe_dump(safe_cfg, sort_keys=False), run_dir / "config.yaml")
@@ -173,12 +247,15 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
             adata = cache.preprocess(data, cfg, stage_run=st,
                                      compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
             st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
+        if cache.unreadable:
+            parent.set_tags({"cache.unreadable": str(len(cache.unreadable))})
         del data  # the raw counts: free them before the factorization needs the memory
 
         # the store opened on its own thread while the data loaded; a store that cannot be
         # used must fail the run here, before the factorization, not after it
         tracker.wait_ready()
         with tracker.stage("factorize", cfg["factorize"]) as st:
+            check_shape(cfg, adata.shape)  # ranks, K ranges and memory against the data, before any fit
             cache.factorize(adata, cfg, stage_run=st,
                             compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))
             nmf = adata.uns["nmf"]
@@ -216,10 +293,11 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
 
 def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     table = adata.uns["nmf_programs"]
-    table.to_csv(run_dir / "programs.tsv", sep="\t", index=False)
+    _atomic_write(run_dir / "programs.tsv", lambda tmp: table.to_csv(tmp, sep="\t", index=False))
     usages = pd.DataFrame(adata.obsm["X_nmf_consensus"], index=adata.obs_names,
                           columns=[f"program_{i}" for i in range(adata.obsm["X_nmf_consensus"].shape[1])])
-    usages.to_csv(run_dir / "usages.tsv.gz", sep="\t", compression="gzip")
+    _atomic_write(run_dir / "usages.tsv.gz",
+                  lambda tmp: usages.to_csv(tmp, sep="\t", compression="gzip"))
     parent.log_artifact(run_dir / "programs.tsv")
     parent.log_artifact(run_dir / "usages.tsv.gz")
     mode = result_mode(cfg)
@@ -236,6 +314,15 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     if cfg["tracking"].get("log_plots", True):
         from .plots import make_plots
 
+        # drawn in a temporary folder, renamed when complete: no half set of figures
         plot_dir = run_dir / "plots"
-        make_plots(adata, plot_dir)
+        tmp = run_dir / f".plots.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            make_plots(adata, tmp)
+            shutil.rmtree(plot_dir, ignore_errors=True)
+            os.replace(tmp, plot_dir)
+        except OSError as e:
+            raise disk_error(e, run_dir, "draw the figures") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         parent.log_artifact(plot_dir, "plots")
