@@ -110,6 +110,38 @@ def check_config(cfg: Mapping[str, Any] | None) -> None:
         raise ConfigError("cache.dir must be set when cache.enabled=true")
 
 
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> None:
+    """``adata.write_h5ad(path)``, with HDF5 never writing to the disk itself.
+
+    The file is built in memory (h5py on a :class:`io.BytesIO`, anndata's own
+    ``write_elem``) and then written with one plain ``write``: a full disk is an
+    ``OSError`` (``ENOSPC``) like any other, not an HDF5 error stack of hundreds of lines
+    followed by a segmentation fault when h5py's half-written objects are freed at exit.
+    Costs one compressed copy of the file in memory while writing.
+    """
+    import io
+
+    import h5py
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+
+    # what AnnData.write_h5ad does first (the same file, the same dtypes on reading)
+    adata.strings_to_categoricals()
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    buf = io.BytesIO()
+    kwargs = {"compression": compression} if compression else {}
+    with h5py.File(buf, "w") as f:
+        write_elem(f, "/", adata, dataset_kwargs=kwargs)
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask would race with other threads)
         with open("/proc/self/status") as f:
@@ -573,10 +605,12 @@ class StageCache:
             _shareable(tmp)
             data = tmp / _DATA_FILE[stage]
             if stage == "preprocess":
-                payload.write_h5ad(data)
+                write_h5ad(payload, data)
             else:
                 with open(data, "wb") as f:
                     np.savez(f, **payload)
+                    f.flush()
+                    os.fsync(f.fileno())
             size = data.stat().st_size
             if size > self.max_bytes:
                 log.warning("stage cache: the %s result (%.2f GB) is larger than cache.max_size_gb; not cached",

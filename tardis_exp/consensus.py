@@ -114,9 +114,15 @@ def check_resources(shape, *, method="components", min_clusters=4, max_clusters=
     ``max_clusters=5000`` on 900 spots would fit every K up to 719 (tens of GB). The
     ``components`` method clusters a few hundred components and keeps its clip warning.
     """
+    n_obs, n_vars = int(shape[0]), int(shape[1])
+    if n_obs <= int(min_clusters):
+        # programs are told apart over spots (labels, silhouette, usages): K programs need
+        # more than K spots, or every later step fails on degenerate input
+        raise ConfigError(f"the preprocessed data has {n_obs} spots, too few for consensus.min_clusters="
+                          f"{min_clusters} programs: at least {int(min_clusters) + 1} spots are needed "
+                          "(lower consensus.min_clusters or use more spots)")
     if method != "spots":
         return
-    n_obs, n_vars = int(shape[0]), int(shape[1])
     n = min(int(max_spots), n_obs)
     n_sampled = max(1, int(np.floor(n * float(resample_frac))))
     top = min(n_sampled - 1, n - 1, n_vars - 1)

@@ -24,13 +24,13 @@ import pandas as pd
 import yaml
 
 from . import __version__
-from .cache import StageCache
+from .cache import StageCache, write_h5ad
 from .cache import check_config as check_cache
 from .consensus import check_params as check_consensus
 from .consensus import check_resources as check_consensus_resources
 from .consensus import consensus
 from .data import check_data, load_data
-from .errors import ConfigError, Interrupted, OutputError, disk_error
+from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
 from .preprocess import check_params as check_preprocess
@@ -129,34 +129,8 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _atomic_write_h5ad(adata, path: Path) -> None:
-    def write(tmp):
-        try:
-            adata.write_h5ad(tmp, compression="gzip")
-        except OSError:
-            raise
-        except Exception as e:  # h5py/anndata wrap the OSError of a full disk in their own errors
-            oserr = _os_error_in(e)
-            if oserr is None:
-                raise
-            raise oserr from e
-
-    _atomic_write(path, write)
-
-
-def _os_error_in(e: BaseException) -> OSError | None:
-    """The OSError under anndata's/h5py's wrappers (``errno`` may only be in the text)."""
-    import errno
-
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    text = str(e)
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-        if os.strerror(code) in text or f"errno = {code}" in text:
-            return OSError(code, os.strerror(code))
-    return None
+    # built in memory, written in one plain write: a full disk is one OSError (see write_h5ad)
+    _atomic_write(path, lambda tmp: write_h5ad(adata, tmp, compression="gzip"))
 
 
 def _atomic_write_text(text: str, path: Path) -> None:

@@ -572,6 +572,40 @@ def make_storage(
     )
 
 
+def with_driver(spec: StorageSpec) -> StorageSpec:
+    """``postgresql://`` without a driver gets the installed one (SQLAlchemy 2.1's default is
+    psycopg 3; the README installs psycopg2-binary), and a ``connect_timeout`` of 10 s
+    unless the URL sets one (libpq waits without limit for a host that does not answer)."""
+    import importlib.util
+
+    loc = spec.location
+    if spec.kind == "rdb" and loc.startswith(("postgresql://", "postgres://")):
+        for driver in ("psycopg2", "psycopg"):
+            if importlib.util.find_spec(driver) is not None:
+                loc = f"postgresql+{driver}://" + loc.split("://", 1)[1]
+                break
+    if spec.kind == "rdb" and loc.startswith("postgresql") and "connect_timeout" not in loc:
+        loc += ("&" if "?" in loc else "?") + "connect_timeout=10"
+    return StorageSpec(spec.kind, loc)
+
+
+def open_storage(spec: StorageSpec, *args: Any) -> optuna.storages.BaseStorage:
+    """:func:`make_storage`, with a storage that cannot be used as one line naming the key
+    (credentials masked), not a page of SQLAlchemy traceback."""
+    try:
+        return make_storage(spec, *args)
+    except SweeperConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- refused, auth, missing driver, unwritable journal
+        orig = getattr(e, "orig", None) or e.__cause__ or e
+        lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+        why = f"{type(orig).__name__}: {lines[0] if lines else ''}"[:300]
+        if isinstance(orig, ModuleNotFoundError) or "DB access module" in str(e):
+            why += " (install the database driver, e.g. pip install psycopg2-binary)"
+        raise SweeperConfigError(f"{KEY}.storage={spec.describe()} cannot be used: "
+                                 f"{_mask_url(why)}") from None
+
+
 class StudyLock:
     """Inter-process lock serialising 'count trials + ask' among workers of one study.
 
@@ -1094,7 +1128,8 @@ class TardisOptunaSweeperImpl:
         HydraConfig.instance().set_config(self.config)
         self._validate(arguments)
         directions = [o.direction for o in self.objectives]
-        storage = make_storage(self.storage_spec, self.heartbeat_interval, self.grace_period, _stale_callback)
+        self.storage_spec = with_driver(self.storage_spec)
+        storage = open_storage(self.storage_spec, self.heartbeat_interval, self.grace_period, _stale_callback)
         lock = StudyLock(self.storage_spec, self.study_name)
         log.info(
             "Study '%s' on %s: sampler=%s, objectives=%s, n_trials=%d, n_jobs=%d",
