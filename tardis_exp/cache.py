@@ -142,6 +142,14 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
         os.fsync(fh.fileno())
 
 
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    """``folder.glob(pattern)``; nothing for a folder this user may not list (shared caches)."""
+    try:
+        return list(folder.glob(pattern))
+    except OSError:
+        return []
+
+
 def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask would race with other threads)
         with open("/proc/self/status") as f:
@@ -487,7 +495,7 @@ class StageCache:
         """Every complete entry folder (those with a ``meta.json``)."""
         if self.dir is None or not self.dir.is_dir():
             return []
-        return [p.parent for s in STAGES for p in (self.dir / s).glob("*/meta.json")]
+        return [p.parent for s in STAGES for p in _glob(self.dir / s, "*/meta.json")]
 
     @staticmethod
     def _size(entry: Path) -> int:
@@ -505,7 +513,7 @@ class StageCache:
         return total
 
     def _memos(self) -> list[Path]:
-        return list((self.dir / "inputs").glob("*.json")) if self.dir is not None else []
+        return _glob(self.dir / "inputs", "*.json") if self.dir is not None else []
 
     def size_bytes(self) -> int:
         return sum(self._size(e) for e in self.entries() + self._memos())
@@ -596,8 +604,11 @@ class StageCache:
         if not self.enabled:
             return False
         final = self.entry_dir(stage, key)
-        if (final / "meta.json").is_file():
-            return True
+        try:
+            if (final / "meta.json").is_file():
+                return True
+        except OSError:  # a folder of another user's that we may not look into: try, and warn below
+            pass
         tmp = None
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -642,7 +653,7 @@ class StageCache:
             return 0
         now = time.time()
         for s in STAGES:  # leftovers of killed writers and removers (older than an hour)
-            for junk in list((self.dir / s).glob(".tmp-*")) + list((self.dir / s).glob(".trash-*")):
+            for junk in _glob(self.dir / s, ".tmp-*") + _glob(self.dir / s, ".trash-*"):
                 try:
                     if now - junk.stat().st_mtime > 3600:
                         shutil.rmtree(junk, ignore_errors=True)
