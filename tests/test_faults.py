@@ -30,15 +30,16 @@ from tardis_exp.errors import ConfigError, InputError, TrackingError
 from tardis_exp.pipeline import _atomic_write, run
 from tardis_exp.tracking import Tracker, sqlalchemy_uri
 
-SMALL = ["data.n_spots=300", "data.n_genes=400", "data.n_programs=3", "data.n_markers=20",
-         "factorize.n_replicates=2", "factorize.max_iter=80", "consensus.n_resamples=5", "tracking.log_plots=false"]
+SMALL = ["data.n_spots=150", "data.n_genes=200", "data.n_programs=3", "data.n_markers=15", "factorize.n_components=4",
+         "factorize.n_replicates=3", "factorize.max_iter=60", "consensus.n_resamples=5", "tracking.log_plots=false"]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def _cli(root: Path, *args: str, timeout: int = 600, **kw):
     env = {**os.environ, "TARDIS_EXP_PROGRESS": "0"}
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, "-m", "tardis_exp", f"paths.root_dir={root}", *args]
+    cmd = [sys.executable, "-m", "tardis_exp", *[a for a in args if a == "-m"], f"paths.root_dir={root}",
+           *[a for a in args if a != "-m"]]
     if kw.pop("popen", False):
         return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
@@ -83,7 +84,7 @@ def _fill(folder: Path, leave_kb: int) -> None:
 def test_full_output_disk_is_one_line_and_keeps_finished_outputs(tmpfs, tmp_path):
     out_dir = tmpfs / "out"
     out_dir.mkdir()
-    _fill(tmpfs, leave_kb=400)  # the config and tables fit, result.h5ad (~1.5 MB) does not
+    _fill(tmpfs, leave_kb=150)  # the config and tables fit (~50 KB), result.h5ad (~370 KB) does not
     r = _cli(tmp_path, f"paths.output_dir={out_dir}", *SMALL)
     # before: HDF5 error stacks and a segmentation fault (exit 139)
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
@@ -96,7 +97,7 @@ def test_full_output_disk_is_one_line_and_keeps_finished_outputs(tmpfs, tmp_path
     import pandas as pd
 
     assert len(pd.read_csv(run_dir / "programs.tsv", sep="\t")) > 0
-    assert pd.read_csv(run_dir / "usages.tsv.gz", sep="\t", index_col=0).shape[0] == 300
+    assert pd.read_csv(run_dir / "usages.tsv.gz", sep="\t", index_col=0).shape[0] == 150
     assert not (run_dir / "result.h5ad").exists()
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
     assert _runs(tmp_path / "mlruns" / "mlflow.db")["pipeline"].info.status == "FAILED"
@@ -162,7 +163,7 @@ def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
 
 def test_spots_consensus_k_range_is_checked_against_the_data(compose, tmp_path):
     db = tmp_path / "mlruns" / "mlflow.db"
-    cfg = compose("data.n_spots=900", "data.n_genes=300", "data.n_programs=3", "data.n_markers=20",
+    cfg = compose("data.n_spots=900", "data.n_genes=800", "data.n_programs=3", "data.n_markers=20",
                   "consensus=spots", "consensus.max_clusters=5000", "factorize.n_replicates=1",
                   "tracking.log_plots=false", f"tracking.uri=sqlite:///{db}")
     t0 = time.perf_counter()

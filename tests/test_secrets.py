@@ -70,8 +70,10 @@ def server(tmp_path_factory):
 def _cli(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "TARDIS_EXP_PROGRESS": "0"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "tardis_exp", f"paths.root_dir={root}", *args], cwd=root,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    # "-m" (multirun) goes first, before any override
+    cmd = [sys.executable, "-m", "tardis_exp", *[a for a in args if a == "-m"], f"paths.root_dir={root}",
+           *[a for a in args if a != "-m"]]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _hits(folder: Path, needle: str) -> list[str]:
@@ -127,7 +129,7 @@ def test_failed_runs_write_the_password_nowhere(tmp_path):
         dead = s.getsockname()[1]
     outs = [
         # a data.path URL with credentials: refused before anything is written
-        _cli(tmp_path, "data=h5ad", f"data.path=https://carol:{PW}@example.org/x.h5ad", *SMALL),
+        _cli(tmp_path, "data=h5ad", f"data.path=https://carol:{PW}@example.org/x.h5ad"),
         # an unreachable tracking server with credentials: fails before the data is read
         _cli(tmp_path, f"tracking.uri=http://alice:{PW}@127.0.0.1:{dead}", "tracking.connect_timeout_s=2", *SMALL),
         # an unreachable PostgreSQL sweep storage with credentials

@@ -1201,7 +1201,8 @@ class TardisOptunaSweeperImpl:
             values = {k: v for _, k, v in sampled}
             overrides = list(self.space.fixed) + [f"{p}{k}={format_value(v)}" for p, k, v in sampled]
             trial.set_user_attr(VALUES_ATTR, values)
-            trial.set_user_attr(OVERRIDES_ATTR, overrides)
+            # stored in the study for reference only (never re-launched): credentials masked
+            trial.set_user_attr(OVERRIDES_ATTR, [_mask_url(o) for o in overrides])
             batch.append((trial, overrides))
         return batch
 
@@ -1276,7 +1277,7 @@ class TardisOptunaSweeperImpl:
             if out_dir:  # where the trial wrote its outputs (job_dir is the cwd unless chdir)
                 trial.set_user_attr("output_dir", str(out_dir))
             if error:
-                trial.set_user_attr(FAIL_REASON_ATTR, error[:2000])
+                trial.set_user_attr(FAIL_REASON_ATTR, _mask_url(error)[:2000])
         except Exception:
             pass
         try:
