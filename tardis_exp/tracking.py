@@ -705,7 +705,8 @@ class Tracker:
                     src = None
             if src is None:  # generated in process (data=synthetic) or not a file MLflow knows
                 src = CodeDatasetSource({"mlflow.source.name": f"tardis_exp.data:{src_text}"})
-            ent = Dataset(name=redact(str(name)), digest=digest, source_type=src._get_source_type(), source=src.to_json(),
+            ent = Dataset(name=redact(str(name)), digest=digest, source_type=src._get_source_type(),
+                          source=src.to_json(),
                           profile=profile)
             self.client.log_inputs(rid,
                                    datasets=[DatasetInput(ent, tags=[InputTag("mlflow.data.context", "input")])])

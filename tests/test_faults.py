@@ -120,15 +120,14 @@ def test_signal_marks_the_run_killed_and_leaves_no_partial_file(tmp_path, sig, c
     p = _cli(tmp_path, "data.n_spots=1500", "data.n_genes=1500", "factorize.n_replicates=200",
              "factorize.max_iter=400", "factorize.tol=0", "tracking.log_plots=false", popen=True)
     try:
-        deadline = time.time() + 300
-        logs = []
-        while time.time() < deadline:  # wait for the factorization to start
-            logs = list((tmp_path / "outputs" / "runs").glob("*/*.log"))
-            if logs and "preprocess:" in logs[0].read_text():
+        deadline = time.time() + 400
+        db = tmp_path / "mlruns" / "mlflow.db"
+        while time.time() < deadline:  # wait for the factorize stage's MLflow run
+            if _stage_started(db, "factorize"):
                 break
             assert p.poll() is None, p.communicate()[1][-2000:]
             time.sleep(0.5)
-        time.sleep(2)
+        time.sleep(1)
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
     finally:
@@ -139,9 +138,21 @@ def test_signal_marks_the_run_killed_and_leaves_no_partial_file(tmp_path, sig, c
     runs = _runs(tmp_path / "mlruns" / "mlflow.db")
     assert runs["pipeline"].info.status == "KILLED"
     assert runs["factorize"].info.status == "KILLED"
-    run_dir = logs[0].parent
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     assert not (run_dir / "result.h5ad").exists() and not (run_dir / "programs.tsv").exists()
     assert not [q for q in run_dir.rglob("*") if q.name.endswith(".tmp")]
+
+
+def _stage_started(db: Path, name: str) -> bool:
+    import sqlite3
+
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM runs WHERE name = ?", (name,)).fetchone()[0] > 0
+    except sqlite3.Error:  # the schema is being created
+        return False
 
 
 def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):

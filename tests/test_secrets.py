@@ -26,7 +26,8 @@ import pytest
 
 PW = "PlAnTeD9pw"  # found nowhere else
 SMALL = ["data.n_spots=150", "data.n_genes=200", "data.n_programs=3", "data.n_markers=15",
-         "factorize.n_components=4", "factorize.n_replicates=3", "factorize.max_iter=60", "consensus.n_resamples=5", "tracking.log_plots=false",
+         "factorize.n_components=4", "factorize.n_replicates=3", "factorize.max_iter=60", "consensus.n_resamples=5",
+         "tracking.log_plots=false",
          "save_result=results"]
 
 
