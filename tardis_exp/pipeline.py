@@ -221,8 +221,6 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
             adata = cache.preprocess(data, cfg, stage_run=st,
                                      compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
             st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
-        if cache.unreadable:
-            parent.set_tags({"cache.unreadable": str(len(cache.unreadable))})
         del data  # the raw counts: free them before the factorization needs the memory
 
         # the store opened on its own thread while the data loaded; a store that cannot be
@@ -257,6 +255,8 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
         metrics = headline_metrics(adata)
         if cache.enabled:
             metrics.update(cache_hits=float(cache.hits), cache_misses=float(cache.misses))
+        if cache.unreadable:  # other users' entries skipped (and warned about) in a shared cache
+            parent.set_tags({"cache.unreadable": str(len(cache.unreadable))})
         parent.log_metrics(metrics)
         _write_outputs(adata, run_dir, cfg, parent)
     metrics["mlflow_run_id"] = parent.run_id
