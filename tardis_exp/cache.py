@@ -68,7 +68,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import __version__
-from .errors import ConfigError
+from .errors import ConfigError, check_bool, check_float
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,85 @@ _SEP = "/"
 
 class CacheCorrupt(Exception):
     """An entry that exists but cannot be trusted (checksum, format, shape)."""
+
+
+class CacheUnreadable(Exception):
+    """An entry this user may not read (another user's, in a shared cache): skipped, kept."""
+
+
+def check_config(cfg: Mapping[str, Any] | None) -> None:
+    """Validate a ``cache`` config before anything is created (no run, no folder)."""
+    cfg = cfg or {}
+    enabled = check_bool(cfg.get("enabled", False), "cache.enabled")
+    check_float(cfg.get("max_size_gb", 5.0), "cache.max_size_gb", low=0, low_open=True)
+    d = cfg.get("dir")
+    if enabled and (d is None or not str(d).strip()):
+        raise ConfigError("cache.dir must be set when cache.enabled=true")
+
+
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> None:
+    """``adata.write_h5ad(path)``, with HDF5 never writing to the disk itself.
+
+    The file is built in memory (h5py on a :class:`io.BytesIO`, anndata's own
+    ``write_elem``) and then written with one plain ``write``: a full disk is an
+    ``OSError`` (``ENOSPC``) like any other, not an HDF5 error stack of hundreds of lines
+    followed by a segmentation fault when h5py's half-written objects are freed at exit.
+    Costs one compressed copy of the file in memory while writing.
+    """
+    import io
+
+    import h5py
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+
+    # what AnnData.write_h5ad does first (the same file, the same dtypes on reading)
+    adata.strings_to_categoricals()
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
+    buf = io.BytesIO()
+    kwargs = {"compression": compression} if compression else {}
+    with h5py.File(buf, "w") as f:
+        write_elem(f, "/", adata, dataset_kwargs=kwargs)
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    """``folder.glob(pattern)``; nothing for a folder this user may not list (shared caches)."""
+    try:
+        return list(folder.glob(pattern))
+    except OSError:
+        return []
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would race with other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _shareable(path: Path) -> None:
+    """Give a folder made by :func:`tempfile.mkdtemp` (always 0700) the mode the umask allows.
+
+    A shared cache (``cache.dir=/shared/...`` used by a group) then gets group-readable and,
+    under ``umask 002``, group-writable entries like every other file of the cache.
+    """
+    try:
+        os.chmod(path, 0o777 & ~_umask())
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------------ keys
@@ -393,16 +472,14 @@ class StageCache:
     """
 
     def __init__(self, directory: str | os.PathLike | None, max_size_gb: float = 5.0, enabled: bool = True):
-        self.enabled = bool(enabled)
-        if self.enabled and directory in (None, ""):
-            raise ConfigError("cache.dir must be set when cache.enabled=true")
-        if max_size_gb is None or float(max_size_gb) <= 0:
-            raise ConfigError(f"cache.max_size_gb must be > 0, got {max_size_gb}")
+        check_config({"enabled": enabled, "dir": directory, "max_size_gb": max_size_gb})
+        self.enabled = enabled
         self.dir = Path(str(directory)).expanduser() if directory else None
         self.max_bytes = int(float(max_size_gb) * 1024**3)
         self.hits = 0
         self.misses = 0
         self.events: list[dict[str, Any]] = []
+        self.unreadable: list[str] = []  # entries of other users this process may not read
         self._input: str | None = None  # input digest of the current run, set by preprocess()
 
     @classmethod
@@ -418,21 +495,25 @@ class StageCache:
         """Every complete entry folder (those with a ``meta.json``)."""
         if self.dir is None or not self.dir.is_dir():
             return []
-        return [p.parent for s in STAGES for p in (self.dir / s).glob("*/meta.json")]
+        return [p.parent for s in STAGES for p in _glob(self.dir / s, "*/meta.json")]
 
     @staticmethod
     def _size(entry: Path) -> int:
         """Bytes of an entry folder (its files) or of a memo file; 0 once removed."""
         total = 0
-        for f in entry.iterdir() if entry.is_dir() else [entry]:
+        try:
+            files = list(entry.iterdir()) if entry.is_dir() else [entry]
+        except OSError:  # removed meanwhile, or another user's folder we may not list
+            return 0
+        for f in files:
             try:
                 total += f.stat().st_size
-            except FileNotFoundError:
+            except OSError:
                 pass
         return total
 
     def _memos(self) -> list[Path]:
-        return list((self.dir / "inputs").glob("*.json")) if self.dir is not None else []
+        return _glob(self.dir / "inputs", "*.json") if self.dir is not None else []
 
     def size_bytes(self) -> int:
         return sum(self._size(e) for e in self.entries() + self._memos())
@@ -461,7 +542,11 @@ class StageCache:
         """The entry's payload, or ``None`` when absent; :class:`CacheCorrupt` if untrustworthy."""
         entry = self.entry_dir(stage, key)
         meta_path = entry / "meta.json"
-        if not meta_path.is_file():
+        try:
+            os.stat(meta_path)
+        except PermissionError:
+            raise CacheUnreadable("permission denied") from None
+        except OSError:
             return None
         try:
             meta = json.loads(meta_path.read_text())
@@ -479,6 +564,8 @@ class StageCache:
             if not entry.exists():  # evicted by another process between the checks
                 return None
             raise CacheCorrupt("a file of the entry is missing") from None
+        except PermissionError:
+            raise CacheUnreadable("permission denied") from None
         except CacheCorrupt:
             raise
         except Exception as e:  # unreadable JSON, HDF5, zip: all mean the entry is damaged
@@ -495,6 +582,15 @@ class StageCache:
             return None
         try:
             return self._load(stage, key)
+        except CacheUnreadable as e:
+            # another user's entry in a shared cache: not ours to delete; compute ours
+            where = self.entry_dir(stage, key)
+            self.unreadable.append(str(where))
+            msg = (f"stage cache: skipping unreadable {stage} entry {where} ({e}; created by another user "
+                   "without group read permission, see docs/troubleshooting-faults.md); recomputing")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return None
         except CacheCorrupt as e:
             msg = f"stage cache: ignoring damaged {stage} entry {self.entry_dir(stage, key)} ({e}); recomputing"
             log.warning(msg)
@@ -508,17 +604,24 @@ class StageCache:
         if not self.enabled:
             return False
         final = self.entry_dir(stage, key)
-        if (final / "meta.json").is_file():
-            return True
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
         try:
+            if (final / "meta.json").is_file():
+                return True
+        except OSError:  # a folder of another user's that we may not look into: try, and warn below
+            pass
+        tmp = None
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
+            _shareable(tmp)
             data = tmp / _DATA_FILE[stage]
             if stage == "preprocess":
-                payload.write_h5ad(data)
+                write_h5ad(payload, data)
             else:
                 with open(data, "wb") as f:
                     np.savez(f, **payload)
+                    f.flush()
+                    os.fsync(f.fileno())
             size = data.stat().st_size
             if size > self.max_bytes:
                 log.warning("stage cache: the %s result (%.2f GB) is larger than cache.max_size_gb; not cached",
@@ -531,13 +634,16 @@ class StageCache:
                 os.rename(tmp, final)
             except OSError:
                 # another process stored the same key first: its entry is as good as ours
-                if not (final / "meta.json").is_file():
+                if not final.exists():
                     raise
         except Exception as e:  # a full disk must not fail the run: the result is in memory
-            log.warning("stage cache: could not store the %s result under %s: %s", stage, final, e)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            log.warning("stage cache: could not store the %s result under %s (%s); the run goes on "
+                        "without caching it", stage, final, " ".join(str(reason).split())[:300])
             return False
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         self.evict(keep=final)
         return True
 
@@ -547,23 +653,23 @@ class StageCache:
             return 0
         now = time.time()
         for s in STAGES:  # leftovers of killed writers and removers (older than an hour)
-            for junk in list((self.dir / s).glob(".tmp-*")) + list((self.dir / s).glob(".trash-*")):
+            for junk in _glob(self.dir / s, ".tmp-*") + _glob(self.dir / s, ".trash-*"):
                 try:
                     if now - junk.stat().st_mtime > 3600:
                         shutil.rmtree(junk, ignore_errors=True)
-                except FileNotFoundError:
+                except OSError:
                     pass
         found = []
         for e in self.entries():
             try:
                 found.append((os.stat(e / "meta.json").st_mtime, self._size(e), e))
-            except FileNotFoundError:
+            except OSError:  # removed meanwhile, or unreadable (another user's)
                 continue
         # input memos are tiny, but a cache that sees many inputs must not grow without bound
         for memo in self._memos():
             try:
                 found.append((memo.stat().st_mtime, self._size(memo), memo))
-            except FileNotFoundError:
+            except OSError:
                 continue
         total = sum(s for _, s, _ in found)
         removed = 0
@@ -573,7 +679,10 @@ class StageCache:
             if keep is not None and e == keep:
                 continue
             if e.is_file():
-                e.unlink(missing_ok=True)
+                try:
+                    e.unlink(missing_ok=True)
+                except OSError as err:
+                    log.warning("stage cache: cannot remove %s: %s", e, err)
             else:
                 self._remove(e)
             total -= size

@@ -58,8 +58,44 @@ def _one_line(e: BaseException) -> str:
 
 
 def _fail(e: BaseException) -> None:
-    print(f"tardis-exp: error: {_one_line(e)}", file=sys.stderr)
+    from .tracking import redact
+
+    print(f"tardis-exp: error: {redact(_one_line(e))}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def _discard_if_empty(run_dir: str) -> None:
+    """Remove a run folder that holds only what Hydra wrote before the task failed
+    (``.hydra/``, the job log): a config error leaves no empty run behind."""
+    import shutil
+
+    p = Path(run_dir)
+    try:
+        names = {q.name for q in p.iterdir()}
+    except OSError:
+        return
+    if all(n == ".hydra" or n.endswith(".log") for n in names):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _crash(e: BaseException) -> None:
+    """An unexpected exception: its traceback, credentials redacted (Python's own
+    report would print the raw message), exit status 1."""
+    import traceback
+
+    from .tracking import redact
+
+    sys.stderr.write(redact("".join(traceback.format_exception(type(e), e, e.__traceback__))))
+    sys.exit(1)
+
+
+def _interrupted(e: BaseException) -> None:
+    from .errors import Interrupted
+
+    sigterm = isinstance(e, Interrupted)
+    print(f"tardis-exp: {'terminated (SIGTERM)' if sigterm else 'interrupted (SIGINT)'}; "
+          "the MLflow run is marked KILLED, no partial result file was kept", file=sys.stderr)
+    sys.exit(143 if sigterm else 130)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -72,6 +108,7 @@ def app(cfg: DictConfig) -> dict:
         container = OmegaConf.to_container(cfg, resolve=True)
         return run(container, hc.runtime.output_dir, overrides=list(hc.overrides.task))
     except (TardisError, OmegaConfBaseException) as e:
+        _discard_if_empty(hc.runtime.output_dir)
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
         _fail(e)  # a user mistake: one line that says what is wrong, no traceback
@@ -80,7 +117,12 @@ def app(cfg: DictConfig) -> dict:
 def main() -> None:
     """Console entry point: Hydra's app with one-line errors for user mistakes."""
     if os.environ.get("HYDRA_FULL_ERROR", "") in ("1", "true", "True"):
-        app()  # the user asked for full tracebacks: Hydra's own reporting
+        try:
+            app()  # the user asked for full tracebacks: Hydra's own reporting
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+        except Exception as e:  # noqa: BLE001 -- the full traceback, credentials hidden
+            _crash(e)
         return
     # With HYDRA_FULL_ERROR set Hydra re-raises instead of printing a trimmed traceback
     # and exiting 1, so its config errors reach us and become one line.
@@ -89,6 +131,10 @@ def main() -> None:
         app()
     except (HydraException, OmegaConfBaseException, TardisError) as e:
         _fail(e)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
+    except Exception as e:  # noqa: BLE001 -- a crash: the traceback, credentials hidden
+        _crash(e)
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
 

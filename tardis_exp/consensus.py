@@ -78,6 +78,81 @@ def check_params(*, method="components", min_clusters=4, max_clusters=10, n_resa
     check_int(store_matrix_items, "consensus.store_matrix_items", minimum=0)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), else ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def estimate_spots_memory(n_spots: int, n_genes: int, ks, n_resamples: int, store_items: int) -> int:
+    """Peak bytes of ``method='spots'`` for ``n_spots`` clustered spots and the K values ``ks``.
+
+    Every (K, resample) factorization is held at once by the batched solver: W (spots x K)
+    and H (K x genes) in float32, about three copies of each while it iterates; per K the
+    resample labels (int64) and the stored consensus matrix (float64, at most
+    ``store_items`` squared); three n x n float64 matrices (consensus, distance, linkage
+    input) while one K is clustered.
+    """
+    ks = list(ks)
+    fits = 3 * 4 * n_resamples * (n_spots + n_genes) * sum(ks)
+    per_k = len(ks) * (8 * n_resamples * n_spots + 8 * min(n_spots, store_items) ** 2)
+    return int(fits + per_k + 3 * 8 * n_spots**2)
+
+
+def check_resources(shape, *, method="components", min_clusters=4, max_clusters=10, n_resamples=100,
+                    resample_frac=0.8, max_spots=2000, store_matrix_items=400, **_) -> None:
+    """Check the K range and the memory of ``method='spots'`` against the preprocessed data's
+    ``shape`` (spots, genes), before the factorization; the message gives the estimate.
+
+    A K range beyond what a resample of the spots can hold is an error, not a silent clip:
+    ``max_clusters=5000`` on 900 spots would fit every K up to 719 (tens of GB). The
+    ``components`` method clusters a few hundred components and keeps its clip warning.
+    """
+    n_obs, n_vars = int(shape[0]), int(shape[1])
+    if n_obs <= int(min_clusters):
+        # programs are told apart over spots (labels, silhouette, usages): K programs need
+        # more than K spots, or every later step fails on degenerate input
+        raise ConfigError(f"the preprocessed data has {n_obs} spots, too few for consensus.min_clusters="
+                          f"{min_clusters} programs: at least {int(min_clusters) + 1} spots are needed "
+                          "(lower consensus.min_clusters or use more spots)")
+    if method != "spots":
+        return
+    n = min(int(max_spots), n_obs)
+    n_sampled = max(1, int(np.floor(n * float(resample_frac))))
+    top = min(n_sampled - 1, n - 1, n_vars - 1)
+    gb = 1024**3
+    if top < 2:
+        raise ConfigError(f"consensus=spots needs at least 3 spots and genes in each resample; the preprocessed "
+                          f"data has {n_obs} spots x {n_vars} genes (consensus.resample_frac={resample_frac})")
+    lo = min(int(min_clusters), top)
+    if int(max_clusters) > top:
+        asked = estimate_spots_memory(n, n_vars, range(int(min_clusters), int(max_clusters) + 1),
+                                      int(n_resamples), int(store_matrix_items))
+        clipped = estimate_spots_memory(n, n_vars, range(lo, top + 1), int(n_resamples), int(store_matrix_items))
+        raise ConfigError(
+            f"consensus.max_clusters={max_clusters} is more than the {top} clusters a resample of {n_sampled} "
+            f"of the {n_obs} spots x {n_vars} genes can hold (consensus.resample_frac={resample_frac}, "
+            f"consensus.max_spots={max_spots}); K {lo}..{top} alone would need about {clipped / gb:.1f} GB "
+            f"(the range asked for, {asked / gb:.1f} GB); set consensus.max_clusters <= {top}, "
+            f"typically well below"
+        )
+    need = estimate_spots_memory(n, n_vars, range(int(min_clusters), int(max_clusters) + 1),
+                                 int(n_resamples), int(store_matrix_items))
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise ConfigError(
+            f"consensus=spots with K {min_clusters}..{max_clusters}, {n_resamples} resamples of {n_sampled} "
+            f"of {n} spots x {n_vars} genes needs about {need / gb:.1f} GB; {avail / gb:.1f} GB is available; "
+            "lower consensus.max_clusters, consensus.n_resamples or consensus.max_spots"
+        )
+
+
 # ---------------------------------------------------------------- Monti statistics
 
 

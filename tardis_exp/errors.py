@@ -28,6 +28,27 @@ class TrackingError(TardisError, RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+class OutputError(TardisError, OSError):
+    """A result cannot be written (full disk, no permission): names the folder."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM received: raised in the main thread so that runs end ``KILLED`` and
+    partial files are removed, as for Ctrl-C (SIGINT's :class:`KeyboardInterrupt`)."""
+
+
+def disk_error(e: OSError, folder, what: str = "write", key: str = "paths.output_dir") -> OutputError:
+    """One line for an :class:`OSError` while writing under ``folder`` (ENOSPC, EDQUOT, EACCES...);
+    ``key`` is the config key that chooses the folder."""
+    import errno
+
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}.get(
+        getattr(e, "errno", None), e.strerror or type(e).__name__)
+    return OutputError(f"cannot {what} in {folder}: {reason}; free space there or set {key} "
+                       "to another folder")
+
+
 def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
     if lo is not None and hi is not None:
         return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
@@ -73,6 +94,13 @@ def check_float(value: Any, key: str, *, low: float | None = None, high: float |
     if high is not None and (v >= high if high_open else v > high):
         raise ConfigError(f"{key} must be {what}, got {value!r}")
     return v
+
+
+def check_bool(value: Any, key: str) -> bool:
+    """Return ``value`` if it is a bool; ``'nope'`` or ``1`` is a :class:`ConfigError`, not truthy."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def check_choice(value: Any, key: str, choices: Iterable[str]) -> str:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
 import subprocess
+import threading
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,11 +24,13 @@ import pandas as pd
 import yaml
 
 from . import __version__
-from .cache import StageCache
+from .cache import StageCache, write_h5ad
+from .cache import check_config as check_cache
 from .consensus import check_params as check_consensus
+from .consensus import check_resources as check_consensus_resources
 from .consensus import consensus
 from .data import check_data, load_data
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
 from .preprocess import check_params as check_preprocess
@@ -31,6 +38,7 @@ from .preprocess import preprocess
 from .score import check_params as check_score
 from .score import score
 from .tracking import Tracker, flatten, redact, redact_tree
+from .tracking import check_config as check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,16 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_factorize(**stage_kwargs(cfg["factorize"]))
     check_consensus(**stage_kwargs(cfg["consensus"]))
     check_score(**stage_kwargs(cfg["score"]))
+    check_tracking(cfg["tracking"])
+    check_cache(cfg.get("cache"))
     check_data(cfg["data"])
     result_mode(cfg)
+
+
+def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:
+    """The checks that need the preprocessed data's shape (spots, genes), before the factorization."""
+    check_factorize(**stage_kwargs(cfg["factorize"]), shape=shape)
+    check_consensus_resources(shape, **stage_kwargs(cfg["consensus"]))
 
 
 SAVE_RESULT = {True: "full", False: "none", "full": "full", "results": "results", "none": "none"}
@@ -99,20 +115,45 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _atomic_write_h5ad(adata, path: Path) -> None:
-    # write beside the target, then rename: a kill never leaves a half-written result
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` beside ``path``, then rename: a kill or a full disk never leaves a
+    half-written file under the final name (the temporary file is removed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        adata.write_h5ad(tmp, compression="gzip")
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise disk_error(e, path.parent, f"write {path.name}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _atomic_write_h5ad(adata, path: Path) -> None:
+    # built in memory, written in one plain write: a full disk is one OSError (see write_h5ad)
+    _atomic_write(path, lambda tmp: write_h5ad(adata, tmp, compression="gzip"))
+
+
 def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`~tardis_exp.errors.Interrupted` (a KeyboardInterrupt) in the
+    main thread, so that it ends the run as Ctrl-C does: runs marked KILLED, temporary
+    files removed. Elsewhere (a worker thread) the handler cannot be set: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(f"terminated by signal {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def headline_metrics(adata) -> dict[str, float]:
@@ -144,8 +185,15 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
     ``cfg`` is the resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
     """
     validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with _sigterm_as_interrupt():
+        return _run(cfg, Path(run_dir), overrides)
+
+
+def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, run_dir.parent, "create the run folder") from e
     progress = cfg.get("progress")
     safe_cfg = redact_tree(cfg)  # credentials never reach the run dir or MLflow
     _atomic_write_text(yaml.safe_dump(safe_cfg, sort_keys=False), run_dir / "config.yaml")
@@ -179,6 +227,7 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
         # used must fail the run here, before the factorization, not after it
         tracker.wait_ready()
         with tracker.stage("factorize", cfg["factorize"]) as st:
+            check_shape(cfg, adata.shape)  # ranks, K ranges and memory against the data, before any fit
             cache.factorize(adata, cfg, stage_run=st,
                             compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))
             nmf = adata.uns["nmf"]
@@ -206,6 +255,8 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
         metrics = headline_metrics(adata)
         if cache.enabled:
             metrics.update(cache_hits=float(cache.hits), cache_misses=float(cache.misses))
+        if cache.unreadable:  # other users' entries skipped (and warned about) in a shared cache
+            parent.set_tags({"cache.unreadable": str(len(cache.unreadable))})
         parent.log_metrics(metrics)
         _write_outputs(adata, run_dir, cfg, parent)
     metrics["mlflow_run_id"] = parent.run_id
@@ -216,10 +267,11 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
 
 def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     table = adata.uns["nmf_programs"]
-    table.to_csv(run_dir / "programs.tsv", sep="\t", index=False)
+    _atomic_write(run_dir / "programs.tsv", lambda tmp: table.to_csv(tmp, sep="\t", index=False))
     usages = pd.DataFrame(adata.obsm["X_nmf_consensus"], index=adata.obs_names,
                           columns=[f"program_{i}" for i in range(adata.obsm["X_nmf_consensus"].shape[1])])
-    usages.to_csv(run_dir / "usages.tsv.gz", sep="\t", compression="gzip")
+    _atomic_write(run_dir / "usages.tsv.gz",
+                  lambda tmp: usages.to_csv(tmp, sep="\t", compression="gzip"))
     parent.log_artifact(run_dir / "programs.tsv")
     parent.log_artifact(run_dir / "usages.tsv.gz")
     mode = result_mode(cfg)
@@ -236,6 +288,15 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     if cfg["tracking"].get("log_plots", True):
         from .plots import make_plots
 
+        # drawn in a temporary folder, renamed when complete: no half set of figures
         plot_dir = run_dir / "plots"
-        make_plots(adata, plot_dir)
+        tmp = run_dir / f".plots.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            make_plots(adata, tmp)
+            shutil.rmtree(plot_dir, ignore_errors=True)
+            os.replace(tmp, plot_dir)
+        except OSError as e:
+            raise disk_error(e, run_dir, "draw the figures") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         parent.log_artifact(plot_dir, "plots")

@@ -191,7 +191,9 @@ def preprocess(
     scale
         Scale every gene to unit variance, without centering (cNMF does this).
     make_unique
-        Make duplicated gene names unique instead of failing.
+        Make duplicated gene and spot names unique (``var_names_make_unique``,
+        ``obs_names_make_unique``) instead of failing. Duplicated spot names would give
+        duplicated rows in ``usages.tsv.gz`` that no one can tell apart.
 
     Returns
     -------
@@ -224,10 +226,21 @@ def preprocess(
                 f"{len(var.index[var.index.duplicated()])} duplicated gene names in var_names "
                 f"(e.g. {dup}); set preprocess.make_unique=true or call adata.var_names_make_unique()"
             )
+    if not adata.obs_names.is_unique and not make_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()]
+        raise InputError(
+            f"{len(dup)} duplicated spot names in obs_names (e.g. {dup.unique()[:5].tolist()}); "
+            "set preprocess.make_unique=true or call adata.obs_names_make_unique()"
+        )
     obs = adata.obs.copy()
     out = ad.AnnData(X=_to_float32(counts), obs=obs, var=var, obsm=dict(adata.obsm), uns={})
     if make_unique:
         out.var_names_make_unique()
+        if not out.obs_names.is_unique:
+            n_dup = int(out.obs_names.duplicated().sum())
+            out.obs_names_make_unique()
+            warnings.warn(f"preprocess.make_unique: {n_dup} duplicated spot names made unique "
+                          "(suffixes -1, -2, ...)", UserWarning, stacklevel=2)
     for k in ("true_programs",):
         if k in adata.varm and adata.varm[k].shape[0] == out.n_vars:
             out.varm[k] = adata.varm[k]

@@ -231,7 +231,8 @@ def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n
         Un = U / np.maximum(U.sum(1, keepdims=True), 1e-12)
         rng = np.random.default_rng(seed)
         idx = rng.choice(adata.n_obs, size=min(max_spots, adata.n_obs), replace=False)
-        if len(np.unique(labels[idx])) > 1:
+        # sklearn defines the silhouette for 2 .. n_samples - 1 labels only
+        if 1 < len(np.unique(labels[idx])) < len(idx):
             out["silhouette"] = float(silhouette_score(Un[idx], labels[idx]))
     if spatial_key in adata.obsm:
         G = spatial_graph(np.asarray(adata.obsm[spatial_key]), n_nb)

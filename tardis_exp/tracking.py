@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import TrackingError
+from .errors import ConfigError, TrackingError, check_bool, check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,96 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
         s = "null" if v is None else redact(str(v))
         out[k] = s[:6000]
     return out
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Validate a ``tracking`` config before anything is created (no run, no folder, no store).
+
+    ``enabled=nope`` is an error, not truthy; ``http_max_retries=abc`` names the key.
+    """
+    check_bool(cfg.get("enabled", True), "tracking.enabled")
+    for key in ("log_plots", "log_result"):
+        if key in cfg:
+            check_bool(cfg[key], f"tracking.{key}")
+    uri = cfg.get("uri")
+    if uri is not None and (not isinstance(uri, str) or not uri.strip()):
+        raise ConfigError(f"tracking.uri must be a store URI (sqlite:///..., http://..., postgresql://...) "
+                          f"or null, got {redact(uri)!r}")
+    exp = cfg.get("experiment", "tardis-exp")
+    if not isinstance(exp, str) or not exp.strip():
+        raise ConfigError(f"tracking.experiment must be a non-empty name, got {exp!r}")
+    for key, default in (("connect_timeout_s", 10), ("http_timeout_s", 30)):
+        check_float(cfg.get(key, default), f"tracking.{key}", low=0, low_open=True)
+    check_int(cfg.get("http_max_retries", 2), "tracking.http_max_retries", minimum=0)
+    tags = cfg.get("tags")
+    if tags is not None and not isinstance(tags, Mapping):
+        raise ConfigError(f"tracking.tags must be a mapping (+tracking.tags.owner=me), got {redact(tags)!r}")
+
+
+_DB_SCHEMES = ("postgresql", "postgres", "mysql", "mssql")
+
+
+def sqlalchemy_uri(uri: str) -> str:
+    """``postgresql://`` with the driver that is installed.
+
+    SQLAlchemy's and MLflow's default driver for a bare ``postgresql://`` may not be the
+    one installed (the README installs ``psycopg2-binary``); name it explicitly so that
+    a bare URL works with either psycopg 3 or psycopg2.
+    """
+    import importlib.util
+
+    for bare in ("postgresql://", "postgres://"):
+        if uri.startswith(bare):
+            rest = uri[len(bare):]
+            if importlib.util.find_spec("psycopg2") is not None:
+                return "postgresql+psycopg2://" + rest
+            if importlib.util.find_spec("psycopg") is not None:
+                return "postgresql+psycopg://" + rest
+            raise TrackingError("tracking.uri=postgresql://... needs a PostgreSQL driver: "
+                                "pip install psycopg2-binary (or psycopg)")
+    return uri
+
+
+def check_database(uri: str, timeout: float = 10.0) -> None:
+    """Fail within ``timeout`` seconds when a database store does not accept a connection.
+
+    MLflow retries a failing database connection for about two minutes before it says
+    anything; one plain connection with a connect timeout says why in seconds
+    (unreachable host, wrong password, missing database, missing driver).
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _DB_SCHEMES:
+        return
+    try:
+        import sqlalchemy
+    except ImportError:  # MLflow's SQL stores need it anyway; let MLflow say so
+        return
+    args: dict[str, Any] = {}
+    if scheme in ("postgresql", "postgres", "mysql"):
+        args["connect_timeout"] = max(1, int(math.ceil(timeout)))
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+    except ModuleNotFoundError as e:
+        raise TrackingError(f"tracking.uri={redact(uri)}: the database driver is not installed ({e}); "
+                            "for PostgreSQL: pip install psycopg2-binary") from None
+    except Exception as e:  # noqa: BLE001 -- a malformed URL
+        raise TrackingError(f"tracking.uri={redact(uri)} is not a usable database URL: "
+                            f"{redact(_first_line(e))}") from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:  # noqa: BLE001 -- refused, timed out, auth failed, no such database
+        raise TrackingError(f"tracking.uri={redact(uri)}: cannot connect to the database: "
+                            f"{redact(_first_line(e))}") from None
+    finally:
+        engine.dispose()
+
+
+def _first_line(e: BaseException) -> str:
+    """The first informative line of an exception (SQLAlchemy appends links and SQL)."""
+    orig = getattr(e, "orig", None) or e
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    return f"{type(orig).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _now_ms() -> int:
@@ -282,7 +372,7 @@ class Tracker:
                  tags: Mapping | None = None, parent_run_id: str | None = None, connect_timeout_s: float = 10,
                  http_timeout_s: float = 30, http_max_retries: int = 2):
         self.enabled = bool(enabled) and uri is not None
-        self.uri = uri
+        self.uri = sqlalchemy_uri(uri) if self.enabled else uri
         self.experiment = experiment
         self.artifact_location = artifact_location
         self.run_name = run_name
@@ -316,6 +406,7 @@ class Tracker:
         if not self.enabled:
             return
         check_reachable(self.uri, self.timeout)
+        check_database(self.uri, self.timeout)
         _http_settings(self.http_timeout, self.http_max_retries)
         if self.uri.startswith("sqlite:///"):
             folder = Path(self.uri[len("sqlite:///"):]).parent
@@ -647,7 +738,8 @@ class Tracker:
                     src = None
             if src is None:  # generated in process (data=synthetic) or not a file MLflow knows
                 src = CodeDatasetSource({"mlflow.source.name": f"tardis_exp.data:{src_text}"})
-            ent = Dataset(name=name, digest=digest, source_type=src._get_source_type(), source=src.to_json(),
+            ent = Dataset(name=redact(str(name)), digest=digest, source_type=src._get_source_type(),
+                          source=src.to_json(),
                           profile=profile)
             self.client.log_inputs(rid,
                                    datasets=[DatasetInput(ent, tags=[InputTag("mlflow.data.context", "input")])])

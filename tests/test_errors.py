@@ -286,6 +286,18 @@ def test_pipeline_checks_n_components_right_after_preprocess(compose, tmp_path):
     ("data.n_spots=0", ["data.n_spots"]),
     ("save_result=some", ["save_result='some'", "results"]),
     ("save_result=1", ["save_result=1"]),
+    # issue 12: tracking and cache values are checked with the rest, before any run exists
+    ("tracking.http_max_retries=abc", ["tracking.http_max_retries must be an integer >= 0", "'abc'"]),
+    ("tracking.http_max_retries=-1", ["tracking.http_max_retries"]),
+    ("tracking.http_timeout_s=abc", ["tracking.http_timeout_s must be a finite number > 0", "'abc'"]),
+    ("tracking.connect_timeout_s=0", ["tracking.connect_timeout_s"]),
+    ("tracking.enabled=nope", ["tracking.enabled must be true or false, got 'nope'"]),
+    ("tracking.log_plots=yes", ["tracking.log_plots must be true or false"]),
+    ("tracking.experiment=''", ["tracking.experiment must be a non-empty name"]),
+    ("cache.max_size_gb=-1", ["cache.max_size_gb must be > 0, got -1"]),
+    ("cache.max_size_gb=abc", ["cache.max_size_gb", "'abc'"]),
+    ("cache.enabled=maybe", ["cache.enabled must be true or false"]),
+    ("consensus=spots consensus.max_spots=1", ["consensus.max_spots"]),
 ])
 def test_bad_config_values(compose, override, needles):
     cfg = compose(*override.split())

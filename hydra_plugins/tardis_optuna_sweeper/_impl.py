@@ -595,6 +595,40 @@ def make_storage(
 SCHEMA_LOCK_NAME = "<schema>"
 
 
+def with_driver(spec: StorageSpec) -> StorageSpec:
+    """``postgresql://`` without a driver gets the installed one (SQLAlchemy 2.1's default is
+    psycopg 3; the README installs psycopg2-binary), and a ``connect_timeout`` of 10 s
+    unless the URL sets one (libpq waits without limit for a host that does not answer)."""
+    import importlib.util
+
+    loc = spec.location
+    if spec.kind == "rdb" and loc.startswith(("postgresql://", "postgres://")):
+        for driver in ("psycopg2", "psycopg"):
+            if importlib.util.find_spec(driver) is not None:
+                loc = f"postgresql+{driver}://" + loc.split("://", 1)[1]
+                break
+    if spec.kind == "rdb" and loc.startswith("postgresql") and "connect_timeout" not in loc:
+        loc += ("&" if "?" in loc else "?") + "connect_timeout=10"
+    return StorageSpec(spec.kind, loc)
+
+
+def open_storage(spec: StorageSpec, *args: Any) -> optuna.storages.BaseStorage:
+    """:func:`make_storage`, with a storage that cannot be used as one line naming the key
+    (credentials masked), not a page of SQLAlchemy traceback."""
+    try:
+        return make_storage(spec, *args)
+    except SweeperConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- refused, auth, missing driver, unwritable journal
+        orig = getattr(e, "orig", None) or e.__cause__ or e
+        lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+        why = f"{type(orig).__name__}: {lines[0] if lines else ''}"[:300]
+        if isinstance(orig, ModuleNotFoundError) or "DB access module" in str(e):
+            why += " (install the database driver, e.g. pip install psycopg2-binary)"
+        raise SweeperConfigError(f"{KEY}.storage={spec.describe()} cannot be used: "
+                                 f"{_mask_url(why)}") from None
+
+
 class StudyLock:
     """Inter-process lock serialising 'count trials + ask' among workers of one study.
 
@@ -1120,7 +1154,8 @@ class TardisOptunaSweeperImpl:
         HydraConfig.instance().set_config(self.config)
         self._validate(arguments)
         directions = [o.direction for o in self.objectives]
-        storage = make_storage(self.storage_spec, self.heartbeat_interval, self.grace_period, _stale_callback)
+        self.storage_spec = with_driver(self.storage_spec)
+        storage = open_storage(self.storage_spec, self.heartbeat_interval, self.grace_period, _stale_callback)
         lock = StudyLock(self.storage_spec, self.study_name)
         log.info(
             "Study '%s' on %s: sampler=%s, objectives=%s, n_trials=%d, n_jobs=%d",
@@ -1192,7 +1227,8 @@ class TardisOptunaSweeperImpl:
             values = {k: v for _, k, v in sampled}
             overrides = list(self.space.fixed) + [f"{p}{k}={format_value(v)}" for p, k, v in sampled]
             trial.set_user_attr(VALUES_ATTR, values)
-            trial.set_user_attr(OVERRIDES_ATTR, overrides)
+            # stored in the study for reference only (never re-launched): credentials masked
+            trial.set_user_attr(OVERRIDES_ATTR, [_mask_url(o) for o in overrides])
             batch.append((trial, overrides))
         return batch
 
@@ -1267,7 +1303,7 @@ class TardisOptunaSweeperImpl:
             if out_dir:  # where the trial wrote its outputs (job_dir is the cwd unless chdir)
                 trial.set_user_attr("output_dir", str(out_dir))
             if error:
-                trial.set_user_attr(FAIL_REASON_ATTR, error[:2000])
+                trial.set_user_attr(FAIL_REASON_ATTR, _mask_url(error)[:2000])
         except Exception:
             pass
         try:
