@@ -145,8 +145,9 @@ if _HAVE_NUMBA:
                     if gjj <= 0:
                         continue  # dead component (zero row of the other factor): skip, as scikit-learn
                     acc = a[s0 + j]
+                    gj = g[j]  # G is symmetric: row j is column j, contiguous
                     for l in range(k):
-                        acc -= v[s0 + l] * g[l, j]
+                        acc -= v[s0 + l] * gj[l]
                     old = v[s0 + j]
                     new = old + acc / gjj
                     if new < 0:

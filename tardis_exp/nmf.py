@@ -58,6 +58,11 @@ SOLVERS = ("hals", "mu")
 # Gillis & Glineur (2012)'s recommended inner-repetition parameters for HALS
 HALS_ALPHA = 0.5
 HALS_DELTA = 0.1
+# Their rho counts flops; a HALS sweep (k-long dependent coordinate steps) runs far fewer
+# flops per second than the sgemm-class fat product. Measured on the default data
+# (scripts/bench_solver.py, docs/solver.md): ~25x, and alpha = 0.5 / 25 gave the fastest
+# time to the converged loss (3x faster than alpha = 0.5 unscaled, 2.8x than one sweep).
+HALS_SWEEP_COST = 25.0
 
 __all__ = ["NMFResult", "fit_batch", "refit_usage", "BatchedNMF", "prepare_matrix"]
 
@@ -218,9 +223,10 @@ class _HALSState:
                     self.mask[:, f] = masks[i]
         n, m = shape
         k = self.ranks.astype(np.float64)
-        # Gillis & Glineur's rho: (cost of this half-step's products) / (cost of one sweep), per factorization
-        rho_w = 1 + (nnz * k + m * k**2) / (n * k**2)
-        rho_h = 1 + (nnz * k + n * k**2) / (m * k**2)
+        # Gillis & Glineur's rho: (cost of this half-step's products) / (cost of one sweep), per
+        # factorization, from shapes only (reproducible), a sweep's flop weighted by HALS_SWEEP_COST
+        rho_w = 1 + (nnz * k + m * k**2) / (HALS_SWEEP_COST * n * k**2)
+        rho_h = 1 + (nnz * k + n * k**2) / (HALS_SWEEP_COST * m * k**2)
         self.max_inner_w = np.floor(1 + alpha * rho_w).astype(np.int64)
         self.max_inner_h = np.floor(1 + alpha * rho_h).astype(np.int64)
         self.delta2 = delta**2
@@ -424,7 +430,8 @@ def fit_batch(
         :mod:`tardis_exp._kernels`. Results agree to float32 rounding.
     hals_alpha, hals_delta
         Gillis & Glineur's inner repetitions for ``hals``: at most ``1 + alpha * rho``
-        sweeps per fat product; stop once a sweep changes the factor by less than
+        sweeps per fat product (``rho``: flops of the product over ``HALS_SWEEP_COST``
+        times the flops of a sweep); stop once a sweep changes the factor by less than
         ``delta`` times the first sweep did. ``alpha=0`` is plain HALS (one sweep).
     trace
         Record ``(iteration, seconds, error)`` at every check in ``NMFResult.trace``.

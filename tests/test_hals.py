@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import NMF
 from sklearn.exceptions import ConvergenceWarning
 
-from tardis_exp.nmf import HALS_ALPHA, HALS_DELTA, BatchedNMF, _random_init, fit_batch, prepare_matrix
+from tardis_exp.nmf import HALS_ALPHA, HALS_DELTA, HALS_SWEEP_COST, BatchedNMF, _random_init, fit_batch, prepare_matrix
 
 EPS32 = np.finfo(np.float32).eps
 
@@ -48,9 +48,10 @@ def reference_hals(X, W, H, n_iter, mask=None, alpha=HALS_ALPHA, delta=HALS_DELT
     W, Ht = W.copy(), np.ascontiguousarray(H.T)
     n, m = X.shape
     k = W.shape[1]
-    nnz = np.count_nonzero(X) if mask is None else np.count_nonzero(X)  # the batch counts all of X
-    inner_w = int(np.floor(1 + alpha * (1 + (nnz * k + m * k * k) / (n * k * k))))
-    inner_h = int(np.floor(1 + alpha * (1 + (nnz * k + n * k * k) / (m * k * k))))
+    nnz = X.size  # dense X: the product runs over every entry, masked rows too
+    c = HALS_SWEEP_COST
+    inner_w = int(np.floor(1 + alpha * (1 + (nnz * k + m * k * k) / (c * n * k * k))))
+    inner_h = int(np.floor(1 + alpha * (1 + (nnz * k + n * k * k) / (c * m * k * k))))
     rows = slice(None) if mask is None else mask
     for _ in range(n_iter):
         _sweeps(W, X @ Ht, Ht.T @ Ht, inner_w, delta, rows)
