@@ -31,7 +31,7 @@ SOLVERS = ("hals", "mu", "cd")
 LOSSES = ("frobenius", "kullback-leibler")
 
 
-def check_params(*, n_components, n_replicates=1, solver="hals", beta_loss="frobenius", max_iter=1000,
+def check_params(*, n_components, n_replicates=1, solver="mu", beta_loss="frobenius", max_iter=1000,
                  tol=1e-4, shape=None, check_every=10, random_state=42, **_) -> None:
     """Validate factorize parameters; ``shape`` (spots, genes) when the data is known."""
     check_choice(solver, "factorize.solver", SOLVERS)
@@ -71,7 +71,7 @@ def factorize(
     random_state: int | None = 42,
     max_iter: int = 1000,
     tol: float = 1e-4,
-    solver: str = "hals",
+    solver: str = "mu",
     beta_loss: str = "frobenius",
     check_every: int = 10,
     store_usages: bool = True,
@@ -97,10 +97,11 @@ def factorize(
         ``converged=False`` and raises a ``ConvergenceWarning``. ``cd`` keeps
         scikit-learn's own rule.
     solver
-        ``'hals'``: batched accelerated HALS (Gillis & Glineur; all replicates in one
-        pass; the default, see docs/solver.md); ``'mu'``: batched Lee-Seung
-        multiplicative updates (the seed's formula); ``'cd'``: scikit-learn's coordinate
-        descent, one replicate at a time.
+        ``'mu'``: batched Lee-Seung multiplicative updates (the seed's formula; the
+        default, chosen by measurement, see docs/solver.md); ``'hals'``: batched
+        accelerated HALS (Gillis & Glineur; all replicates in one pass; converges in
+        fewer passes, Frobenius only); ``'cd'``: scikit-learn's coordinate descent, one
+        replicate at a time.
     beta_loss
         ``'frobenius'`` or ``'kullback-leibler'`` (``mu`` only).
     store_usages

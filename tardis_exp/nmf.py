@@ -573,8 +573,13 @@ def fit_batch(
 
 
 def refit_usage(X, H, *, max_iter: int = 200, tol: float = 1e-4, beta_loss="frobenius", seed=0, progress=None,
-                solver: str = "mu"):
-    """Non-negative usages W for fixed programs H (NNLS by ``solver``'s W updates)."""
+                solver: str | None = None):
+    """Non-negative usages W for fixed programs H (NNLS by ``solver``'s W updates).
+
+    ``solver=None``: HALS for the Frobenius loss (exact coordinate minimization: on the
+    default data it reaches a lower error than MU in a third of the time), MU for KL.
+    """
+    solver = solver or ("hals" if beta_loss == "frobenius" else "mu")
     X = prepare_matrix(X)
     H = np.asarray(H, dtype=np.float32)
     n, k = X.shape[0], H.shape[0]
