@@ -79,12 +79,12 @@ def simulate_stop(trace, tol, check_every=10):
     return None, errs[last]
 
 
-def run_batched(X, solver, ranks, seeds, max_iter):
+def run_batched(X, solver, ranks, seeds, max_iter, **kw):
     from tardis_exp.nmf import fit_batch
 
     t0 = time.perf_counter()
     fits = fit_batch(X, ranks, seeds, solver=solver, max_iter=max_iter, tol=0, check_every=1, trace=True,
-                     progress=False)
+                     progress=False, **kw)
     return fits, time.perf_counter() - t0
 
 
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sklearn-replicates", type=int, default=2)
     ap.add_argument("--sklearn-max-iter", type=int, default=1500)
     ap.add_argument("--pipeline", action="store_true")
+    ap.add_argument("--hals-alphas", type=float, nargs="*", default=[],
+                    help="also run batched HALS with these inner-repetition alphas (0 = one sweep)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_solver.json")
     a = ap.parse_args(argv)
 
@@ -142,8 +144,13 @@ def main(argv=None) -> int:
     res = {"shape": [n, m], "density": nnz / (n * m), "rank": k, "replicates": R, "load_average_start": load0,
            "cpus": os.cpu_count(), "threads": _threads(), "solvers": {}}
     traces = {}
-    for solver, iters in (("hals", a.hals_iter), ("mu", a.mu_iter)):
-        fits, dt = run_batched(X, solver, ranks, seeds, iters)
+    runs = [("hals", a.hals_iter, None), ("mu", a.mu_iter, None)]
+    runs += [("hals", a.hals_iter, alpha) for alpha in a.hals_alphas]
+    for solver, iters, alpha in runs:
+        kw = {} if alpha is None else {"hals_alpha": alpha}
+        fits, dt = run_batched(X, solver, ranks, seeds, iters, **kw)
+        if alpha is not None:
+            solver = f"hals alpha={alpha:g}"
         traces[f"batched {solver}"] = {i: f.trace for i, f in enumerate(fits)}
         res["solvers"][f"batched {solver}"] = {"seconds": dt, "iterations": iters,
                                               "gflops": 2 * 2.0 * nnz * k * R * iters / dt / 1e9}
