@@ -238,3 +238,19 @@ def test_estimator_with_hals():
         BatchedNMF(2, solver="hals", beta_loss="kullback-leibler").fit(X)
     with pytest.raises(ValueError, match="unknown solver"):
         BatchedNMF(2, solver="als").fit(X)
+
+
+def test_factorize_stage_with_hals(synthetic_small):
+    from tardis_exp import factorize, preprocess
+    from tardis_exp.errors import ConfigError
+    from tardis_exp.factorize import check_params
+
+    a = preprocess(synthetic_small, n_top_genes=300)
+    factorize(a, n_components=4, n_replicates=3, random_state=0, solver="hals")
+    nmf = a.uns["nmf"]
+    assert nmf["params"]["solver"] == "hals" and nmf["converged"].all()
+    assert len(nmf["errors"]) == 3 and (nmf["n_iter"] < 1000).all()
+    W, H = a.obsm["X_nmf"], a.uns["X_nmf_components"]
+    assert np.linalg.norm(a.X.toarray() - W @ H) == pytest.approx(nmf["errors"].min(), rel=1e-4)
+    with pytest.raises(ConfigError, match="factorize.solver=hals supports only"):
+        check_params(n_components=3, solver="hals", beta_loss="kullback-leibler")
