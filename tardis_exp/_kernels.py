@@ -36,7 +36,8 @@ except ImportError:  # pragma: no cover - numba is a dependency of scanpy
     numba = None
     _HAVE_NUMBA = False
 
-__all__ = ["SparseProducts", "csr_matmul", "csr_t_matmul", "DENSE_CHUNK_MIN_DENSITY", "DENSE_CHUNK_MIN_K"]
+__all__ = ["SparseProducts", "csr_matmul", "csr_t_matmul", "hals_sweep", "DENSE_CHUNK_MIN_DENSITY",
+           "DENSE_CHUNK_MIN_K"]
 
 # sgemm on densified chunks multiplies the zeros too; it beats the CSR kernel only when X
 # is dense enough and the product fat enough (K columns) for sgemm to run near its peak.
@@ -114,6 +115,93 @@ if _HAVE_NUMBA:
             row[:] = 0.0
             for p in range(indptr[a + r], indptr[a + r + 1]):
                 row[indices[p]] += data[p]
+
+
+if _HAVE_NUMBA:
+
+    def _hals_sweep_py(V, A, G, starts, ranks, active, mask, use_mask, delta):  # pragma: no cover - compiled
+        # One HALS sweep over the columns of every active factorization. Column j of V
+        # (W, or H transposed) is updated with every other column fixed, in order
+        # j = 0..k-1 (Gauss-Seidel); this is separable over rows, so each row runs its
+        # k coordinate steps in cache and rows run in parallel. No sum crosses rows: the
+        # result does not depend on the thread count.
+        N = V.shape[0]
+        F = starts.shape[0]
+        for i in numba.prange(N):
+            v = V[i]
+            a = A[i]
+            for f in range(F):
+                delta[i, f] = 0.0
+                if not active[f]:
+                    continue
+                if use_mask and not mask[i, f]:
+                    continue  # row outside this factorization's spots: stays zero
+                s0 = starts[f]
+                k = ranks[f]
+                g = G[f]
+                d = 0.0
+                for j in range(k):
+                    gjj = g[j, j]
+                    if gjj <= 0:
+                        continue  # dead component (zero row of the other factor): skip, as scikit-learn
+                    acc = a[s0 + j]
+                    gj = g[j]  # G is symmetric: row j is column j, contiguous
+                    for l in range(k):
+                        acc -= v[s0 + l] * gj[l]
+                    old = v[s0 + j]
+                    new = old + acc / gjj
+                    if new < 0:
+                        new = old * 0  # 0 of V's dtype
+                    v[s0 + j] = new
+                    d += (new - old) * (new - old)
+                delta[i, f] = d
+
+    # Two compilations of one function: the parallel one for big sweeps; the serial one
+    # for small ones, where waking the thread pool costs more than the sweep (ms on a
+    # busy machine). Rows are independent, so both give the same bits.
+    _hals_sweep_par = numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(_hals_sweep_py)
+    _hals_sweep_ser = numba.njit(parallel=False, fastmath=False, cache=True, nogil=True)(_hals_sweep_py)
+
+# below this many multiply-adds per sweep the serial kernel is faster
+HALS_PARALLEL_MIN_WORK = 2_000_000
+
+
+def hals_sweep(V, A, G, starts, ranks, active, mask=None):
+    """One HALS sweep, in place, over the stacked factors ``V`` (N x K) of F factorizations.
+
+    Factorization ``f`` owns columns ``starts[f] : starts[f] + ranks[f]`` of ``V`` and of
+    ``A`` (the matching columns of the fat product: ``X @ H.T`` for ``W``, ``X.T @ W`` for
+    ``H.T``) and its Gram matrix ``G[f, :k, :k]`` (``H H.T`` or ``W.T W``). Rows where
+    ``mask[:, f]`` is false, and factorizations with ``active[f]`` false, are left as they
+    are. Returns the squared change of every factorization's factor (float64, length F).
+    """
+    V = np.asarray(V)
+    N, F = V.shape[0], len(starts)
+    starts = np.asarray(starts, dtype=np.int64)
+    ranks = np.asarray(ranks, dtype=np.int64)
+    active = np.asarray(active, dtype=np.bool_)
+    G = np.ascontiguousarray(G, dtype=np.float32)
+    use_mask = mask is not None
+    mask = np.ones((1, 1), dtype=np.bool_) if mask is None else np.ascontiguousarray(mask, dtype=np.bool_)
+    if _HAVE_NUMBA:
+        delta = np.empty((N, F), dtype=np.float64)
+        work = N * int(np.sum(ranks[active] ** 2))
+        kernel = _hals_sweep_par if work >= HALS_PARALLEL_MIN_WORK else _hals_sweep_ser
+        kernel(V, A, G, starts, ranks, active, mask, use_mask, delta)
+        # fixed-order reduction (numpy's pairwise sum), independent of the thread count
+        return delta.sum(0)
+    out = np.zeros(F)  # pragma: no cover - numba ships with scanpy
+    for f in np.flatnonzero(active):
+        s0, k = int(starts[f]), int(ranks[f])
+        rows = mask[:, f] if use_mask else slice(None)
+        for j in range(k):
+            if G[f, j, j] <= 0:
+                continue
+            old = V[rows, s0 + j].copy()
+            step = (A[rows, s0 + j] - V[rows, s0:s0 + k] @ G[f, :k, j]) / G[f, j, j]
+            V[rows, s0 + j] = np.maximum(old + step, 0)
+            out[f] += float(np.sum((V[rows, s0 + j] - old) ** 2, dtype=np.float64))
+    return out
 
 
 # row blocks of the X.T @ W scatter: fixed (not the thread count) for reproducibility

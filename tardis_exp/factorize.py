@@ -27,7 +27,7 @@ from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("mu", "cd")
+SOLVERS = ("hals", "mu", "cd")
 LOSSES = ("frobenius", "kullback-leibler")
 
 
@@ -36,8 +36,8 @@ def check_params(*, n_components, n_replicates=1, solver="mu", beta_loss="froben
     """Validate factorize parameters; ``shape`` (spots, genes) when the data is known."""
     check_choice(solver, "factorize.solver", SOLVERS)
     check_choice(beta_loss, "factorize.beta_loss", LOSSES)
-    if solver == "cd" and beta_loss != "frobenius":
-        raise ConfigError("factorize.solver=cd supports only factorize.beta_loss=frobenius; use solver=mu")
+    if solver in ("cd", "hals") and beta_loss != "frobenius":
+        raise ConfigError(f"factorize.solver={solver} supports only factorize.beta_loss=frobenius; use solver=mu")
     n_components = check_int(n_components, "factorize.n_components", minimum=1)
     check_int(n_replicates, "factorize.n_replicates", minimum=1)
     check_int(max_iter, "factorize.max_iter", minimum=1)
@@ -91,10 +91,17 @@ def factorize(
     random_state
         Root seed (``None``: fresh entropy, not reproducible).
     max_iter, tol, check_every
-        Stopping rule of each factorization (scikit-learn's relative-improvement rule).
+        Stopping rule of each factorization: stop when the loss improved by less than
+        ``tol`` relative to the current loss over the last ``check_every`` iterations
+        (see :mod:`tardis_exp.nmf`); a replicate that hits ``max_iter`` is recorded with
+        ``converged=False`` and raises a ``ConvergenceWarning``. ``cd`` keeps
+        scikit-learn's own rule.
     solver
-        ``'mu'``: batched Lee-Seung multiplicative updates (all replicates in one pass);
-        ``'cd'``: scikit-learn's coordinate descent, one replicate at a time.
+        ``'mu'``: batched Lee-Seung multiplicative updates (the seed's formula; the
+        default, chosen by measurement, see docs/solver.md); ``'hals'``: batched
+        accelerated HALS (Gillis & Glineur; all replicates in one pass; converges in
+        fewer passes, Frobenius only); ``'cd'``: scikit-learn's coordinate descent, one
+        replicate at a time.
     beta_loss
         ``'frobenius'`` or ``'kullback-leibler'`` (``mu`` only).
     store_usages
@@ -113,8 +120,8 @@ def factorize(
     k, R = int(n_components), int(n_replicates)
     seeds = derive_seeds(random_state, R)
     t0 = time.perf_counter()
-    if solver == "mu":
-        results = fit_batch(X, [k] * R, seeds, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
+    if solver in ("hals", "mu"):
+        results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
                             check_every=check_every, progress=progress, desc="factorize")
     else:
         results = _fit_cd(X, k, seeds, max_iter, tol)
@@ -134,7 +141,7 @@ def factorize(
         "seeds": np.array(seeds, dtype=np.int64),
         "best_replicate": best,
         "params": {"n_components": k, "n_replicates": R, "solver": solver, "beta_loss": beta_loss,
-                   "max_iter": max_iter, "tol": tol,
+                   "max_iter": max_iter, "tol": tol, "check_every": check_every,
                    "random_state": -1 if random_state is None else int(random_state)},
         "fit_seconds": elapsed,
     }

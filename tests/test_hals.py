@@ -1,0 +1,256 @@
+"""Batched accelerated HALS against a straightforward one-at-a-time numpy reference."""
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.decomposition import NMF
+from sklearn.exceptions import ConvergenceWarning
+
+from tardis_exp.nmf import HALS_ALPHA, HALS_DELTA, HALS_SWEEP_COST, BatchedNMF, _random_init, fit_batch, prepare_matrix
+
+EPS32 = np.finfo(np.float32).eps
+
+
+def _data(n=240, m=90, k=4, seed=0, sparse=False):
+    rng = np.random.default_rng(seed)
+    W = rng.gamma(1.0, 1.0, (n, k))
+    H = rng.gamma(1.0, 1.0, (k, m))
+    X = (W @ H + rng.gamma(0.5, 1.0, (n, m))).astype(np.float32)
+    if sparse:
+        X[X < np.quantile(X, 0.5)] = 0
+        return sp.csr_matrix(X)
+    return X
+
+
+def _sweeps(V, A, G, max_inner, delta, rows):
+    """Gillis-Glineur inner loop, one column at a time, the textbook way."""
+    eps0 = eps = None
+    for t in range(max_inner):
+        change = 0.0
+        for j in range(V.shape[1]):
+            if G[j, j] <= 0:
+                continue
+            old = V[rows, j].copy()
+            V[rows, j] = np.maximum(old + (A[rows, j] - V[rows] @ G[:, j]) / G[j, j], 0)
+            change += float(np.sum((V[rows, j].astype(np.float64) - old) ** 2))
+        if t == 0:
+            eps0 = change
+        eps = change
+        if eps0 == 0 or eps < delta**2 * eps0:
+            break
+
+
+def reference_hals(X, W, H, n_iter, mask=None, alpha=HALS_ALPHA, delta=HALS_DELTA):
+    """Accelerated HALS (Gillis & Glineur 2012) for one factorization, float32, dense."""
+    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    W, Ht = W.copy(), np.ascontiguousarray(H.T)
+    n, m = X.shape
+    k = W.shape[1]
+    nnz = X.size  # dense X: the product runs over every entry, masked rows too
+    c = HALS_SWEEP_COST
+    inner_w = int(np.floor(1 + alpha * (1 + (nnz * k + m * k * k) / (c * n * k * k))))
+    inner_h = int(np.floor(1 + alpha * (1 + (nnz * k + n * k * k) / (c * m * k * k))))
+    rows = slice(None) if mask is None else mask
+    for _ in range(n_iter):
+        _sweeps(W, X @ Ht, Ht.T @ Ht, inner_w, delta, rows)
+        _sweeps(Ht, X.T @ W, W.T @ W, inner_h, delta, slice(None))
+    return W, Ht.T
+
+
+def _tol(X, n_iter):
+    # float32 rounding in every product, accumulated over the iterations (HALS contracts)
+    return 50 * EPS32 * np.sqrt(X.shape[1]) * n_iter
+
+
+@pytest.mark.parametrize("alpha", [0.0, HALS_ALPHA])
+def test_equals_one_at_a_time_reference(alpha):
+    X = prepare_matrix(_data(seed=1))
+    W0, H0 = _random_init(X, 5, 7, None, *X.shape)
+    n_iter = 15
+    Wr, Hr = reference_hals(X, W0, H0, n_iter, alpha=alpha)
+    (res,) = fit_batch(X, [5], init=[(W0, H0)], solver="hals", max_iter=n_iter, tol=0, hals_alpha=alpha)
+    rtol = _tol(X, n_iter)
+    np.testing.assert_allclose(res.W, Wr, rtol=rtol, atol=rtol * Wr.max())
+    np.testing.assert_allclose(res.H, Hr, rtol=rtol, atol=rtol * Hr.max())
+    direct = np.linalg.norm(X.astype(np.float64) - Wr.astype(np.float64) @ Hr)
+    # the reported error is computed from the fat products; it matches the direct one
+    assert res.error == pytest.approx(direct, rel=1e-4)
+
+
+def test_one_sweep_is_sklearn_coordinate_descent():
+    # alpha=0: one sweep of W then of H per iteration = scikit-learn's solver='cd'
+    X = prepare_matrix(_data(seed=2))
+    W0, H0 = _random_init(X, 4, 3, None, *X.shape)
+    ref = NMF(4, solver="cd", init="custom", max_iter=20, tol=0)
+    Wr = ref.fit_transform(X, W=W0.copy(), H=H0.copy())
+    (res,) = fit_batch(X, [4], init=[(W0, H0)], solver="hals", max_iter=20, tol=0, hals_alpha=0)
+    rtol = _tol(X, 20)
+    np.testing.assert_allclose(res.W, Wr, rtol=rtol, atol=rtol * Wr.max())
+    np.testing.assert_allclose(res.H, ref.components_, rtol=rtol, atol=rtol * ref.components_.max())
+
+
+def test_masked_reference():
+    X = prepare_matrix(_data(seed=3))
+    mask = np.random.default_rng(0).random(X.shape[0]) < 0.7
+    W0, H0 = _random_init(X, 3, 5, mask, *X.shape)
+    Wr, Hr = reference_hals(X, W0, H0, 10, mask=mask)
+    (res,) = fit_batch(X, [3], init=[(W0, H0)], row_masks=[mask], solver="hals", max_iter=10, tol=0)
+    assert np.all(res.W[~mask] == 0)
+    rtol = _tol(X, 10)
+    np.testing.assert_allclose(res.H, Hr, rtol=rtol, atol=rtol * Hr.max())
+    np.testing.assert_allclose(res.W, Wr, rtol=rtol, atol=rtol * Wr.max())
+    assert res.error == pytest.approx(np.linalg.norm(X[mask] - res.W[mask] @ res.H), rel=1e-4)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_batch_equals_one_at_a_time(sparse):
+    X = _data(seed=4, sparse=sparse)
+    ranks, seeds = [3, 5, 5, 8], [1, 2, 3, 4]
+    rng = np.random.default_rng(0)
+    masks = [None, rng.random(240) < 0.8, None, rng.random(240) < 0.7]
+    batch = fit_batch(X, ranks, seeds, row_masks=masks, solver="hals", max_iter=40, tol=0)
+    for i in range(4):
+        (one,) = fit_batch(X, [ranks[i]], [seeds[i]], row_masks=[masks[i]], solver="hals", max_iter=40, tol=0)
+        rtol = _tol(X, 40)
+        np.testing.assert_allclose(one.H, batch[i].H, rtol=rtol, atol=rtol * one.H.max())
+        np.testing.assert_allclose(one.W, batch[i].W, rtol=rtol, atol=rtol * one.W.max())
+        assert one.error == pytest.approx(batch[i].error, rel=1e-5)
+
+
+def test_per_factorization_stopping_in_a_batch():
+    X = _data(seed=5)
+    batch = fit_batch(X, [2, 4, 9], [1, 2, 3], solver="hals", max_iter=3000, tol=1e-4)
+    assert all(r.converged and r.n_iter < 3000 for r in batch)
+    assert len({r.n_iter for r in batch}) > 1  # each left the batch on its own
+    for r in batch:
+        (one,) = fit_batch(X, [r.rank], [r.seed], solver="hals", max_iter=3000, tol=1e-4)
+        # float32 rounding (the batch's products are wider) can move a borderline stop by one check
+        assert abs(one.n_iter - r.n_iter) <= 10
+        assert one.error == pytest.approx(r.error, rel=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["hals", "mu"])
+def test_loss_decreases_monotonically(solver):
+    X = _data(seed=6)
+    (res,) = fit_batch(X, [6], [0], solver=solver, max_iter=150, tol=0, check_every=1, trace=True)
+    err = np.array([e for _, _, e in res.trace])
+    assert len(err) == 151
+    # the trace's losses come from the fat products; their float32 noise is eps * ||X||^2 / loss^2
+    noise = 20 * EPS32 * float(np.linalg.norm(X)) ** 2 / err[-1] ** 2
+    assert np.all(np.diff(err) <= noise * err[1:])
+    assert err[-1] < 0.5 * err[0]
+    # and the true loss of the returned factors, in float64, along fits of growing length
+    direct = []
+    for n_iter in (1, 3, 10, 30):
+        (r,) = fit_batch(X, [6], [0], solver=solver, max_iter=n_iter, tol=0)
+        direct.append(np.linalg.norm(X.astype(np.float64) - r.W.astype(np.float64) @ r.H))
+    assert np.all(np.diff(direct) < 0)
+
+
+def test_thread_count_does_not_change_results(monkeypatch):
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    from tardis_exp import _kernels
+
+    monkeypatch.setattr(_kernels, "HALS_PARALLEL_MIN_WORK", 0)  # the parallel sweep even on small data
+
+    X = _data(n=400, m=150, seed=7, sparse=True)
+    masks = [None, np.random.default_rng(1).random(400) < 0.8]
+    run = lambda **kw: fit_batch(X, [4, 6], [1, 2], row_masks=masks, solver="hals", max_iter=30, tol=0, **kw)  # noqa: E731
+    nt = numba.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            with threadpool_limits(limits=threads):
+                out.append((run(sparse_method="csr"), fit_batch(X.toarray(), [4, 6], [1, 2], row_masks=masks,
+                                                                 solver="hals", max_iter=30, tol=0)))
+    finally:
+        numba.set_num_threads(nt)
+    (csr1, dense1), (csr2, dense2) = out
+    for a, b in zip(csr1 + dense1, csr2 + dense2):
+        np.testing.assert_array_equal(a.W, b.W)
+        np.testing.assert_array_equal(a.H, b.H)
+        assert a.error == b.error
+    # the serial sweep (small problems) gives the same bits as the parallel one
+    monkeypatch.setattr(_kernels, "HALS_PARALLEL_MIN_WORK", 10**18)
+    for a, b in zip(run(sparse_method="csr"), csr1):
+        np.testing.assert_array_equal(a.W, b.W)
+        np.testing.assert_array_equal(a.H, b.H)
+
+
+@pytest.mark.parametrize("method", ["csr", "dense-chunks", "dense"])
+def test_dense_and_csr_agree(method):
+    Xs = _data(seed=8, sparse=True)
+    Xd = Xs.toarray()
+    masks = [None, np.random.default_rng(2).random(240) < 0.6]
+    # one sweep per product: no data-dependent inner-loop decision a rounding difference could flip
+    kw = dict(solver="hals", max_iter=30, tol=0, hals_alpha=0)
+    dense = fit_batch(Xd, [3, 5], [4, 5], row_masks=masks, **kw)
+    csr = fit_batch(Xs, [3, 5], [4, 5], row_masks=masks, sparse_method=method, **kw)
+    rtol = _tol(Xd, 30)
+    for d, s in zip(dense, csr):
+        np.testing.assert_allclose(s.H, d.H, rtol=rtol, atol=rtol * d.H.max())
+        np.testing.assert_allclose(s.W, d.W, rtol=rtol, atol=rtol * d.W.max())
+        assert s.error == pytest.approx(d.error, rel=1e-5)
+    # with the inner repetitions, run to convergence: the same losses
+    dense = fit_batch(Xd, [3, 5], [4, 5], row_masks=masks, solver="hals", tol=1e-5)
+    csr = fit_batch(Xs, [3, 5], [4, 5], row_masks=masks, solver="hals", tol=1e-5, sparse_method=method)
+    for d, s in zip(dense, csr):
+        assert d.converged and s.converged
+        assert s.error == pytest.approx(d.error, rel=1e-4)
+
+
+def test_convergence_warning_at_max_iter():
+    X = _data(seed=9)
+    with pytest.warns(ConvergenceWarning, match="max_iter=5"):
+        (r,) = fit_batch(X, [4], [0], solver="hals", max_iter=5, tol=1e-6)
+    assert not r.converged and r.n_iter == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        (r,) = fit_batch(X, [4], [0], solver="hals", max_iter=2000, tol=1e-4)
+    assert r.converged and r.n_iter < 2000
+
+
+def test_hals_reaches_a_lower_loss_than_mu_in_the_same_iterations():
+    X = _data(seed=10)
+    (h,) = fit_batch(X, [4], [3], solver="hals", max_iter=50, tol=0)
+    (mu,) = fit_batch(X, [4], [3], solver="mu", max_iter=50, tol=0)
+    (best,) = fit_batch(X, [4], [3], solver="hals", max_iter=3000, tol=1e-7)
+    assert h.error < mu.error
+    assert h.error - best.error < 0.1 * (mu.error - best.error)
+
+
+def test_estimator_with_hals():
+    X = _data(seed=11, sparse=True)
+    m = BatchedNMF(n_components=4, n_replicates=3, solver="hals", random_state=0).fit(X)
+    assert m.components_.shape == (4, 90) and len(m.results_) == 3
+    assert m.reconstruction_err_ == min(r.error for r in m.results_)
+    assert m.n_iter_ < m.max_iter
+    again = BatchedNMF(n_components=4, n_replicates=3, solver="hals", random_state=0).fit(X)
+    np.testing.assert_array_equal(again.components_, m.components_)
+    W = m.transform(X)
+    assert W.shape == (240, 4) and W.min() >= 0
+    with pytest.raises(ValueError, match="beta_loss='frobenius'"):
+        BatchedNMF(2, solver="hals", beta_loss="kullback-leibler").fit(X)
+    with pytest.raises(ValueError, match="unknown solver"):
+        BatchedNMF(2, solver="als").fit(X)
+
+
+def test_factorize_stage_with_hals(synthetic_small):
+    from tardis_exp import factorize, preprocess
+    from tardis_exp.errors import ConfigError
+    from tardis_exp.factorize import check_params
+
+    a = preprocess(synthetic_small, n_top_genes=300)
+    factorize(a, n_components=4, n_replicates=3, random_state=0, solver="hals")
+    nmf = a.uns["nmf"]
+    assert nmf["params"]["solver"] == "hals" and nmf["converged"].all()
+    assert len(nmf["errors"]) == 3 and (nmf["n_iter"] < 1000).all()
+    W, H = a.obsm["X_nmf"], a.uns["X_nmf_components"]
+    assert np.linalg.norm(a.X.toarray() - W @ H) == pytest.approx(nmf["errors"].min(), rel=1e-4)
+    with pytest.raises(ConfigError, match="factorize.solver=hals supports only"):
+        check_params(n_components=3, solver="hals", beta_loss="kullback-leibler")
