@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import NMF
@@ -64,7 +65,10 @@ def test_leaving_the_batch_changes_nothing(sparse):
     ranks, seeds = [3, 5, 5, 8], [1, 2, 3, 4]
     rng = np.random.default_rng(0)
     masks = [None, rng.random(300) < 0.8, None, rng.random(300) < 0.7]
-    batch = fit_batch(X, ranks, seeds, row_masks=masks, max_iter=300, tol=1e-4)
+    # tol on the loss's change over check_every iterations, relative to the current loss:
+    # loose enough that some fits stop well before max_iter (the others hit it, warned)
+    with pytest.warns(ConvergenceWarning):
+        batch = fit_batch(X, ranks, seeds, row_masks=masks, max_iter=300, tol=1e-3)
     assert len({r.n_iter for r in batch}) > 1  # they did leave at different iterations
     for i in range(4):
         (single,) = fit_batch(X, [ranks[i]], [seeds[i]], row_masks=[masks[i]], max_iter=batch[i].n_iter, tol=0)
