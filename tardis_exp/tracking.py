@@ -179,12 +179,13 @@ def _override_key(o: str) -> str:
 
 def science_overrides(overrides: Iterable[str] | None) -> list[str]:
     """The overrides that change what a run computes (plumbing such as ``paths.*`` dropped)."""
-    out = []
+    out: dict[str, str] = {}
     for o in overrides or []:
         key = _override_key(o)
         if "=" in o and not key.startswith(_PLUMBING) and key not in ("progress", "task_name", "save_result"):
-            out.append(o.lstrip("+"))
-    return out
+            out.pop(key, None)  # the last override of a key is the one that counts
+            out[key] = o.lstrip("+")
+    return list(out.values())
 
 
 def short_override(o: str) -> str:
