@@ -117,6 +117,59 @@ def test_mlflow_study_trial_stage_nesting_and_cache(k_range):
 
 
 @slow
+def test_study_run_explains_itself(k_range):
+    """Params, description, dataset and headline metrics of the study run; trial names and attrs."""
+    import re
+
+    from _mlflow_keys import check_metric_keys
+
+    client, exp, parent, trials = _study_runs(k_range, "k_range")
+    p = parent.data.params
+    assert p["search.factorize.n_components"] == "int [3, 8]"
+    assert p["search.consensus.min_clusters..consensus.max_clusters"] == (
+        "consensus.min_clusters <= consensus.max_clusters in int [2, 6], consensus.max_clusters - "
+        "consensus.min_clusters >= 1, consensus.max_clusters <= factorize.n_components when consensus.method=components")
+    assert (p["study.sampler"], p["study.sampler.seed"], p["study.n_trials"]) == ("tpe", "42", "6")
+    assert p["study.objectives"] == "maximize consensus.silhouette"
+    # the science every trial shares, under the trials' own param keys (the swept keys excluded)
+    assert p["data.name"] == "synthetic" and p["factorize.n_replicates"] == "4"
+    assert "factorize.n_components" not in p and not any(k.startswith(("paths.", "tracking.")) for k in p)
+    assert "sampler tpe" in parent.data.tags["mlflow.note.content"]
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(k_range / "mlruns" / "optuna" / "journal.log")))
+    study = optuna.load_study(study_name="k_range", storage=storage)
+    assert study.metric_names == ["consensus.silhouette"]  # optuna-dashboard's axis, not "Objective 0"
+    best = study.best_trial
+    # one table: the study row carries the best trial's values under the trials' keys
+    best_run = trials[best.number]
+    assert parent.data.tags["optuna.best_trial"] == str(best.number)
+    assert parent.data.metrics["consensus.silhouette"] == pytest.approx(best.value, rel=1e-12)
+    for key in ("best_k", "consensus.pac", "reconstruction_error"):
+        assert parent.data.metrics[key] == best_run.data.metrics[key], key
+    assert best_run.info.run_name in parent.data.tags["mlflow.note.content"]
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == \
+        [d.dataset.digest for d in best_run.inputs.dataset_inputs]
+
+    names = set()
+    for t in study.trials:
+        run = trials[t.number]
+        v = t.user_attrs["values"]
+        assert run.info.run_name == (f"trial {t.number} · n_components={v['factorize.n_components']} · "
+                                     f"K {v['consensus.min_clusters']}..{v['consensus.max_clusters']}")
+        names.add(run.info.run_name)
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.user_attrs["metrics"]["best_k"] == run.data.metrics["best_k"]
+            # the trial links its study run
+            assert re.search(rf"\(#/experiments/{exp}/runs/{parent.info.run_id}\)", run.data.tags["mlflow.note.content"])
+        # the sweeper's plumbing is not a param of the trial
+        assert not any(k.startswith(("tracking.", "paths.")) for k in run.data.params)
+    assert len(names) == len(study.trials)
+    check_metric_keys(client, exp)
+
+
+@slow
 def test_impossible_configuration_fails_the_trial_not_the_sweep(k_range):
     # n_components=1600 cannot be fit to ~1500 genes; the grid visits both values
     sweep(k_range, "bad_rank", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.name=grid",
