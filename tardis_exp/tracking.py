@@ -198,12 +198,16 @@ def short_override(o: str) -> str:
 
 
 def default_run_name(overrides: Iterable[str] | None) -> str:
-    """A parent run's name from its non-default overrides, e.g. ``n_components=8 consensus=spots``.
+    """A parent run's name from its non-default overrides, e.g. ``consensus=spots n_components=8``.
 
     No such override: ``defaults``. Long names are cut at :data:`RUN_NAME_MAX` characters.
     """
-    parts = [short_override(o) for o in science_overrides(overrides)]
-    name = " ".join(parts) or "defaults"
+    # config-group choices first (consensus=spots), then the method's sections, the data last:
+    # what differs between runs of one data set shows before a cut column hides the rest
+    rank = {"factorize": 1, "consensus": 2, "score": 3, "preprocess": 4, "data": 5}
+    ovs = sorted(science_overrides(overrides),
+                 key=lambda o: 0 if "." not in _override_key(o) else rank.get(_override_key(o).split(".")[0], 6))
+    name = " ".join(short_override(o) for o in ovs) or "defaults"
     return name if len(name) <= RUN_NAME_MAX else name[: RUN_NAME_MAX - 1] + "…"
 
 
