@@ -258,10 +258,32 @@ Gene-program discovery runs of **tardis-exp** (NMF + consensus clustering).
 """
 
 
-def init_experiment(client, experiment_id: str) -> None:
-    """Experiment tags for a first view that works: description and the model-training view.
+# A saved view of the runs table (MLflow 3's "Views" menu, an experiment tag
+# mlflow.sharedViewState.<id>): the headline metrics and swept params as columns. Opened by
+# #/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=headline
+VIEW_ID = "headline"
+VIEW_COLUMNS = ("metrics.`best_k`", "metrics.`consensus.silhouette`", "metrics.`consensus.pac`",
+                "metrics.`reconstruction_error`", "params.`factorize.n_components`",
+                "params.`consensus.min_clusters`", "params.`consensus.max_clusters`", "attributes.`Dataset`")
 
-    Set once (an existing description or kind chosen by a person is kept).
+
+def _view_state() -> dict:
+    # the runs table's state as MLflow 3.x keeps it (browser localStorage, saved views)
+    return {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
+            "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+            "selectedColumns": list(VIEW_COLUMNS), "columnOrder": [], "columnWidths": {}, "runsExpanded": {},
+            "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {}, "runsHiddenMode": "FIRST_10_RUNS",
+            "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
+            "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None, "groupsExpanded": {},
+            "autoRefreshEnabled": True,
+            "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
+
+
+def init_experiment(client, experiment_id: str) -> None:
+    """Experiment tags for a first view that works: the model-training view, a description
+    and a saved view of the runs table with the headline columns.
+
+    Set once (an existing description, kind or view chosen by a person is kept).
     """
     exp = client.get_experiment(experiment_id)
     tags = exp.tags or {}
@@ -269,6 +291,11 @@ def init_experiment(client, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
     if not tags.get("mlflow.note.content"):
         client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+    key = f"mlflow.sharedViewState.{VIEW_ID}"
+    if key not in tags:
+        now = _now_ms()
+        client.set_experiment_tag(experiment_id, key, json.dumps(
+            {"name": "headline metrics", "createdAt": now, "updatedAt": now, "state": json.dumps(_view_state())}))
 
 
 def _now_ms() -> int:

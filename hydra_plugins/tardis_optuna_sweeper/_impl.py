@@ -1554,7 +1554,12 @@ class TardisOptunaSweeperImpl:
                     params[k] = v
         except Exception as e:  # noqa: BLE001 -- another task app: the study's own params suffice
             log.debug("no science params for the study run: %s", e)
-        return params
+        try:  # credentials in a data path or a fixed override never reach MLflow
+            from tardis_exp.tracking import safe_params
+
+            return dict(safe_params(params))
+        except ImportError:
+            return {k: _mask_url(str(v)) for k, v in params.items()}
 
     def _study_text(self) -> str:
         space = "; ".join(f"`{k[len('search.'):]}`: {v}" for k, v in self.space.describe().items())
