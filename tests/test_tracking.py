@@ -316,6 +316,10 @@ def test_run_names_and_descriptions(sqlite_runs):
     exp = client.get_experiment(k5.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # model-training view, not GenAI
     assert "consensus.*_by_k" in exp.tags["mlflow.note.content"]
+    # the saved view of the runs table, in MLflow's envelope: its state names the headline columns
+    view = json.loads(exp.tags["mlflow.sharedViewState.headline"])
+    assert view["name"] == "headline metrics" and isinstance(view["createdAt"], int)
+    assert "metrics.`best_k`" in json.loads(view["state"])["selectedColumns"]
 
 
 def test_compare_two_runs_shows_the_one_changed_param(sqlite_runs):

@@ -1555,7 +1555,12 @@ class TardisOptunaSweeperImpl:
         except Exception as e:  # noqa: BLE001 -- another task app: the study's own params suffice
             log.debug("no science params for the study run: %s", e)
         try:  # credentials in a data path or a fixed override never reach MLflow
-            from tardis_exp.tracking import safe_params
+            from tardis_exp.tracking import safe_params, science_overrides
+
+            fixed = " ".join(science_overrides(self.space.fixed))  # paths.* etc. are plumbing
+            params.pop("search.fixed", None)
+            if fixed:
+                params["search.fixed"] = fixed
 
             return dict(safe_params(params))
         except ImportError:
