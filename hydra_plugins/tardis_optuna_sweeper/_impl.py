@@ -1567,7 +1567,17 @@ class TardisOptunaSweeperImpl:
             return {k: _mask_url(str(v)) for k, v in params.items()}
 
     def _study_text(self) -> str:
-        space = "; ".join(f"`{k[len('search.'):]}`: {v}" for k, v in self.space.describe().items())
+        described = self.space.describe()
+        try:  # the fixed overrides that change the science (paths.* and the like are plumbing)
+            from tardis_exp.tracking import science_overrides
+
+            fixed = " ".join(science_overrides(self.space.fixed))
+            described.pop("search.fixed", None)
+            if fixed:
+                described["search.fixed"] = fixed
+        except ImportError:
+            pass
+        space = "; ".join(f"`{k[len('search.'):]}`: {v}" for k, v in described.items())
         return (f"Optuna study **{self.study_name}**: {self.n_trials} trials, sampler {self.sampler_name}, "
                 + " and ".join(f"{o.direction} `{o.metric}`" for o in self.objectives)
                 + f". Search space: {space}. Child runs are the trials (`trial N · ...`); "
