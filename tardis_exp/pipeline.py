@@ -37,7 +37,7 @@ from .preprocess import check_params as check_preprocess
 from .preprocess import preprocess
 from .score import check_params as check_score
 from .score import score
-from .tracking import Tracker, flatten, redact, redact_tree
+from .tracking import Tracker, redact, redact_tree, run_description, science_params
 from .tracking import check_config as check_tracking
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def headline_metrics(adata) -> dict[str, float]:
     """The numbers a runs table compares: best K, its consensus statistics, fit and quality."""
     c = adata.uns["nmf_consensus"]
     i = int(np.flatnonzero(np.asarray(c["k_values"]) == c["best_k"])[0])
-    m = adata.uns["nmf_metrics"]
+    m = adata.uns.get("nmf_metrics", {})  # absent before the score stage (the consensus stage run)
     out = {
         "best_k": float(c["best_k"]),
         "reconstruction_error": float(np.min(adata.uns["nmf"]["errors"])) if "nmf" in adata.uns else np.nan,
@@ -201,8 +201,9 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
 
     tracker = Tracker.from_config(cfg["tracking"])
     tags = {"tardis_exp.version": __version__, "git_commit": _git_commit(), "data.name": cfg["data"].get("name")}
-    with tracker.run(tags=tags, local_dir=run_dir) as parent:
-        parent.log_params(flatten(safe_cfg))
+    with tracker.run(tags=tags, local_dir=run_dir, overrides=overrides) as parent:
+        # the science only: paths, tracking and progress settings are in config.yaml
+        parent.log_params(science_params(safe_cfg))
         parent.log_artifact(run_dir / "config.yaml")
         parent.log_artifact(run_dir / "overrides.txt")
 
@@ -231,26 +232,30 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
             cache.factorize(adata, cfg, stage_run=st,
                             compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))
             nmf = adata.uns["nmf"]
-            st.log_steps("reconstruction_error", nmf["errors"])  # one step per replicate
-            st.log_steps("n_iter", nmf["n_iter"])
-            # not "reconstruction_error" at step 0: that would collide with replicate 0's step
-            st.log_metrics({"reconstruction_error_min": float(np.min(nmf["errors"])),
+            # one key, one meaning (tracking.METRIC_KEYS): series under *_by_replicate,
+            # reconstruction_error is the best replicate's here as on the parent
+            st.log_steps("reconstruction_error_by_replicate", nmf["errors"])  # step = replicate
+            st.log_steps("n_iter_by_replicate", nmf["n_iter"])
+            st.log_metrics({"reconstruction_error": float(np.min(nmf["errors"])),
                             "fit_seconds": nmf["fit_seconds"]})
 
         with tracker.stage("consensus", cfg["consensus"]) as st:
             cache.consensus(adata, cfg, stage_run=st,
                             compute=lambda a: consensus(a, progress=progress, **stage_kwargs(cfg["consensus"])))
             c = adata.uns["nmf_consensus"]
+            # per-K curves under *_by_k (step = K); the headline keys hold the chosen K's values
             for key in ("pac", "cophenetic", "delta_area", "area", "mean_cluster_consensus", "silhouette"):
-                st.log_steps(f"consensus.{key}", c[key], steps=[int(k) for k in c["k_values"]])
-            st.log_metrics({"best_k": c["best_k"], "refit_error": c["refit_error"]})
+                st.log_steps(f"consensus.{key}_by_k", c[key], steps=[int(k) for k in c["k_values"]])
+            head = headline_metrics(adata)
+            st.log_metrics({k: v for k, v in head.items() if k.startswith("consensus.")
+                            or k in ("best_k", "refit_error")})
 
         with tracker.stage("score", cfg["score"]) as st:
             score(adata, **stage_kwargs(cfg["score"]))
             m = adata.uns["nmf_metrics"]
             st.log_metrics({k: v for k, v in m.items() if np.isscalar(v)})
             if "morans_i" in m:
-                st.log_steps("morans_i", m["morans_i"])
+                st.log_steps("morans_i_by_program", m["morans_i"])  # step = program
 
         metrics = headline_metrics(adata)
         if cache.enabled:
@@ -258,11 +263,22 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
         if cache.unreadable:  # other users' entries skipped (and warned about) in a shared cache
             parent.set_tags({"cache.unreadable": str(len(cache.unreadable))})
         parent.log_metrics(metrics)
+        parent.set_tags({"mlflow.note.content": _description(cfg, overrides, metrics, tracker)})
         _write_outputs(adata, run_dir, cfg, parent)
     metrics["mlflow_run_id"] = parent.run_id
     _atomic_write_text(yaml.safe_dump(metrics, sort_keys=False),
                        run_dir / "metrics.yaml")
     return metrics
+
+
+def _description(cfg, overrides, metrics, tracker) -> str:
+    """The parent run's MLflow description: command line, overrides, headline result."""
+    t = cfg["tracking"]
+    tags = t.get("tags") or {}
+    study = tags.get("optuna_study")
+    return run_description(overrides, metrics, data=str(cfg["data"].get("name")),
+                           study=None if study is None else str(study), study_run=t.get("parent_run_id"),
+                           experiment_id=tracker.experiment_id, trial=tags.get("optuna_trial"))
 
 
 def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:

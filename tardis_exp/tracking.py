@@ -39,6 +39,7 @@ import traceback
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -185,6 +186,206 @@ def _first_line(e: BaseException) -> str:
     orig = getattr(e, "orig", None) or e
     lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
     return f"{type(orig).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+# -- what the MLflow UI shows: run names, descriptions, params, metric keys ------------
+# (docs/tracking-ui.md documents the scheme; tests/test_tracking.py checks every key a run logs)
+
+# the config sections whose values change a result: the parent run's params
+SCIENCE_SECTIONS = ("data", "preprocess", "factorize", "consensus", "score")
+# override keys that change where or how a run is recorded, never what it computes
+_PLUMBING = ("paths.", "tracking.", "hydra.", "cache.", "progress", "task_name", "save_result", "sweep")
+RUN_NAME_MAX = 120
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3: open in the model-training view, not GenAI
+
+
+@dataclass(frozen=True)
+class MetricKey:
+    """One metric key, one meaning: ``step`` says what the step axis counts."""
+
+    meaning: str
+    step: str = "none"  # none (one value, step 0) | K | replicate | program
+    runs: tuple = ("pipeline",)  # run kinds that log it: pipeline (parent or trial), <stage>, study
+
+
+_HEAD = ("pipeline", "study")  # headline keys: the pipeline run and, for its best trial, the study run
+METRIC_KEYS: dict[str, MetricKey] = {
+    # headline values (at the chosen K, best replicate): same key, same meaning on every run carrying it
+    "best_k": MetricKey("number of programs K chosen by consensus.k_selection", runs=_HEAD + ("consensus",)),
+    "reconstruction_error": MetricKey("reconstruction error of the best NMF replicate", runs=_HEAD + ("factorize",)),
+    "refit_error": MetricKey("reconstruction error of the consensus refit at the chosen K",
+                             runs=_HEAD + ("consensus",)),
+    **{f"consensus.{k}": MetricKey(f"consensus {k.replace('_', ' ')} at the chosen K", runs=_HEAD + ("consensus",))
+       for k in ("pac", "cophenetic", "delta_area", "mean_cluster_consensus", "silhouette")},
+    **{k: MetricKey(f"score stage: {k.replace('_', ' ')} of the final programs", runs=_HEAD + ("score",))
+       for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery")},
+    "cache_hits": MetricKey("stages served from the stage cache", runs=_HEAD),
+    "cache_misses": MetricKey("stages computed (not in the stage cache)", runs=_HEAD),
+    "duration_s": MetricKey("wall-clock seconds of this run", runs=("pipeline", "preprocess", "factorize",
+                                                                      "consensus", "score")),
+    # per-K series (step = K) on the consensus stage run; the headline keys hold the chosen K's value
+    **{f"consensus.{k}_by_k": MetricKey(f"consensus {k.replace('_', ' ')} for each K (step = K)", "K",
+                                       ("consensus",))
+       for k in ("pac", "cophenetic", "delta_area", "area", "mean_cluster_consensus", "silhouette")},
+    # per-replicate series (step = replicate) on the factorize stage run
+    "reconstruction_error_by_replicate": MetricKey("reconstruction error of each NMF replicate", "replicate",
+                                                   ("factorize",)),
+    "n_iter_by_replicate": MetricKey("iterations of each NMF replicate", "replicate", ("factorize",)),
+    "fit_seconds": MetricKey("seconds of the NMF fit (all replicates)", runs=("factorize",)),
+    "morans_i_by_program": MetricKey("Moran's I of each program's usage (step = program)", "program", ("score",)),
+    "n_spots": MetricKey("spots after preprocessing", runs=("preprocess",)),
+    "n_genes": MetricKey("genes after preprocessing", runs=("preprocess",)),
+    "cache_seconds": MetricKey("seconds to look up (and on a hit, restore) the stage's cache entry",
+                               runs=("preprocess", "factorize", "consensus")),
+    # study runs (the sweeper)
+    "n_trials_complete": MetricKey("COMPLETE trials of the study", runs=("study",)),
+    "n_trials_fail": MetricKey("FAIL trials of the study", runs=("study",)),
+    "n_trials_pruned": MetricKey("PRUNED trials of the study", runs=("study",)),
+}
+
+
+def metric_key(key: str) -> MetricKey | None:
+    """The registered meaning of a metric key (``objective.<metric>``: a trial's objective value)."""
+    if key in METRIC_KEYS:
+        return METRIC_KEYS[key]
+    if key.startswith("objective.") and key[len("objective."):] in METRIC_KEYS:
+        return MetricKey(f"the trial's objective value ({key[len('objective.'):]})", runs=("pipeline",))
+    return None
+
+
+def science_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The params of a parent run: the science sections, prefixed (``factorize.n_components``).
+
+    Run plumbing (``paths.*``, ``tracking.*``, ``progress``, cache settings) stays out:
+    it is in the ``config.yaml`` artifact, and in params it would make every compare
+    view list a timestamped run directory as a difference.
+    """
+    return flatten({k: cfg[k] for k in SCIENCE_SECTIONS if isinstance(cfg.get(k), Mapping)})
+
+
+def _override_key(o: str) -> str:
+    return o.split("=", 1)[0].lstrip("+~")
+
+
+def science_overrides(overrides: Iterable[str] | None) -> list[str]:
+    """The overrides that change what a run computes (plumbing such as ``paths.*`` dropped)."""
+    out: dict[str, str] = {}
+    for o in overrides or []:
+        key = _override_key(o)
+        if "=" in o and not key.startswith(_PLUMBING) and key not in ("progress", "task_name", "save_result"):
+            out.pop(key, None)  # the last override of a key is the one that counts
+            out[key] = o.lstrip("+")
+    return list(out.values())
+
+
+def short_override(o: str) -> str:
+    """``factorize.n_components=8`` -> ``n_components=8``; ``consensus=spots`` stays."""
+    key, _, value = o.partition("=")
+    value = value.strip(chr(39) + chr(34))
+    if "/" in value:  # a path: its file name says enough
+        value = value.rstrip("/").rsplit("/", 1)[-1]
+    return f"{key.rsplit('.', 1)[-1]}={redact(value)}"
+
+
+def default_run_name(overrides: Iterable[str] | None) -> str:
+    """A parent run's name from its non-default overrides, e.g. ``consensus=spots n_components=8``.
+
+    No such override: ``defaults``. Long names are cut at :data:`RUN_NAME_MAX` characters.
+    """
+    # config-group choices first (consensus=spots), then the method's sections, the data last:
+    # what differs between runs of one data set shows before a cut column hides the rest
+    rank = {"factorize": 1, "consensus": 2, "score": 3, "preprocess": 4, "data": 5}
+    ovs = sorted(science_overrides(overrides),
+                 key=lambda o: 0 if "." not in _override_key(o) else rank.get(_override_key(o).split(".")[0], 6))
+    name = " ".join(short_override(o) for o in ovs) or "defaults"
+    return name if len(name) <= RUN_NAME_MAX else name[: RUN_NAME_MAX - 1] + "…"
+
+
+_HEADLINE_TEXT = (("best_k", "best K"), ("consensus.silhouette", "consensus.silhouette"),
+                  ("consensus.pac", "consensus.pac"), ("reconstruction_error", "reconstruction_error"),
+                  ("program_recovery", "program_recovery"))
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.4g}"
+
+
+def run_description(overrides: Iterable[str] | None, metrics: Mapping[str, float] | None = None, *,
+                    data: str | None = None, study: str | None = None, study_run: str | None = None,
+                    experiment_id: str | None = None, trial: Any = None) -> str:
+    """The run's ``mlflow.note.content``: command line, overrides and headline result (markdown)."""
+    ovs = science_overrides(overrides)
+    cmd = " ".join(["tardis-exp", *(redact(o) for o in ovs)])
+    lines = []
+    if study is not None:
+        link = (f"[{study}](#/experiments/{experiment_id}/runs/{study_run})" if study_run and experiment_id
+                else study)
+        lines.append(f"Trial {trial} of the Optuna study {link}.")
+    lines.append(f"Command line (reproduces this run): `{cmd}`")
+    lines.append("Overrides: " + (", ".join(f"`{redact(o)}`" for o in ovs) if ovs else "none (the defaults)")
+                 + (f"; data: `{data}`." if data else "."))
+    if metrics:
+        res = [f"{label} = {_fmt(metrics[k])}" for k, label in _HEADLINE_TEXT
+               if k in metrics and metrics[k] is not None and math.isfinite(float(metrics[k]))]
+        if res:
+            lines.append("Result: " + ", ".join(res) + ".")
+    return "\n\n".join(lines)
+
+
+EXPERIMENT_DESCRIPTION = """\
+Gene-program discovery runs of **tardis-exp** (NMF + consensus clustering).
+
+* A top-level run named after its overrides (`defaults`, `n_components=8 consensus=spots`) is one
+  `tardis-exp` command; its child runs `preprocess`, `factorize`, `consensus`, `score` are the stages.
+* A run with the study's name (`k_range`) is an Optuna study; its children are trials named
+  `trial 3 · n_components=8 · K 4..10`, each with its stage runs.
+* Headline metrics (`best_k`, `consensus.silhouette`, `consensus.pac`, `reconstruction_error`) are values
+  at the chosen K on every run that carries them (a study: its best trial's); per-K curves are
+  `consensus.*_by_k` (step = K) on the consensus stage runs. Params are the science config only
+  (data, preprocess, factorize, consensus, score); `config.yaml` holds the rest.
+* Show only top-level runs or one study: filter `tags.optuna.role = 'study'` or
+  `tags.optuna.study_name = 'k_range'`. Naming scheme: docs/tracking-ui.md.
+"""
+
+
+# A saved view of the runs table (MLflow 3's "Views" menu, an experiment tag
+# mlflow.sharedViewState.<id>): the headline metrics and swept params as columns. Opened by
+# #/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=headline
+VIEW_ID = "headline"
+VIEW_COLUMNS = ("metrics.`best_k`", "metrics.`consensus.silhouette`", "metrics.`consensus.pac`",
+                "metrics.`reconstruction_error`", "params.`factorize.n_components`",
+                "params.`consensus.min_clusters`", "params.`consensus.max_clusters`", "attributes.`Dataset`")
+
+
+def _view_state() -> dict:
+    # the runs table's state as MLflow 3.x keeps it (browser localStorage, saved views)
+    return {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
+            "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+            "selectedColumns": list(VIEW_COLUMNS), "columnOrder": [], "columnWidths": {}, "runsExpanded": {},
+            "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {}, "runsHiddenMode": "FIRST_10_RUNS",
+            "viewMaximized": False, "runListHidden": False, "isAccordionReordered": False,
+            "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None, "groupsExpanded": {},
+            "autoRefreshEnabled": True,
+            "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
+
+
+def init_experiment(client, experiment_id: str) -> None:
+    """Experiment tags for a first view that works: the model-training view, a description
+    and a saved view of the runs table with the headline columns.
+
+    Set once (an existing description, kind or view chosen by a person is kept).
+    """
+    exp = client.get_experiment(experiment_id)
+    tags = exp.tags or {}
+    if "mlflow.experimentKind" not in tags:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    if not tags.get("mlflow.note.content"):
+        client.set_experiment_tag(experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+    key = f"mlflow.sharedViewState.{VIEW_ID}"
+    if key not in tags:
+        now = _now_ms()
+        client.set_experiment_tag(experiment_id, key, json.dumps(
+            {"name": "headline metrics", "createdAt": now, "updatedAt": now, "state": json.dumps(_view_state())}))
 
 
 def _now_ms() -> int:
@@ -358,7 +559,10 @@ class Tracker:
     artifact_location
         Artifact root for a new experiment on a local store (a server decides its own).
     run_name, tags
-        Name and extra tags of the parent run.
+        Name and extra tags of the parent run (``run_name`` wins over every default name).
+    run_label
+        The parent's name when ``run_name`` is not set (the sweeper's ``trial 3 · ...``);
+        neither set: :func:`default_run_name` of the overrides given to :meth:`run`.
     parent_run_id
         Nest the parent under this run (a sweep's study run).
     connect_timeout_s
@@ -369,13 +573,15 @@ class Tracker:
 
     def __init__(self, uri: str | None = None, experiment: str = "tardis-exp", *, enabled: bool = True,
                  artifact_location: str | None = None, run_name: str | None = None,
-                 tags: Mapping | None = None, parent_run_id: str | None = None, connect_timeout_s: float = 10,
+                 run_label: str | None = None, tags: Mapping | None = None, parent_run_id: str | None = None, connect_timeout_s: float = 10,
                  http_timeout_s: float = 30, http_max_retries: int = 2):
         self.enabled = bool(enabled) and uri is not None
         self.uri = sqlalchemy_uri(uri) if self.enabled else uri
         self.experiment = experiment
         self.artifact_location = artifact_location
         self.run_name = run_name
+        self.run_label = run_label
+        self.name: str | None = None  # the parent's name, fixed when run() starts
         self.tags = dict(tags or {})
         self.parent_run_id = parent_run_id
         self.timeout = connect_timeout_s
@@ -396,6 +602,7 @@ class Tracker:
         t = cfg
         return cls(uri=t.get("uri"), experiment=t.get("experiment", "tardis-exp"), enabled=t.get("enabled", True),
                    artifact_location=t.get("artifact_location"), run_name=t.get("run_name"),
+                   run_label=t.get("run_label"),
                    tags=t.get("tags") or {}, parent_run_id=t.get("parent_run_id"),
                    connect_timeout_s=t.get("connect_timeout_s", 10), http_timeout_s=t.get("http_timeout_s", 30),
                    http_max_retries=t.get("http_max_retries", 2))
@@ -452,6 +659,7 @@ class Tracker:
                                         f"{redact(self.uri)}; restore it (mlflow experiments restore) "
                                         "or choose another name")
                 self.experiment_id = exp.experiment_id
+            self._safe("experiment tags", lambda: init_experiment(self.client, self.experiment_id))
         except TrackingError:
             raise
         except Exception as e:
@@ -544,7 +752,8 @@ class Tracker:
                      lambda rid: self.client.set_terminated(rid, status=status, end_time=end_ms), always=True)
 
     @contextmanager
-    def run(self, tags: Mapping | None = None, local_dir: str | os.PathLike | None = None):
+    def run(self, tags: Mapping | None = None, local_dir: str | os.PathLike | None = None,
+            overrides: Iterable[str] | None = None):
         """The parent run of a pipeline run; FAILED with the traceback on error.
 
         The fast checks (:meth:`precheck`) raise :class:`TrackingError` here; opening the
@@ -552,7 +761,9 @@ class Tracker:
         :meth:`wait_ready` (or when the block ends). Everything after that is best-effort
         (see the module docstring). ``local_dir`` (the run directory) receives
         ``traceback.txt`` and ``tracking_errors.log`` when there is something to say.
+        ``overrides`` (Hydra's) name the run when neither ``run_name`` nor ``run_label`` is set.
         """
+        self.name = self.run_name or self.run_label or default_run_name(overrides)
         self.local_dir = Path(local_dir) if local_dir is not None else None
         self.failures, self._consecutive, self._gave_up = [], 0, False
         self.precheck()
@@ -598,7 +809,7 @@ class Tracker:
         """On the store thread: import MLflow, open the store, create the parent run."""
         self._open_store()
         try:
-            self.parent._id = self._create(self.run_name or "pipeline", self.parent_run_id, tags, start_ms)
+            self.parent._id = self._create(self.name, self.parent_run_id, tags, start_ms)
         except Exception as e:
             raise TrackingError(f"cannot create a run in tracking.uri={redact(self.uri)} "
                                 f"(experiment {self.experiment!r}): {type(e).__name__}: {redact(str(e))}") from e
@@ -637,7 +848,7 @@ class Tracker:
 
             self._pool.submit(create)
         if params:
-            st.log_params(params)
+            st.log_params({name: dict(params)})  # prefixed: factorize.random_state, not random_state
         t0 = time.perf_counter()
         try:
             yield st

@@ -35,6 +35,7 @@ CONF = str(Path(__file__).resolve().parent.parent / "conf")
 SMALL = ["data.n_spots=900", "data.n_genes=800", "data.n_programs=4", "factorize.n_components=6",
          "factorize.n_replicates=4", "consensus.n_resamples=20", "preprocess.n_top_genes=500"]
 STAGES = ("preprocess", "factorize", "consensus", "score")
+SCIENCE = ("data", "preprocess", "factorize", "consensus", "score")
 SECRET = "s3cr3t-pw"
 DB_URI = f"postgresql://alice:{SECRET}@db.example.org:5432/exp"
 
@@ -141,13 +142,16 @@ def server(servers):
 def sqlite_runs(tmp_path_factory):
     """Two runs into the default store (SQLite in <root>/mlruns): 6 and 5 components.
 
-    The first carries a credential in a tag and in ``data.path`` (synthetic data ignores
-    the path), which must never reach MLflow.
+    Both carry a credential in a tag and in ``data.path`` (synthetic data ignores the
+    path), which must never reach MLflow; they differ by one override of the science
+    (``factorize.n_components``). The first is named by ``tracking.run_name``, the second
+    after its overrides.
     """
     root = tmp_path_factory.mktemp("root")
     out = {}
-    for name, extra in (("k6", [f"+tracking.tags.db={DB_URI}", f"+data.path={DB_URI}", "tracking.run_name=k6"]),
-                        ("k5", ["factorize.n_components=5", "tracking.run_name=k5"])):
+    secret = [f"+tracking.tags.db={DB_URI}", f"+data.path={DB_URI}"]
+    for name, extra in (("k6", [*secret, "tracking.run_name=k6"]),
+                        ("k5", [*secret, "factorize.n_components=5"])):
         cfg, run_dir, ov = make_cfg(root, name, *extra)
         metrics = run(cfg, run_dir, overrides=ov)
         out[name] = {"cfg": cfg, "run_dir": run_dir, "metrics": metrics}
@@ -177,35 +181,50 @@ def check_run(client: MlflowClient, parent_id: str, cfg: dict, dl: Path) -> dict
     assert sorted(children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children.values())
 
-    # params: every leaf of the resolved config, dotted, equal to the config value
+    # params: every leaf of the science sections, dotted, equal to the config value; no plumbing
     p = parent.data.params
-    for key, value in leaves(cfg):
+    science = {k: v for k, v in leaves(cfg) if k.split(".")[0] in SCIENCE}
+    assert set(p) == set(science)
+    for key, value in science.items():
         if SECRET in str(value):
             assert SECRET not in p[key] and "***" in p[key], key
         else:
             assert p[key] == as_param(value), key
-    for stage in STAGES:  # each stage's own section on its child, undotted
+    for stage in STAGES:  # each stage's own section on its child, with its prefix
         cp = children[stage].data.params
-        assert {k: cp[k] for k, _ in leaves(cfg[stage])} == {k: as_param(v) for k, v in leaves(cfg[stage])}
+        assert cp == {f"{stage}.{k}": as_param(v) for k, v in leaves(cfg[stage])}
 
     # the result the run logged: ground truth for the metrics
     path = client.download_artifacts(parent_id, "result.h5ad", str(dl))
     res = ad.read_h5ad(path)
     c, nmf, m = res.uns["nmf_consensus"], res.uns["nmf"], res.uns["nmf_metrics"]
     ks = [int(k) for k in c["k_values"]]
-    assert ks == list(range(cfg["consensus"]["min_clusters"], cfg["consensus"]["max_clusters"] + 1))
+    # the configured range, clipped at the top when a resample holds too few components
+    assert ks == list(range(cfg["consensus"]["min_clusters"], max(ks) + 1))
+    assert max(ks) <= cfg["consensus"]["max_clusters"]
 
     cons = children["consensus"].info.run_id
-    for key in ("pac", "cophenetic", "delta_area"):
-        hist = sorted(client.get_metric_history(cons, f"consensus.{key}"), key=lambda x: x.step)
-        assert [h.step for h in hist] == ks
-        np.testing.assert_allclose([h.value for h in hist], c[key], rtol=1e-12)
-    assert children["consensus"].data.metrics["best_k"] == c["best_k"]
+    best = ks.index(int(c["best_k"]))
+    cm = children["consensus"].data.metrics
+    for key in ("pac", "cophenetic", "delta_area", "silhouette"):
+        # the per-K curve under its own key, step = K; the headline key holds the chosen K's value
+        hist = sorted(client.get_metric_history(cons, f"consensus.{key}_by_k"), key=lambda x: x.step)
+        finite = np.isfinite(np.asarray(c[key], float))  # NaN (silhouette of a singleton K) is not logged
+        assert [h.step for h in hist] == [k for k, f in zip(ks, finite) if f]
+        np.testing.assert_allclose([h.value for h in hist], np.asarray(c[key], float)[finite], rtol=1e-12)
+        assert [h.step for h in client.get_metric_history(cons, f"consensus.{key}")] == [0]
+        assert cm[f"consensus.{key}"] == pytest.approx(float(c[key][best]), rel=1e-12)
+        assert parent.data.metrics[f"consensus.{key}"] == cm[f"consensus.{key}"]
+    assert cm["best_k"] == c["best_k"]
 
     fac = children["factorize"].info.run_id
-    hist = sorted(client.get_metric_history(fac, "reconstruction_error"), key=lambda x: x.step)
+    hist = sorted(client.get_metric_history(fac, "reconstruction_error_by_replicate"), key=lambda x: x.step)
     assert [h.step for h in hist] == list(range(cfg["factorize"]["n_replicates"]))
     np.testing.assert_allclose([h.value for h in hist], nmf["errors"], rtol=1e-12)
+    # the same key means the same on the stage and the parent: the best replicate's error
+    assert children["factorize"].data.metrics["reconstruction_error"] == pytest.approx(
+        float(np.min(nmf["errors"])), rel=1e-12)
+    assert len(client.get_metric_history(fac, "reconstruction_error")) == 1
 
     sm = children["score"].data.metrics
     for key in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery"):
@@ -277,6 +296,60 @@ def test_default_sqlite_store(sqlite_runs, tmp_path):
     assert art.startswith((sqlite_runs["root"] / "mlruns" / "artifacts").as_uri())
 
 
+def test_run_names_and_descriptions(sqlite_runs):
+    """tracking.run_name wins; else the run is named after its science overrides, in order."""
+    client = MlflowClient(tracking_uri=sqlite_runs["uri"])
+    k6 = client.get_run(sqlite_runs["k6"]["metrics"]["mlflow_run_id"])
+    k5 = client.get_run(sqlite_runs["k5"]["metrics"]["mlflow_run_id"])
+    assert k6.info.run_name == "k6"
+    # paths.* and tracking.* overrides are plumbing; a path value shows its file name (no
+    # credential); a key overridden twice counts once, at its last value; the method's
+    # sections come before the data's, so what differs shows first in a cut column
+    assert k5.info.run_name == ("n_replicates=4 n_components=5 n_resamples=20 n_top_genes=500 "
+                                "n_spots=900 n_genes=800 n_programs=4 path=exp")
+    note = k5.data.tags["mlflow.note.content"]
+    m = sqlite_runs["k5"]["metrics"]
+    assert "`tardis-exp data.n_spots=900 " in note and "factorize.n_components=5`" in note
+    assert "factorize.n_components=6" not in note and "paths.root_dir" not in note
+    assert f"best K = {int(m['best_k'])}" in note
+    assert f"consensus.silhouette = {m['consensus.silhouette']:.4g}" in note
+    exp = client.get_experiment(k5.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # model-training view, not GenAI
+    assert "consensus.*_by_k" in exp.tags["mlflow.note.content"]
+    # the saved view of the runs table, in MLflow's envelope: its state names the headline columns
+    view = json.loads(exp.tags["mlflow.sharedViewState.headline"])
+    assert view["name"] == "headline metrics" and isinstance(view["createdAt"], int)
+    assert "metrics.`best_k`" in json.loads(view["state"])["selectedColumns"]
+
+
+def test_compare_two_runs_shows_the_one_changed_param(sqlite_runs):
+    """What the compare view diffs: the parents' params differ in exactly the one override."""
+    client = MlflowClient(tracking_uri=sqlite_runs["uri"])
+    a, b = (client.get_run(sqlite_runs[n]["metrics"]["mlflow_run_id"]).data.params for n in ("k6", "k5"))
+    assert set(a) == set(b)
+    assert {k for k in a if a[k] != b[k]} == {"factorize.n_components"}
+    assert (a["factorize.n_components"], b["factorize.n_components"]) == ("6", "5")
+    # and the stage runs: only the factorize stage's section differs, with its prefix
+    for stage in STAGES:
+        sa, sb = (client.search_runs([client.get_run(sqlite_runs[n]["metrics"]["mlflow_run_id"]).info.experiment_id],
+                                     f"tags.`mlflow.parentRunId` = '{sqlite_runs[n]['metrics']['mlflow_run_id']}' "
+                                     f"and tags.stage = '{stage}'")[0].data.params for n in ("k6", "k5"))
+        assert all(k.startswith(f"{stage}.") for k in sa)
+        assert {k for k in sa if sa[k] != sb[k]} == ({"factorize.n_components"} if stage == "factorize" else set())
+
+
+def test_one_meaning_per_metric_key(sqlite_runs):
+    from _mlflow_keys import check_metric_keys
+
+    client = MlflowClient(tracking_uri=sqlite_runs["uri"])
+    exp = client.get_experiment_by_name("tardis-exp")
+    seen = check_metric_keys(client, exp.experiment_id)
+    # the keys that used to mean two things now hold one value per run, the series their own key
+    assert seen["consensus.pac"] == {"pipeline", "consensus"} and seen["consensus.pac_by_k"] == {"consensus"}
+    assert seen["reconstruction_error"] == {"pipeline", "factorize"}
+    assert seen["reconstruction_error_by_replicate"] == {"factorize"}
+
+
 def test_real_server_client_and_rest(server_run, tmp_path):
     uri = server_run["uri"]
     parent_id = server_run["metrics"]["mlflow_run_id"]
@@ -292,10 +365,10 @@ def test_real_server_client_and_rest(server_run, tmp_path):
     assert sorted(r["info"]["run_name"] for r in kids) == sorted(STAGES)
     params = {p["key"]: p["value"] for p in by_id[parent_id]["data"]["params"]}
     assert params["factorize.n_components"] == "6" and params["consensus.n_resamples"] == "20"
-    assert params["tracking.uri"] == f"http://bob:***@127.0.0.1:{urllib.parse.urlsplit(uri).port}"
+    assert not any(k.startswith(("tracking.", "paths.")) for k in params)  # plumbing: config.yaml only
 
     cons = children["consensus"].info.run_id
-    hist = rest(uri, "metrics/get-history", {"run_id": cons, "metric_key": "consensus.pac"})["metrics"]
+    hist = rest(uri, "metrics/get-history", {"run_id": cons, "metric_key": "consensus.pac_by_k"})["metrics"]
     (tmp_path / "rest").mkdir()
     res = ad.read_h5ad(client.download_artifacts(parent_id, "result.h5ad", str(tmp_path / "rest")))
     c = res.uns["nmf_consensus"]
@@ -315,8 +388,10 @@ def test_compare_runs_by_param_and_metric(sqlite_runs):
     mlflow.set_tracking_uri(uri)
     try:
         for name, k in (("k6", "6"), ("k5", "5")):
+            # stage runs carry their section too (factorize.n_components): the parents have the version tag
             df = mlflow.search_runs(experiment_names=["tardis-exp"],
-                                    filter_string=f"params.`factorize.n_components` = '{k}'")
+                                    filter_string=f"params.`factorize.n_components` = '{k}' "
+                                                  "and tags.`tardis_exp.version` != ''")
             assert list(df["run_id"]) == [sqlite_runs[name]["metrics"]["mlflow_run_id"]]
             assert df["metrics.reconstruction_error"].iloc[0] == pytest.approx(
                 sqlite_runs[name]["metrics"]["reconstruction_error"], rel=1e-12)
@@ -370,7 +445,7 @@ def test_failing_stage_marks_runs_failed(sqlite_runs, tmp_path):
         assert "InputError" in tb and "resample_frac" in tb
         assert "InputError" in client.get_run(rid).data.tags["error"]
     # what was logged before the failure is kept
-    errs = client.get_metric_history(kids["factorize"].info.run_id, "reconstruction_error")
+    errs = client.get_metric_history(kids["factorize"].info.run_id, "reconstruction_error_by_replicate")
     assert len(errs) == cfg["factorize"]["n_replicates"]
     assert parent[0].data.params["consensus.resample_frac"] == "0.1"
     assert {a.path for a in client.list_artifacts(pid)} >= {"config.yaml", "overrides.txt", "traceback.txt"}
@@ -444,7 +519,7 @@ def test_store_lost_mid_run_keeps_local_result(servers, tmp_path, caplog):
     exp = client.get_experiment_by_name("lost")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert runs["factorize"].info.status == "FINISHED"
-    assert len(client.get_metric_history(runs["factorize"].info.run_id, "reconstruction_error")) == 4
+    assert len(client.get_metric_history(runs["factorize"].info.run_id, "reconstruction_error_by_replicate")) == 4
 
 
 def test_plots_survive_missing_inputs(sqlite_runs, caplog):

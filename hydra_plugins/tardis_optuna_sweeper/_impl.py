@@ -51,6 +51,9 @@ HEARTBEAT_ATTR = "tardis.heartbeat"
 FAIL_REASON_ATTR = "fail_reason"
 VALUES_ATTR = "values"
 OVERRIDES_ATTR = "overrides"
+RUN_NAME_ATTR = "mlflow_run_name"
+RUN_ID_ATTR = "mlflow_run_id"
+METRICS_ATTR = "metrics"  # the trial's numeric results (headline metrics), as the task returned them
 # best trials whose figures the study draws at its end (trials skip them in the presets)
 MAX_BEST_TRIAL_PLOTS = 3
 
@@ -97,29 +100,81 @@ class Dim:
 
 @dataclass
 class OrderedPair:
+    """Two integer keys sampled so that ``low <= low_key``, ``low_key + min_width <= high_key <= high``.
+
+    ``min_width >= 1`` (or a bound) samples the low end and the width (Optuna params
+    ``low_key`` and ``"<high_key>-<low_key>"``) instead of the two ends, so no trial gets
+    an empty or single-value range. ``bound_key``: ``high_key`` also stays at or below that
+    key's value in the trial (a sampled param, a fixed override or the task config), when
+    every key of ``bound_when`` has the given value (e.g. the cluster range of
+    ``consensus.method=components`` cannot exceed ``factorize.n_components``).
+    """
+
     low_key: str
     high_key: str
     low: int
     high: int
     low_prefix: str = ""
     high_prefix: str = ""
+    min_width: int = 0
+    bound_key: Optional[str] = None
+    bound_when: Dict[str, Any] = field(default_factory=dict)
+    label: Optional[str] = None  # trial names: "K 4..10"
 
     @property
     def name(self) -> str:
         return f"{self.low_key},{self.high_key}"
 
+    @property
+    def width_name(self) -> str:
+        return f"{self.high_key}-{self.low_key}"
+
+    @property
+    def by_width(self) -> bool:
+        return self.min_width > 0 or self.bound_key is not None
+
+    def describe(self) -> str:
+        """The pair as a study param: ``int [2, 12], max - min >= 1, max <= factorize.n_components ...``."""
+        out = f"{self.low_key} <= {self.high_key} in int [{self.low}, {self.high}]"
+        if self.min_width:
+            out += f", {self.high_key} - {self.low_key} >= {self.min_width}"
+        if self.bound_key:
+            out += f", {self.high_key} <= {self.bound_key}"
+            if self.bound_when:
+                out += " when " + " and ".join(f"{k}={v}" for k, v in self.bound_when.items())
+        return out
+
     def grid_values(self) -> List[str]:
         return [
-            f"{a},{b}" for a in range(self.low, self.high + 1) for b in range(a, self.high + 1)
+            f"{a},{b}" for a in range(self.low, self.high + 1)
+            for b in range(a + self.min_width, self.high + 1)
         ]
 
-    def suggest(self, trial: Trial, grid: bool) -> Tuple[int, int]:
+    def top(self, value: Callable[[str], Any]) -> int:
+        """The largest high_key value allowed in a trial whose other keys read ``value(key)``."""
+        if self.bound_key is None:
+            return self.high
+        if any(str(value(k)) != str(v) for k, v in self.bound_when.items()):
+            return self.high
+        bound = value(self.bound_key)
+        return self.high if bound is None else min(self.high, int(bound))
+
+    def suggest(self, trial: Trial, grid: bool, value: Callable[[str], Any] = lambda k: None) -> Tuple[int, int]:
+        top = self.top(value)
+        if top - self.low < self.min_width:  # validated before the first trial; never expected
+            raise SweeperConfigError(f"{self.describe()}: no room for the range (upper bound {top})")
         if grid:
-            a, b = trial.suggest_categorical(self.name, self.grid_values()).split(",")
-            return int(a), int(b)
-        a = trial.suggest_int(self.low_key, self.low, self.high)
-        b = trial.suggest_int(self.high_key, a, self.high)
-        return a, b
+            a, b = (int(x) for x in trial.suggest_categorical(self.name, self.grid_values()).split(","))
+            if b > top:  # keep the grid point's width, slide it under the bound
+                a, b = max(self.low, top - (b - a)), top
+            return a, b
+        if not self.by_width:
+            a = trial.suggest_int(self.low_key, self.low, self.high)
+            b = trial.suggest_int(self.high_key, a, self.high)
+            return a, b
+        a = trial.suggest_int(self.low_key, self.low, top - self.min_width)
+        w = trial.suggest_int(self.width_name, self.min_width, top - a)
+        return a, a + w
 
 
 @dataclass
@@ -134,15 +189,92 @@ class SearchSpace:
             space[p.name] = p.grid_values()
         return space
 
-    def sample(self, trial: Trial, grid: bool) -> List[Tuple[str, str, Any]]:
-        """Returns [(prefix, key, value)] for every sampled key."""
+    def fixed_value(self, key: str) -> Any:
+        """The value a fixed override gives ``key`` (parsed), else None."""
+        for f in reversed(self.fixed):
+            k, sep, v = f.partition("=")
+            if sep and k.lstrip("+~") == key:
+                try:
+                    return OverridesParser.create().parse_override(f).value()
+                except Exception:
+                    return v
+        return None
+
+    def sample(self, trial: Trial, grid: bool,
+               base: Callable[[str], Any] = lambda k: None) -> List[Tuple[str, str, Any]]:
+        """Returns [(prefix, key, value)] for every sampled key.
+
+        ``base(key)``: the task config's value of a key that is neither sampled nor fixed
+        (an ordered pair's bound).
+        """
         out: List[Tuple[str, str, Any]] = []
         for d in self.dims:
             out.append((d.prefix, d.key, d.suggest(trial)))
+        sampled = {k: v for _, k, v in out}
+
+        def value(key: str) -> Any:
+            if key in sampled:
+                return sampled[key]
+            v = self.fixed_value(key)
+            return base(key) if v is None else v
+
         for p in self.pairs:
-            a, b = p.suggest(trial, grid)
+            a, b = p.suggest(trial, grid, value)
             out.append((p.low_prefix, p.low_key, a))
             out.append((p.high_prefix, p.high_key, b))
+        return out
+
+    def check_pairs(self, base: Callable[[str], Any] = lambda k: None) -> None:
+        """Every trial of the space must get a range of at least ``min_width + 1`` values."""
+        for i, p in enumerate(self.pairs):
+            if p.bound_key is None:
+                continue
+            lows: Dict[str, Any] = {}
+            for d in self.dims:
+                if d.key == p.bound_key:
+                    dist = d.dist
+                    lows[d.key] = (min(dist.choices) if isinstance(dist, CategoricalDistribution)
+                                   else dist.low)
+
+            def value(key: str) -> Any:
+                if key in lows:
+                    return lows[key]
+                v = self.fixed_value(key)
+                return base(key) if v is None else v
+
+            top = p.top(value)
+            if top - p.low < p.min_width:
+                raise SweeperConfigError(
+                    f"{KEY}.ordered_pairs[{i}]: {p.bound_key} can be {value(p.bound_key)}, which leaves "
+                    f"{p.high_key} no room above {p.low_key} >= {p.low} (width >= {p.min_width}); raise "
+                    f"the lower end of {p.bound_key} or lower {KEY}.ordered_pairs[{i}].low"
+                )
+
+    def labels(self, sampled: Sequence[Tuple[str, str, Any]]) -> List[str]:
+        """Short words for a trial's name: ``n_components=8``, ``K 4..10``."""
+        values = {k: v for _, k, v in sampled}
+        paired = {k for p in self.pairs for k in (p.low_key, p.high_key)}
+        out = [f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in values.items() if k not in paired]
+        for p in self.pairs:
+            label = p.label or f"{p.low_key.rsplit('.', 1)[-1]}..{p.high_key.rsplit('.', 1)[-1]}"
+            out.append(f"{label} {values[p.low_key]}..{values[p.high_key]}")
+        return out
+
+    def describe(self) -> Dict[str, str]:
+        """The search space as study params: ``search.<key>`` -> its distribution, in words."""
+        out: Dict[str, str] = {}
+        for d in self.dims:
+            dist = d.dist
+            if isinstance(dist, CategoricalDistribution):
+                out[f"search.{d.key}"] = f"choice {list(dist.choices)}"
+            else:
+                kind = "int" if isinstance(dist, IntDistribution) else "float"
+                step = f" step {dist.step}" if dist.step not in (None, 1) else ""
+                out[f"search.{d.key}"] = f"{kind} [{dist.low}, {dist.high}]{step}{' log' if dist.log else ''}"
+        for p in self.pairs:
+            out[f"search.{p.low_key}..{p.high_key}"] = p.describe()
+        if self.fixed:
+            out["search.fixed"] = " ".join(self.fixed)
         return out
 
     def first_point(self) -> List[str]:
@@ -157,7 +289,7 @@ class SearchSpace:
             res.append(f"{d.prefix}{d.key}={format_value(v)}")
         for p in self.pairs:
             res.append(f"{p.low_prefix}{p.low_key}={p.low}")
-            res.append(f"{p.high_prefix}{p.high_key}={p.high}")
+            res.append(f"{p.high_prefix}{p.high_key}={p.low + p.min_width if p.bound_key else p.high}")
         return res
 
 
@@ -325,7 +457,21 @@ def build_search_space(
             if k in dim_keys:
                 raise SweeperConfigError(f"{cfg_key}: key {k!r} is also swept in {KEY}.params")
             space.fixed = [f for f in space.fixed if not re.match(rf"^\+{{0,2}}{re.escape(k)}=", f)]
-        space.pairs.append(OrderedPair(lk, hk, low, high, lp, hp))
+        min_width = pair.get("min_width", 0) or 0
+        if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 0:
+            raise SweeperConfigError(f"{cfg_key}.min_width: must be an integer >= 0, got {min_width!r}")
+        if high - low < min_width:
+            raise SweeperConfigError(f"{cfg_key}: high ({high}) - low ({low}) < min_width ({min_width})")
+        bound_key = pair.get("bound_key")
+        when = pair.get("bound_when") or {}
+        if not isinstance(when, (Mapping, DictConfig)):
+            raise SweeperConfigError(f"{cfg_key}.bound_when: expected a mapping key: value")
+        when = {str(k): (OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v)
+                for k, v in dict(when).items()}
+        label = pair.get("label")
+        space.pairs.append(OrderedPair(lk, hk, low, high, lp, hp, int(min_width),
+                                       str(bound_key) if bound_key else None, when,
+                                       str(label) if label else None))
     return space
 
 
@@ -852,6 +998,12 @@ class MlflowTracker:
                 self.experiment_id = exp.experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        try:  # description and the model-training view (tardis_exp.tracking.init_experiment)
+            from tardis_exp.tracking import init_experiment
+
+            init_experiment(c, self.experiment_id)
+        except ImportError:
+            pass
         name = self.study_name.replace("'", "\\'")
         runs = c.search_runs(
             [self.experiment_id],
@@ -865,13 +1017,40 @@ class MlflowTracker:
                 c.update_run(self.parent_run_id, status="RUNNING")
             log.info("Resuming MLflow parent run %s of study '%s'", self.parent_run_id, self.study_name)
         else:
-            run = c.create_run(
-                self.experiment_id,
-                run_name=self.study_name,
-                tags={"optuna.study_name": self.study_name, "optuna.role": "study"},
-            )
+            import getpass
+
+            tags = {"optuna.study_name": self.study_name, "optuna.role": "study",
+                    "mlflow.source.type": "LOCAL", "mlflow.source.name": "tardis-exp (Optuna sweep)"}
+            try:
+                tags["mlflow.user"] = getpass.getuser()
+            except Exception:  # noqa: BLE001 -- no user name in some containers
+                pass
+            run = c.create_run(self.experiment_id, run_name=self.study_name, tags=tags)
             self.parent_run_id = run.info.run_id
             log.info("Created MLflow parent run %s for study '%s'", self.parent_run_id, self.study_name)
+
+    def describe(self, params: Mapping[str, Any], text: str) -> None:
+        """Params (search space, sampler, objectives, n_trials, shared config) and description.
+
+        MLflow params cannot change: a resumed study logs the params it did not have yet;
+        a changed value (n_trials raised) is kept in the description and as a tag.
+        """
+        from mlflow.entities import Param
+
+        c = self.client
+        have = c.get_run(self.parent_run_id).data.params
+        new = {}
+        for k, v in params.items():
+            v = "null" if v is None else str(v)[:6000]
+            if k not in have:
+                new[k] = v
+            elif have[k] != v:
+                c.set_tag(self.parent_run_id, f"optuna.now.{k}", v)
+        items = list(new.items())
+        for i in range(0, len(items), 100):
+            c.log_batch(self.parent_run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        self.text = text
+        c.set_tag(self.parent_run_id, "mlflow.note.content", text)
 
     def _find_child(self, number: int) -> Optional[str]:
         runs = self.client.search_runs(
@@ -899,7 +1078,7 @@ class MlflowTracker:
         if not run_id:
             run = c.create_run(
                 self.experiment_id,
-                run_name=f"{self.study_name}-trial-{trial.number}",
+                run_name=trial.user_attrs.get(RUN_NAME_ATTR) or f"trial {trial.number}",
                 tags={
                     "mlflow.parentRunId": self.parent_run_id,
                     "optuna_trial": str(trial.number),
@@ -923,7 +1102,9 @@ class MlflowTracker:
 
     def finish(self, study: optuna.Study, objectives: List[Objective], best_rows: List[Dict[str, Any]],
                all_rows: List[Dict[str, Any]], log_plots: bool,
-               best_trials: Optional[List[FrozenTrial]] = None) -> None:
+               best_trials: Optional[List[FrozenTrial]] = None,
+               best: Optional[List[FrozenTrial]] = None) -> None:
+        """``best_trials``: those whose figures to draw; ``best``: the best (Pareto) trials."""
         c = self.client
         rid = self.parent_run_id
         for t in (best_trials or [])[:MAX_BEST_TRIAL_PLOTS]:
@@ -947,10 +1128,48 @@ class MlflowTracker:
         c.log_metric(rid, "n_trials_complete", sum(s == TrialState.COMPLETE for s in states))
         c.log_metric(rid, "n_trials_fail", sum(s == TrialState.FAIL for s in states))
         c.log_metric(rid, "n_trials_pruned", sum(s == TrialState.PRUNED for s in states))
-        if len(objectives) == 1 and best_rows:
-            c.log_metric(rid, f"best.{objectives[0].metric}", best_rows[0][f"value.{objectives[0].metric}"])
-            c.set_tag(rid, "optuna.best_trial", str(best_rows[0]["number"]))
+        if best:
+            self._log_best(best, objectives)
         c.set_terminated(rid, "FINISHED")
+
+    def _log_best(self, best: List[FrozenTrial], objectives: List[Objective]) -> None:
+        """The best trial's headline metrics under the trials' own keys, its dataset, a description.
+
+        One table then lists the study beside its trials. Multi-objective: the Pareto trial
+        best in the first objective stands for the study (``optuna.best_trial`` says which).
+        """
+        from mlflow.entities import Metric
+
+        c, rid = self.client, self.parent_run_id
+        o0 = objectives[0]
+        t = sorted(best, key=lambda t: t.values[0], reverse=o0.direction == "maximize")[0]
+        metrics = dict(t.user_attrs.get(METRICS_ATTR) or {})
+        metrics.update({o.metric: v for o, v in zip(objectives, t.values)})
+        try:
+            from tardis_exp.tracking import metric_key
+
+            keep = {k for k in metrics if (metric_key(k) and "study" in metric_key(k).runs)}
+        except ImportError:
+            keep = set()
+        keep |= {o.metric for o in objectives}
+        ts = int(time.time() * 1000)
+        c.log_batch(rid, metrics=[Metric(k, float(metrics[k]), ts, 0) for k in sorted(keep)])
+        c.set_tag(rid, "optuna.best_trial", str(t.number))
+        name = t.user_attrs.get(RUN_NAME_ATTR) or f"trial {t.number}"
+        c.set_tag(rid, "optuna.best_trial_run", name)
+        run_id = t.user_attrs.get(RUN_ID_ATTR) or self._find_child(t.number)
+        if run_id:
+            try:  # the dataset the trials read: the study run lists it too
+                inputs = c.get_run(run_id).inputs
+                if inputs and inputs.dataset_inputs:
+                    c.log_inputs(rid, datasets=list(inputs.dataset_inputs))
+            except Exception as e:  # noqa: BLE001
+                log.debug("could not copy the dataset input: %s", e)
+        link = f"[{name}](#/experiments/{self.experiment_id}/runs/{run_id})" if run_id else name
+        result = ", ".join(f"{k} = {metrics[k]:.4g}" for k in sorted(keep))
+        text = getattr(self, "text", "")
+        c.set_tag(rid, "mlflow.note.content",
+                  f"{text}\n\nBest trial: {link}: {result}. The study's metrics are this trial's values.")
 
     def _best_trial_figures(self, t: FrozenTrial) -> None:
         """The figures of a best trial that skipped them (sweep presets do), from its result.h5ad."""
@@ -968,6 +1187,15 @@ class MlflowTracker:
         if run_id and written:
             self.client.log_artifacts(run_id, str(plots), artifact_path="plots")
         log.info("Trial %d (best): figures in %s", t.number, plots)
+
+
+def _numbers(ret: Any) -> Dict[str, float]:
+    """The finite numbers of a task's flat return value (its headline metrics)."""
+    out: Dict[str, float] = {}
+    for k, v in (ret.items() if isinstance(ret, (Mapping, DictConfig)) else []):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[str(k)] = float(v)
+    return out
 
 
 def _write_tsv(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -1100,6 +1328,7 @@ class TardisOptunaSweeperImpl:
                 int(self.grace_period) <= int(self.heartbeat_interval):
             raise SweeperConfigError(f"{KEY}.grace_period: must be larger than {KEY}.heartbeat_interval")
         self.space = build_search_space(self.params, self.ordered_pairs, arguments)
+        self.space.check_pairs(self._base_value)
         self.sampler_name = sampler_name(self.sampler_cfg)
         self.grid = self.sampler_name == "grid"
         # build once to surface configuration errors early
@@ -1122,6 +1351,10 @@ class TardisOptunaSweeperImpl:
         self.study_name = str(self.study_name or _get(self.config, "hydra.job.name") or "study")
         # validate that one point of the space composes with the task config
         self.validate_batch_is_legal([self.space.first_point()])
+
+    def _base_value(self, key: str) -> Any:
+        """The task config's value of ``key`` (an ordered pair's bound), None if absent."""
+        return _get(self.config, key)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         assert self.hydra_context is not None and self.config is not None
@@ -1180,6 +1413,10 @@ class TardisOptunaSweeperImpl:
                                 f"{KEY}.objectives: study '{self.study_name}' exists with directions "
                                 f"{existing}, configured {directions}; use another {KEY}.study_name"
                             )
+                        try:  # optuna-dashboard: "consensus.silhouette", not "Objective 0"
+                            study.set_metric_names([o.metric for o in self.objectives])
+                        except Exception as e:  # noqa: BLE001 -- a label, never a reason to stop
+                            log.debug("set_metric_names failed: %s", e)
                         n0 = len(study.get_trials(deepcopy=False))
                         # offset the seed by the number of existing trials so that a resumed
                         # run or a second worker does not replay the same random sequence
@@ -1189,6 +1426,10 @@ class TardisOptunaSweeperImpl:
                         tracker = self._mlflow_tracker()
                         if tracker is not None:
                             tracker.setup()
+                            try:
+                                tracker.describe(self._study_params(), self._study_text())
+                            except Exception as e:  # noqa: BLE001 -- a description, never a reason to stop
+                                log.warning("MLflow: could not describe the study run: %s", e)
                         if n0:
                             log.info("Loaded study '%s' with %d existing trials", self.study_name, n0)
                     assert heartbeat is not None
@@ -1218,7 +1459,7 @@ class TardisOptunaSweeperImpl:
             trial = study.ask()
             heartbeat.add(trial)
             try:
-                sampled = self.space.sample(trial, self.grid)
+                sampled = self.space.sample(trial, self.grid, self._base_value)
             except Exception as e:  # never expected; keep the sweep alive
                 log.warning("Trial %d: sampling failed: %s", trial.number, e)
                 study.tell(trial, state=TrialState.FAIL)
@@ -1229,6 +1470,8 @@ class TardisOptunaSweeperImpl:
             trial.set_user_attr(VALUES_ATTR, values)
             # stored in the study for reference only (never re-launched): credentials masked
             trial.set_user_attr(OVERRIDES_ATTR, [_mask_url(o) for o in overrides])
+            # the trial's MLflow run name: what differs from the other trials
+            trial.set_user_attr(RUN_NAME_ATTR, " · ".join([f"trial {trial.number}", *self.space.labels(sampled)]))
             batch.append((trial, overrides))
         return batch
 
@@ -1249,6 +1492,7 @@ class TardisOptunaSweeperImpl:
                     f"++tracking.parent_run_id={tracker.parent_run_id}",
                     f"++tracking.tags.optuna_trial={trial.number}",
                     f"++tracking.tags.optuna_study={format_value(self.study_name)}",
+                    f"++tracking.run_label={format_value(trial.user_attrs.get(RUN_NAME_ATTR))}",
                 ]
             job_overrides.append(ov)
         # Hydra job numbers follow trial numbers (asked under the lock, so consecutive).
@@ -1273,12 +1517,14 @@ class TardisOptunaSweeperImpl:
         values: Optional[List[float]] = None
         error = ""
         run_id: Optional[str] = None
+        headline: Dict[str, float] = {}
         state = TrialState.FAIL
         if ret.status == JobStatus.COMPLETED:
             rv = ret._return_value
             if isinstance(rv, (Mapping, DictConfig)):
                 rid = rv.get("mlflow_run_id")
                 run_id = str(rid) if rid else None
+                headline = _numbers(rv)
             values, error = extract_values(rv, self.objectives)
             state = TrialState.COMPLETE if values is not None else TrialState.FAIL
             if error:
@@ -1304,6 +1550,11 @@ class TardisOptunaSweeperImpl:
                 trial.set_user_attr("output_dir", str(out_dir))
             if error:
                 trial.set_user_attr(FAIL_REASON_ATTR, _mask_url(error)[:2000])
+            # optuna-dashboard shows these beside the params: the MLflow run and its result
+            if run_id:
+                trial.set_user_attr(RUN_ID_ATTR, run_id)
+            if headline:
+                trial.set_user_attr(METRICS_ATTR, headline)
         except Exception:
             pass
         try:
@@ -1335,6 +1586,64 @@ class TardisOptunaSweeperImpl:
                 tracker.record_trial(frozen, run_id, self.objectives, values, error)
             except Exception as e:
                 log.warning("Trial %d: MLflow annotation failed: %s", trial.number, e)
+
+    # -- what the study run says about itself ------------------------------------------------
+
+    def _study_params(self) -> Dict[str, Any]:
+        """Search space, sampler, objectives, n_trials and the fixed science config, as params."""
+        params: Dict[str, Any] = {}
+        sampler = dict(_kwargs(self.sampler_cfg or {}, ()))
+        params["study.sampler"] = self.sampler_name
+        for k, v in sampler.items():
+            if k != "name":
+                params[f"study.sampler.{k}"] = v
+        params["study.objectives"] = ", ".join(f"{o.direction} {o.metric}" for o in self.objectives)
+        params["study.n_trials"] = self.n_trials
+        params["study.n_jobs"] = self.n_jobs
+        pruner = str((self.pruner_cfg or {}).get("name", "none") or "none")
+        if pruner not in ("none", "nop"):
+            params["study.pruner"] = pruner
+        params.update(self.space.describe())
+        # the science every trial shares (swept keys excluded: their base value is not used)
+        swept = {d.key for d in self.space.dims} | {k for p in self.space.pairs for k in (p.low_key, p.high_key)}
+        try:
+            from tardis_exp.tracking import science_params
+
+            task = OmegaConf.to_container(self.config, resolve=False)
+            task.pop("hydra", None)
+            for k, v in science_params(task).items():
+                if k not in swept and not (isinstance(v, str) and "${" in v):
+                    params[k] = v
+        except Exception as e:  # noqa: BLE001 -- another task app: the study's own params suffice
+            log.debug("no science params for the study run: %s", e)
+        try:  # credentials in a data path or a fixed override never reach MLflow
+            from tardis_exp.tracking import safe_params, science_overrides
+
+            fixed = " ".join(science_overrides(self.space.fixed))  # paths.* etc. are plumbing
+            params.pop("search.fixed", None)
+            if fixed:
+                params["search.fixed"] = fixed
+
+            return dict(safe_params(params))
+        except ImportError:
+            return {k: _mask_url(str(v)) for k, v in params.items()}
+
+    def _study_text(self) -> str:
+        described = self.space.describe()
+        try:  # the fixed overrides that change the science (paths.* and the like are plumbing)
+            from tardis_exp.tracking import science_overrides
+
+            fixed = " ".join(science_overrides(self.space.fixed))
+            described.pop("search.fixed", None)
+            if fixed:
+                described["search.fixed"] = fixed
+        except ImportError:
+            pass
+        space = "; ".join(f"`{k[len('search.'):]}`: {v}" for k, v in described.items())
+        return (f"Optuna study **{self.study_name}**: {self.n_trials} trials, sampler {self.sampler_name}, "
+                + " and ".join(f"{o.direction} `{o.metric}`" for o in self.objectives)
+                + f". Search space: {space}. Child runs are the trials (`trial N · ...`); "
+                f"storage {self.storage_spec.describe()}.")
 
     # -- results ------------------------------------------------------------------------------
 
@@ -1401,7 +1710,8 @@ class TardisOptunaSweeperImpl:
                 )
                 tracker.finish(study, self.objectives, [self._row(t) for t in best], rows,
                                bool(self.mlflow_cfg.get("log_plots", True)),
-                               best if self.mlflow_cfg.get("best_trial_plots", True) else None)
+                               best if self.mlflow_cfg.get("best_trial_plots", True) else None,
+                               best=best)
             except Exception as e:
                 log.warning("MLflow: could not log study results: %s", e)
         return results

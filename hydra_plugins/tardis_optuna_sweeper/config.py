@@ -17,6 +17,10 @@ class TardisOptunaSweeperConf:
     params: Dict[str, Any] = field(default_factory=dict)
 
     # [{low_key: a.min, high_key: a.max, low: 2, high: 12}]: sampled so that low <= high.
+    # Optional per pair: min_width: 1 (sample the low end and the width, high - low >= 1:
+    # never a single-value range), bound_key: b.n (high <= b.n in the trial: a sampled
+    # param, a fixed override or the task config), bound_when: {a.method: x} (the bound
+    # applies only then), label: K (trial run names "trial 3 · n=8 · K 4..10").
     ordered_pairs: List[Any] = field(default_factory=list)
 
     # {name: tpe|random|grid|cmaes|nsga2|nsga3|motpe|qmc, seed: 42, **sampler kwargs}
