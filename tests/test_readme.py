@@ -162,7 +162,7 @@ def test_readme_commands_run_as_written(tmp_path: Path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("tardis-exp")
-    pipelines = client.search_runs([exp.experiment_id], "attributes.run_name = 'pipeline'")
+    pipelines = client.search_runs([exp.experiment_id], "tags.mlflow.source.name = 'tardis-exp'")
     assert all(r.info.status == "FINISHED" for r in pipelines)
     assert len([r for r in pipelines if "optuna_trial" not in r.data.tags]) == len(single)
     # the sweep (with no path override) wrote its study next to them
