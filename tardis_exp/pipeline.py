@@ -21,7 +21,7 @@ import yaml
 from . import __version__
 from .cache import StageCache
 from .consensus import check_params as check_consensus
-from .consensus import consensus
+from .consensus import consensus, k_evidence_metrics
 from .data import check_data, load_data
 from .errors import ConfigError
 from .factorize import check_params as check_factorize
@@ -132,6 +132,7 @@ def headline_metrics(adata) -> dict[str, float]:
         "consensus.silhouette": float(c["silhouette"][i]),
         "refit_error": float(c["refit_error"]),
     }
+    out.update(k_evidence_metrics(c))
     for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery"):
         if k in m:
             out[k] = float(m[k])
