@@ -172,8 +172,8 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
         The K with the best silhouette of the items in their own distance.
 
     For the three "last K before a change" rules a curve that never changes significantly
-    (flat within its noise) gives the K with the best value, ties to the smaller K --
-    never the largest K by default. Only K marked ``admissible`` are chosen from (all,
+    gives the K with the best value (exact ties: the smaller K -- never the largest K by
+    default), and a margin below 1 when that value is within the noise of the runner-up. Only K marked ``admissible`` are chosen from (all,
     if none is).
 
     Returns the chosen K, or with ``return_info`` ``(K, info)`` where ``info`` holds
@@ -196,11 +196,10 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
     idx = np.flatnonzero(adm)
 
     def tol2(i, j):  # tolerance of the difference of two estimates
-        return max(tolerance, z * float(np.hypot(se[i], se[j])))
+        return max(tolerance, z * float(np.hypot(se[i], se[j])), 1e-12)
 
-    def pick_by_value():  # the best value, ties (within the noise) to the smaller K
-        top = idx[np.argmax(v[idx])]
-        best = min(i for i in idx if v[i] >= v[top] - tol2(i, top))
+    def pick_by_value():  # the best value (exact ties: the smaller K); the margin says if noise decided
+        best = idx[np.argmax(v[idx])]
         others = [i for i in idx if i != best]
         runner = max(others, key=lambda i: v[i]) if others else best
         margin = float((v[best] - v[runner]) / tol2(best, runner)) if others else float("inf")
@@ -214,7 +213,7 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
         # K_i gains consensus over K_i - 1 when delta(K_i) exceeds the tolerance; the first
         # K of the range has no K - 1 to gain over: it starts the run
         for i in range(1, len(ks)):
-            ev[i] = v[i] / max(tolerance, z * se[i], np.finfo(np.float64).tiny)
+            ev[i] = v[i] / max(tolerance, z * se[i], 1e-12)
         best = idx[0]
         for i in idx[1:]:
             if ev[i] > 1:
@@ -232,11 +231,19 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
         drops = [i for i in idx if i + 1 < len(ks) and ev[i] > 1]
         if drops:
             best = drops[0]
-            # the runner-up: the K with the strongest other evidence; a second significant
-            # drop (Brunet's K = 2 and K = 3 on leukemia) leaves the margin below 1
+            # the runner-up: another K with a significant drop after it and a value as good
+            # within the noise (two supported K: the margin compares their drops); else the
+            # best other value (a margin below 1 when it is as good as the chosen K's)
             others = [i for i in idx if i != best]
-            runner = max(others, key=lambda i: ev[i]) if others else best
-            margin = float(ev[best] - max(ev[runner], 0.0)) if others else float("inf")
+            rivals = [i for i in others if ev[i] > 1 and v[i] >= v[best] - tol2(i, best)]
+            if rivals:
+                runner = max(rivals, key=lambda i: ev[i])
+                margin = float(ev[best] - ev[runner])
+            elif others:
+                runner = max(others, key=lambda i: v[i])
+                margin = float((v[best] - v[runner]) / tol2(best, runner))
+            else:
+                runner, margin = best, float("inf")
         else:
             best, runner, margin = pick_by_value()
     info = {"runner_up_k": int(ks[runner]), "margin": margin, "tolerance": tol_k, "evidence": ev}
