@@ -44,6 +44,7 @@ OBJECTIVES = {
     "cophenetic_drop": ("consensus.cophenetic_drop", 1),
     "stability": ("consensus.stability", 1),
     "spot_cophenetic": ("consensus.spot_cophenetic", 1),
+    "rank_cophenetic": ("consensus.rank_cophenetic", 1),
     "k_margin": ("consensus.k_margin", 1),
 }
 
@@ -162,6 +163,10 @@ def sets(quick: bool):
                                                             *([extra] if extra else [])],
                     "k": [p], "labels": ["true_domain"], "brunet": False, "ranks": (max(2, p - 1), p + 3),
                     "ref": "planted K; program recovery (top-50 markers)"})
+    order = ["Brunet leukemia", "synthetic: default sim (6 programs)", "pbmc68k_reduced", "Monti gaussian3",
+             "synthetic: 4 programs", "synthetic: 9 programs", "Brunet medulloblastoma", "Monti simulated4",
+             "Monti simulated6"]
+    out.sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))
     if quick:
         out = [s for s in out if s["name"] in ("Brunet leukemia", "Monti gaussian3", "synthetic: 4 programs")]
         for s in out:
@@ -308,9 +313,19 @@ def main(argv=None):
         if a.only and not any(o.lower() in s["name"].lower() for o in a.only):
             continue
         rows.append(validate_set(s, a.quick, lambda msg: print(msg, file=sys.stderr, flush=True)))
-    cmd = "python scripts/validate.py" + (" --quick" if a.quick else "")
-    text = table(rows, objective, blas, cmd)
+        # the table so far, after every set: a long run that is stopped keeps what it measured
+        write(a, rows, objective, blas, final=False)
+    text = write(a, rows, objective, blas, final=True)
     print(text)
+    return rows
+
+
+def write(a, rows, objective, blas, final):
+    cmd = "python scripts/validate.py" + (" --quick" if a.quick else "") + (
+        " --only " + " ".join(repr(o) for o in a.only) if a.only else "")
+    text = table(rows, objective, blas, cmd)
+    if not final:
+        text += "\n\n(partial: the run was still going when this was written)"
     if a.out:
         begin, end = "<!-- validate.py:begin -->", "<!-- validate.py:end -->"
         old = a.out.read_text() if a.out.exists() else f"# Validation\n\n{begin}\n{end}\n"
@@ -320,7 +335,7 @@ def main(argv=None):
         tail = rest.split(end, 1)[1] if end in rest else ""
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
-    return rows
+    return text
 
 
 if __name__ == "__main__":

@@ -172,8 +172,10 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
         The K with the best silhouette of the items in their own distance.
 
     For the three "last K before a change" rules a curve that never changes significantly
-    gives the K with the best value (exact ties: the smaller K -- never the largest K by
-    default), and a margin below 1 when that value is within the noise of the runner-up. Only K marked ``admissible`` are chosen from (all,
+    gives the K with the best value; K within the tolerance of it are told apart by the
+    silhouette in ``stats`` (how distinct the clusters are), else the smaller K is taken --
+    never the largest K by default. The margin is below 1 when the chosen value is within
+    the noise of the runner-up. Only K marked ``admissible`` are chosen from (all,
     if none is).
 
     Returns the chosen K, or with ``return_info`` ``(K, info)`` where ``info`` holds
@@ -198,8 +200,19 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
     def tol2(i, j):  # tolerance of the difference of two estimates
         return max(tolerance, z * float(np.hypot(se[i], se[j])), 1e-12)
 
-    def pick_by_value():  # the best value (exact ties: the smaller K); the margin says if noise decided
-        best = idx[np.argmax(v[idx])]
+    sil = np.asarray(stats.get("silhouette", np.full(len(ks), np.nan)), dtype=np.float64)
+
+    def pick_by_value():
+        # the best value; K the statistic cannot tell apart (within the tolerance) are told
+        # apart by how distinct their clusters are (silhouette): with method=components a K
+        # below the truth merges programs into clusters that are just as stable (PAC 0,
+        # cophenetic 1) but less distinct. Without a silhouette: the smaller K.
+        top = idx[np.argmax(v[idx])]
+        tied = [i for i in idx if v[i] >= v[top] - tol2(i, top)]
+        if rule != "silhouette" and len(tied) > 1 and np.isfinite(sil[tied]).any():
+            best = tied[int(np.nanargmax(np.where(np.isfinite(sil[tied]), sil[tied], -np.inf)))]
+        else:
+            best = top
         others = [i for i in idx if i != best]
         runner = max(others, key=lambda i: v[i]) if others else best
         margin = float((v[best] - v[runner]) / tol2(best, runner)) if others else float("inf")
@@ -496,13 +509,17 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
         Brunet et al. (2004)'s statistic at rank ``n_components``: each replicate is a
         restart on all spots, each spot labelled by its largest usage; cophenetic
         correlation of the consensus of those labels (at most ``max_spots`` spots).
+    ``rank_cophenetic``
+        ``spot_cophenetic`` when the chosen K equals ``n_components``, else ``spot_cophenetic
+        - 1``: the sweep objective (``sweep=k_range``). Across trials it is Brunet's curve over
+        ranks, and a trial whose K is not its rank ranks below the trials it describes.
     ``cophenetic_drop``
         The cophenetic correlation at the chosen K minus that at K + 1 (Brunet's drop;
         NaN at the top of the range).
     """
     from sklearn.metrics import silhouette_score
 
-    out = {"stability": np.nan, "spot_cophenetic": np.nan, "cophenetic_drop": np.nan}
+    out = {"stability": np.nan, "spot_cophenetic": np.nan, "rank_cophenetic": np.nan, "cophenetic_drop": np.nan}
     ks = list(np.asarray(c["k_values"]))
     i = ks.index(c["best_k"])
     if i + 1 < len(ks):
@@ -527,13 +544,17 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
         U = np.asarray(W[sub], dtype=np.float64).reshape(len(sub), R, r)
         M = consensus_from_labels(U.argmax(2).T)
         out["spot_cophenetic"] = float(cluster_consensus(M, r)[1])
+        # the sweep objective: Brunet's statistic describes a trial's answer only when that
+        # answer is the rank (K = n_components); a trial that chose fewer meta-programs
+        # than its rank scores below every trial it does describe
+        out["rank_cophenetic"] = out["spot_cophenetic"] - (0.0 if int(c["best_k"]) == r else 1.0)
     return out
 
 
 def k_evidence_metrics(c) -> dict:
     """Headline metrics of the K decision (MLflow, sweep objectives)."""
     out = {"runner_up_k": float(c["runner_up_k"]), "consensus.k_margin": float(c["k_margin"])}
-    for key in ("stability", "spot_cophenetic", "cophenetic_drop"):
+    for key in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop"):
         if key in c:
             out[f"consensus.{key}"] = float(c[key])
     return out
