@@ -52,6 +52,17 @@ def test_flat_curve_gives_the_smallest_k_and_says_it_cannot_separate():
         assert info["runner_up_k"] != 2 and info["margin"] <= 0
 
 
+def test_k_the_statistic_cannot_separate_are_told_apart_by_silhouette():
+    # method=components at rank 3 on the leukemia set: clusters into 2 (merged programs) and
+    # into 3 are both perfectly stable (PAC 0), only the 3 clusters are distinct
+    stats = {"pac": [0.0, 0.0], "silhouette": [0.68, 0.9975]}
+    k, info = select_k([2, 3], stats, "pac", return_info=True)
+    assert k == 3 and info["runner_up_k"] == 2 and info["margin"] < 1
+    # a significant change still decides before the silhouette does
+    stats = {"pac": [0.0, 0.2, 0.0], "silhouette": [0.1, 0.2, 0.9]}
+    assert select_k([2, 3, 4], stats, "pac", spread={"pac": [0.01] * 3}) == 2
+
+
 def test_pac_rule_last_k_before_pac_rises():
     ks = [4, 5, 6, 7, 8, 9, 10]
     pac = {"pac": [0.198, 0.073, 0.0, 0.0053, 0.0064, 0.0088, 0.0193]}
@@ -212,3 +223,27 @@ def test_k_selection_ranks_figure(tmp_path):
               for r, s, e in ((2, 0.99, 10.0), (3, 0.98, 8.0), (3, 0.97, 8.1), (4, 0.7, 7.5), (5, 0.6, 7.2))]
     p = k_selection_ranks(trials, tmp_path / "k.png", chosen=1, objective="consensus.silhouette")
     assert p.is_file() and mpimg.imread(p).std() > 0.01
+
+
+def test_study_k_selection_reads_the_trials_of_a_study(tmp_path):
+    import optuna
+    import yaml
+
+    from tardis_exp.plots import study_k_selection
+
+    study = optuna.create_study(direction="maximize", storage=optuna.storages.InMemoryStorage())
+    for r, value in ((2, 0.99), (3, 0.995), (4, 0.97)):
+        t = study.ask()
+        out = tmp_path / str(r)
+        out.mkdir()
+        (out / "metrics.yaml").write_text(yaml.safe_dump(
+            {"best_k": float(r), "consensus.stability": value, "reconstruction_error": 10.0 - r}))
+        t.set_user_attr("output_dir", str(out))
+        t.set_user_attr("values", {"factorize.n_components": r})
+        study.tell(t, value)
+    t = study.ask()  # a trial without outputs (another machine's) is left out
+    study.tell(t, 0.1)
+    p = study_k_selection(study, tmp_path / "k_selection_ranks.png")
+    assert p is not None and p.is_file()
+    empty = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    assert study_k_selection(empty, tmp_path / "none.png") is None
