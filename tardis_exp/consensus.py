@@ -148,7 +148,8 @@ def _oriented(rule, stats):
 
 
 def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissible=None,
-             spread: dict | None = None, z: float = 2.0, return_info: bool = False):
+             spread: dict | None = None, z: float = 2.0, return_info: bool = False,
+             largest_stable: bool = False):
     """Choose K from per-K statistics, with a tolerance measured on the data.
 
     The tolerance of a comparison between two K is ``max(tolerance, z * se)``, where
@@ -175,7 +176,14 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
     gives the K with the best value; K within the tolerance of it are told apart by the
     silhouette in ``stats`` (how distinct the clusters are), else the smaller K is taken --
     never the largest K by default. The margin is below 1 when the chosen value is within
-    the noise of the runner-up. Only K marked ``admissible`` are chosen from (all,
+    the noise of the runner-up.
+
+    ``largest_stable`` (``method=components``, for ``pac`` and ``brunet``/``cophenetic``):
+    the largest admissible K whose value is within the tolerance of the best one. Clusters
+    of components below the true K merge programs into clusters that are just as stable,
+    so the first K before a change can be a merge; the K range there is bounded above by
+    ``n_components`` and by the admissibility rule (clusters must recur across replicates),
+    so the largest stable K is the answer and cannot drift past them. Only K marked ``admissible`` are chosen from (all,
     if none is).
 
     Returns the chosen K, or with ``return_info`` ``(K, info)`` where ``info`` holds
@@ -236,6 +244,12 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
         # the competitor is the next K: how far the gain at K stands above the gain after it
         runner = best + 1 if best + 1 < len(ks) else max(best - 1, 0)
         margin = float(ev[best] - max(ev[runner], 0.0)) if best != idx[0] else float(1.0 - ev[runner])
+    elif largest_stable:
+        top = idx[np.argmax(v[idx])]
+        best = max(i for i in idx if v[i] >= v[top] - tol2(i, top))
+        nxt = [i for i in range(best + 1, len(ks))]
+        runner = nxt[0] if nxt else max((i for i in idx if i != best), key=lambda i: v[i], default=best)
+        margin = float((v[best] - v[runner]) / tol2(best, runner)) if runner != best else float("inf")
     else:
         # drop after K_i: v[i] - v[i + 1] (the next K of the range, admissible or not: a K
         # whose successor splits into splinters still ends a stable run)
@@ -638,7 +652,8 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
                                       for c in range(kk)]) for kk in ks}
     admissible = np.array([reps_per_cluster[kk].min() >= need for kk in ks])
     spread = half_spread(ks, label_sets, n_splits=spread_splits, rng=rng, item_dist=D)
-    best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True)
+    best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
+                          largest_stable=rule in ("pac", "brunet", "cophenetic"))
     _report_k(best, info, rule, ks)
 
     # average linkage can return fewer than K clusters (ties); keep the clusters that exist
