@@ -115,11 +115,12 @@ def scanpy_baseline(adata_raw, truth, resolutions):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if algo == "leiden":
-                        sc.tl.leiden(a, resolution=r, key_added="c", random_state=0, flavor="igraph",
-                                     n_iterations=2, directed=False)
+                        sc.tl.leiden(a, resolution=r, key_added="c", random_state=0)
                     else:
-                        sc.tl.louvain(a, resolution=r, key_added="c", random_state=0)
-            except Exception as e:  # noqa: BLE001 -- a missing optional backend is reported, not fatal
+                        sc.tl.louvain(a, resolution=r, key_added="c", random_state=0, flavor="igraph")
+            except (Exception, BaseException) as e:  # noqa: BLE001 -- leidenalg raises BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
                 out[algo] = (float("nan"), f"{type(e).__name__}")
                 break
             v = adjusted_rand_score(truth, a.obs["c"])

@@ -19,8 +19,14 @@ Two kinds of items can be clustered (``method``):
 
 Per K: the consensus matrix, its CDF, the area under the CDF and its relative increase
 (delta-area, Monti), PAC (proportion of ambiguous clustering, Senbabaoglu et al. 2014),
-the cophenetic correlation (Brunet) and the mean cluster consensus. The best K follows
-``k_selection`` (see :func:`select_k`).
+the cophenetic correlation (Brunet) and the mean cluster consensus, each with its standard
+error measured from random halves of the resamples (``pac_se``, ``cophenetic_se``, ...,
+:func:`half_spread`). The best K follows ``k_selection`` with that measured tolerance
+(see :func:`select_k`); ``runner_up_k`` and ``k_margin`` say how clearly it won (a margin
+below 1 is logged as a warning: the data do not separate the two K). The statistics of
+the rank itself (``stability``, ``spot_cophenetic``, ``rank_cophenetic``,
+``cophenetic_drop``; :func:`rank_evidence`) let a sweep compare runs across
+``n_components``.
 
 Writes ``uns['nmf_consensus']`` (metrics per K, best K, spectra, item labels, consensus
 matrices), ``obsm['X_nmf_consensus']`` (refit usages, spots x best K) and, for

@@ -63,6 +63,20 @@ def test_k_the_statistic_cannot_separate_are_told_apart_by_silhouette():
     assert select_k([2, 3, 4], stats, "pac", spread={"pac": [0.01] * 3}) == 2
 
 
+def test_components_take_the_largest_stable_admissible_k():
+    # method=components: PAC 0 at K = 2 (two merged programs, stable) and at the true K = 6;
+    # the first-change rule would stop at 2, the largest stable admissible K is 6
+    ks = [2, 3, 4, 5, 6, 7, 8]
+    pac = {"pac": [0.0, 0.12, 0.2, 0.07, 0.0, 0.005, 0.016]}
+    se = {"pac": [0.0, 0.01, 0.02, 0.007, 0.0, 0.0008, 0.0009]}
+    assert select_k(ks, pac, "pac", spread=se) == 2
+    adm = [True] * 5 + [False, False]  # K = 7, 8 need clusters that do not recur across replicates
+    k, info = select_k(ks, pac, "pac", spread=se, admissible=adm, largest_stable=True, return_info=True)
+    assert k == 6 and info["runner_up_k"] == 7 and info["margin"] > 1
+    # without the admissibility bound a PAC that stays within its noise may go further, never past it
+    assert select_k(ks, pac, "pac", spread=se, largest_stable=True) == 6
+
+
 def test_pac_rule_last_k_before_pac_rises():
     ks = [4, 5, 6, 7, 8, 9, 10]
     pac = {"pac": [0.198, 0.073, 0.0, 0.0053, 0.0064, 0.0088, 0.0193]}
