@@ -19,8 +19,14 @@ Two kinds of items can be clustered (``method``):
 
 Per K: the consensus matrix, its CDF, the area under the CDF and its relative increase
 (delta-area, Monti), PAC (proportion of ambiguous clustering, Senbabaoglu et al. 2014),
-the cophenetic correlation (Brunet) and the mean cluster consensus. The best K follows
-``k_selection`` (see :func:`select_k`).
+the cophenetic correlation (Brunet) and the mean cluster consensus, each with its standard
+error measured from random halves of the resamples (``pac_se``, ``cophenetic_se``, ...,
+:func:`half_spread`). The best K follows ``k_selection`` with that measured tolerance
+(see :func:`select_k`); ``runner_up_k`` and ``k_margin`` say how clearly it won (a margin
+below 1 is logged as a warning: the data do not separate the two K). The statistics of
+the rank itself (``stability``, ``spot_cophenetic``, ``rank_cophenetic``,
+``cophenetic_drop``; :func:`rank_evidence`) let a sweep compare runs across
+``n_components``.
 
 Writes ``uns['nmf_consensus']`` (metrics per K, best K, spectra, item labels, consensus
 matrices), ``obsm['X_nmf_consensus']`` (refit usages, spots x best K) and, for
@@ -49,14 +55,14 @@ from .progress import progress_bar
 log = logging.getLogger(__name__)
 
 METHODS = ("components", "spots")
-K_RULES = ("pac", "cophenetic", "delta_area", "silhouette")
+K_RULES = ("pac", "cophenetic", "brunet", "delta_area", "silhouette")
 CDF_GRID = np.linspace(0, 1, 101)
 
 
 def check_params(*, method="components", min_clusters=4, max_clusters=10, n_resamples=100,
                  resample_frac=0.8, k_selection="pac", spectra_agg="median", max_spots=2000,
-                 random_state=42, k_tolerance=0.02, min_cluster_replicates=0.5, refit_max_iter=200,
-                 spots_max_iter=500, store_matrix_items=400, **_) -> None:
+                 random_state=42, k_tolerance=1e-4, min_cluster_replicates=0.5, refit_max_iter=200,
+                 spots_max_iter=500, store_matrix_items=400, k_z=2.0, k_spread_splits=4, **_) -> None:
     """Validate consensus parameters before any compute."""
     check_choice(method, "consensus.method", METHODS)
     check_choice(k_selection, "consensus.k_selection", K_RULES)
@@ -72,6 +78,8 @@ def check_params(*, method="components", min_clusters=4, max_clusters=10, n_resa
     check_int(max_spots, "consensus.max_spots", minimum=2)
     check_int(random_state, "consensus.random_state", minimum=0, allow_none=True)
     check_float(k_tolerance, "consensus.k_tolerance", low=0)
+    check_float(k_z, "consensus.k_z", low=0)
+    check_int(k_spread_splits, "consensus.k_spread_splits", minimum=0)
     check_float(min_cluster_replicates, "consensus.min_cluster_replicates", low=0, high=1)
     check_int(refit_max_iter, "consensus.refit_max_iter", minimum=1)
     check_int(spots_max_iter, "consensus.spots_max_iter", minimum=1)
@@ -211,44 +219,197 @@ def cluster_consensus(M: np.ndarray, k: int, method: str = "average"):
     return labels, (coph if np.isfinite(coph) else 0.0), float(np.mean(mcc)), Z
 
 
-def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.02, admissible=None) -> int:
-    """Choose K from per-K statistics.
+def _oriented(rule, stats):
+    """The statistic a rule reads, oriented so that higher is better."""
+    key = {"pac": "pac", "cophenetic": "cophenetic", "brunet": "cophenetic", "delta_area": "delta_area",
+           "silhouette": "silhouette"}[rule]
+    sign = -1.0 if rule == "pac" else 1.0
+    v = np.asarray(stats[key], dtype=np.float64)
+    return key, sign * np.nan_to_num(v, nan=-np.inf if sign > 0 else np.inf)
 
+
+def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissible=None,
+             spread: dict | None = None, z: float = 2.0, return_info: bool = False,
+             largest_stable: bool = False):
+    """Choose K from per-K statistics, with a tolerance measured on the data.
+
+    The tolerance of a comparison between two K is ``max(tolerance, z * se)``, where
+    ``se`` combines the standard errors of the two values measured from the spread of
+    the statistic across random halves of the resamples (``spread[key]``, see
+    :func:`half_spread`); ``tolerance`` is only a floor. A difference smaller than that is
+    noise: the run reports the K it could not separate (``runner_up_k``, ``margin``).
+
+    ``brunet`` / ``cophenetic``
+        Brunet et al. (2004): the K at which the cophenetic correlation *begins to fall*,
+        i.e. the first K whose correlation exceeds that of K + 1 by more than the
+        tolerance (the last K before the first significant drop).
     ``pac``
-        The largest K whose PAC is within ``tolerance`` of the smallest PAC: below the
-        true K clusters merge stably (PAC ~ 0 too), above it they split at random.
-    ``cophenetic``
-        The largest K whose cophenetic correlation is within ``tolerance`` of the best.
+        The mirror image for PAC (Senbabaoglu et al. 2014): the last K before PAC first
+        rises significantly. Below the true K clusters merge stably (PAC ~ 0), above it
+        they split at random.
     ``delta_area``
-        The largest K whose relative CDF-area increase exceeds ``tolerance`` (Monti).
+        Monti et al. (2003): the last K whose relative CDF-area increase over K - 1 is
+        significantly above 0 (the next K adds no consensus).
     ``silhouette``
         The K with the best silhouette of the items in their own distance.
 
-    Only K marked ``admissible`` are chosen from (all, if none is).
+    For the three "last K before a change" rules a curve that never changes significantly
+    gives the K with the best value; K within the tolerance of it are told apart by the
+    silhouette in ``stats`` (how distinct the clusters are), else the smaller K is taken --
+    never the largest K by default. The margin is below 1 when the chosen value is within
+    the noise of the runner-up.
+
+    ``largest_stable`` (``method=components``, for ``pac`` and ``brunet``/``cophenetic``):
+    the largest admissible K whose value is within the tolerance of the best one. Clusters
+    of components below the true K merge programs into clusters that are just as stable,
+    so the first K before a change can be a merge; the K range there is bounded above by
+    ``n_components`` and by the admissibility rule (clusters must recur across replicates),
+    so the largest stable K is the answer and cannot drift past them. Only K marked ``admissible`` are chosen from (all,
+    if none is).
+
+    Returns the chosen K, or with ``return_info`` ``(K, info)`` where ``info`` holds
+    ``runner_up_k`` (the best other K by the rule's own evidence), ``margin`` (the
+    evidence for the chosen K over the runner-up, in units of the tolerance; < 1 means
+    the data do not separate them) and ``tolerance`` (the measured tolerance per K).
     """
     ks = np.asarray(ks)
-    adm = np.ones(len(ks), bool) if admissible is None else np.asarray(admissible, bool)
+    if rule not in K_RULES:
+        raise ConfigError(f"consensus.k_selection={rule!r} is unknown; choose one of {K_RULES}")
+    adm = np.ones(len(ks), bool) if admissible is None else np.asarray(admissible, bool).copy()
     if not adm.any():
         warnings.warn("no K in the range gives clusters that recur in enough replicates "
                       "(consensus.min_cluster_replicates); choosing among all K", UserWarning, stacklevel=3)
         adm[:] = True
-    if rule == "pac":
-        v = np.asarray(stats["pac"])
-        ok = adm & (v <= v[adm].min() + tolerance)
-    elif rule == "cophenetic":
-        v = np.asarray(stats["cophenetic"])
-        ok = adm & (v >= v[adm].max() - tolerance)
+    key, v = _oriented(rule, stats)
+    se = np.zeros(len(ks)) if spread is None or key not in spread else np.nan_to_num(
+        np.asarray(spread[key], dtype=np.float64), nan=0.0)
+    tol_k = np.maximum(tolerance, z * se)
+    idx = np.flatnonzero(adm)
+
+    def tol2(i, j):  # tolerance of the difference of two estimates
+        return max(tolerance, z * float(np.hypot(se[i], se[j])), 1e-12)
+
+    sil = np.asarray(stats.get("silhouette", np.full(len(ks), np.nan)), dtype=np.float64)
+
+    def pick_by_value():
+        # the best value; K the statistic cannot tell apart (within the tolerance) are told
+        # apart by how distinct their clusters are (silhouette): with method=components a K
+        # below the truth merges programs into clusters that are just as stable (PAC 0,
+        # cophenetic 1) but less distinct. Without a silhouette: the smaller K.
+        top = idx[np.argmax(v[idx])]
+        tied = [i for i in idx if v[i] >= v[top] - tol2(i, top)]
+        if rule != "silhouette" and len(tied) > 1 and np.isfinite(sil[tied]).any():
+            best = tied[int(np.nanargmax(np.where(np.isfinite(sil[tied]), sil[tied], -np.inf)))]
+        else:
+            best = top
+        others = [i for i in idx if i != best]
+        runner = max(others, key=lambda i: v[i]) if others else best
+        margin = float((v[best] - v[runner]) / tol2(best, runner)) if others else float("inf")
+        return best, runner, margin
+
+    # evidence per K of the change that decides it, in units of the tolerance
+    ev = np.zeros(len(ks))
+    if rule == "silhouette":
+        best, runner, margin = pick_by_value()
     elif rule == "delta_area":
-        v = np.asarray(stats["delta_area"])
-        ok = adm & (v > tolerance)
-        if not ok.any():
-            return int(ks[adm][0])
-    elif rule == "silhouette":
-        v = np.where(adm, np.nan_to_num(np.asarray(stats["silhouette"], float), nan=-1), -np.inf)
-        return int(ks[int(np.argmax(v))])
+        # K_i gains consensus over K_i - 1 when delta(K_i) exceeds the tolerance; the first
+        # K of the range has no K - 1 to gain over: it starts the run
+        for i in range(1, len(ks)):
+            ev[i] = v[i] / max(tolerance, z * se[i], 1e-12)
+        best = idx[0]
+        for i in idx[1:]:
+            if ev[i] > 1:
+                best = i
+            else:
+                break
+        # the competitor is the next K: how far the gain at K stands above the gain after it
+        runner = best + 1 if best + 1 < len(ks) else max(best - 1, 0)
+        margin = float(ev[best] - max(ev[runner], 0.0)) if best != idx[0] else float(1.0 - ev[runner])
+    elif largest_stable:
+        top = idx[np.argmax(v[idx])]
+        best = max(i for i in idx if v[i] >= v[top] - tol2(i, top))
+        nxt = [i for i in range(best + 1, len(ks))]
+        runner = nxt[0] if nxt else max((i for i in idx if i != best), key=lambda i: v[i], default=best)
+        margin = float((v[best] - v[runner]) / tol2(best, runner)) if runner != best else float("inf")
     else:
-        raise ConfigError(f"consensus.k_selection={rule!r} is unknown; choose one of {K_RULES}")
-    return int(ks[ok].max())
+        # drop after K_i: v[i] - v[i + 1] (the next K of the range, admissible or not: a K
+        # whose successor splits into splinters still ends a stable run)
+        for i in range(len(ks) - 1):
+            ev[i] = (v[i] - v[i + 1]) / tol2(i, i + 1)
+        drops = [i for i in idx if i + 1 < len(ks) and ev[i] > 1]
+        if drops:
+            best = drops[0]
+            # the runner-up: another K with a significant drop after it and a value as good
+            # within the noise (two supported K: the margin compares their drops); else the
+            # best other value (a margin below 1 when it is as good as the chosen K's)
+            others = [i for i in idx if i != best]
+            rivals = [i for i in others if ev[i] > 1 and v[i] >= v[best] - tol2(i, best)]
+            if rivals:
+                runner = max(rivals, key=lambda i: ev[i])
+                margin = float(ev[best] - ev[runner])
+            elif others:
+                runner = max(others, key=lambda i: v[i])
+                margin = float((v[best] - v[runner]) / tol2(best, runner))
+            else:
+                runner, margin = best, float("inf")
+        else:
+            best, runner, margin = pick_by_value()
+    info = {"runner_up_k": int(ks[runner]), "margin": margin, "tolerance": tol_k, "evidence": ev}
+    return (int(ks[best]), info) if return_info else int(ks[best])
+
+
+def half_spread(ks, label_sets, n_splits: int = 4, rng=None, max_items: int = 300, item_dist=None) -> dict:
+    """Standard error of each per-K statistic, measured from random halves of the resamples.
+
+    The resamples of every K are split at random into two halves ``n_splits`` times; each
+    half's consensus matrix gives the statistics again. With ``s`` the standard deviation
+    of the half estimates, the standard error of the full estimate (twice the resamples)
+    is ``s / sqrt(2)``. The halves are computed on a fixed random subset of at most
+    ``max_items`` items (the hierarchical clustering is quadratic in the items); the same
+    split is used for every K so that delta-area is measured too. Returns zeros where a K
+    has fewer than 4 resamples (nothing to split).
+    """
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(rng)
+    R, N = label_sets[ks[0]].shape
+    keys = ("pac", "area", "cophenetic", "silhouette")
+    zeros = {k: np.zeros(len(ks)) for k in (*keys, "delta_area")}
+    if R < 4 or n_splits < 1:
+        return zeros
+    sub = np.sort(rng.choice(N, size=min(N, max_items), replace=False))
+    est = {k: np.zeros((n_splits * 2, len(ks))) for k in keys}
+    for s in range(n_splits):
+        perm = rng.permutation(R)
+        for h, half in enumerate((perm[: R // 2], perm[R // 2:])):
+            for ki, kk in enumerate(ks):
+                L = label_sets[kk][np.ix_(half, sub)]
+                # items never sampled together in this half: leave the pair out (consensus 0)
+                M = consensus_from_labels(L)
+                st = cdf_stats(M)
+                labels, coph, _, _ = cluster_consensus(M, kk)
+                D = item_dist[np.ix_(sub, sub)].copy() if item_dist is not None else np.clip(1 - M, 0, None)
+                np.fill_diagonal(D, 0)
+                n_lab = len(np.unique(labels))
+                est["pac"][2 * s + h, ki] = st["pac"]
+                est["area"][2 * s + h, ki] = st["area"]
+                est["cophenetic"][2 * s + h, ki] = coph
+                est["silhouette"][2 * s + h, ki] = (silhouette_score(D, labels, metric="precomputed")
+                                                    if 1 < n_lab < len(labels) else np.nan)
+    area = est["area"]
+    delta = np.empty_like(area)
+    delta[:, 0] = area[:, 0]
+    delta[:, 1:] = (area[:, 1:] - area[:, :-1]) / np.where(area[:, :-1] > 0, area[:, :-1], 1)
+    est["delta_area"] = delta
+    return {k: np.nan_to_num(np.nanstd(v, axis=0, ddof=1) / np.sqrt(2), nan=0.0) for k, v in est.items()}
+
+
+def _report_k(best, info, rule, ks):
+    """Say so when the evidence does not separate the chosen K from the runner-up."""
+    if info["runner_up_k"] != best and info["margin"] < 1:
+        log.warning("consensus: the data do not separate K=%d from K=%d (rule %s, margin %.2f of the measured "
+                    "tolerance); both are candidates -- look at k_selection.png", best, info["runner_up_k"],
+                    rule, info["margin"])
 
 
 def _clip_range(min_k, max_k, n_items, n_sampled, what):
@@ -346,7 +507,9 @@ def consensus(
     resample_frac: float = 0.8,
     random_state: int | None = 42,
     k_selection: str = "pac",
-    k_tolerance: float = 0.02,
+    k_tolerance: float = 1e-4,
+    k_z: float = 2.0,
+    k_spread_splits: int = 4,
     outlier_threshold: float = 0.5,
     outlier_neighbors_frac: float = 0.3,
     min_cluster_replicates: float = 0.5,
@@ -373,8 +536,11 @@ def consensus(
         Resamples per K and the fraction of items (components or spots) in each.
     random_state
         Root seed of the resampling (and of the spots method's factorizations).
-    k_selection, k_tolerance
-        Rule choosing the best K, see :func:`select_k`.
+    k_selection, k_tolerance, k_z, k_spread_splits
+        Rule choosing the best K, see :func:`select_k`: two K are told apart when their
+        statistics differ by more than ``k_z`` standard errors, measured from
+        ``k_spread_splits`` random splits of the resamples into halves
+        (:func:`half_spread`); ``k_tolerance`` is a floor on that tolerance.
     outlier_threshold, outlier_neighbors_frac
         Components method: drop components whose mean distance (between L2-normalized
         loadings) to their ``outlier_neighbors_frac * n_replicates`` nearest neighbours
@@ -397,34 +563,107 @@ def consensus(
                  resample_frac=resample_frac, k_selection=k_selection, spectra_agg=spectra_agg,
                  max_spots=max_spots, random_state=random_state, k_tolerance=k_tolerance,
                  min_cluster_replicates=min_cluster_replicates, refit_max_iter=refit_max_iter,
-                 spots_max_iter=spots_max_iter, store_matrix_items=store_matrix_items)
+                 spots_max_iter=spots_max_iter, store_matrix_items=store_matrix_items, k_z=k_z,
+                 k_spread_splits=k_spread_splits)
     adata = adata.copy() if copy else adata
     t0 = time.perf_counter()
     rng = np.random.default_rng(random_state)
     if method == "components":
         res = _components(adata, rng, min_clusters, max_clusters, n_resamples, resample_frac, k_selection,
                           k_tolerance, outlier_threshold, outlier_neighbors_frac, spectra_agg,
-                          store_matrix_items, progress, min_cluster_replicates)
+                          store_matrix_items, progress, min_cluster_replicates, k_z, k_spread_splits)
     else:
         res = _spots(adata, rng, random_state, min_clusters, max_clusters, n_resamples, resample_frac,
                      k_selection, k_tolerance, spectra_agg, max_spots, spots_max_iter, store_matrix_items,
-                     progress)
+                     progress, k_z, k_spread_splits)
 
     spectra = res.pop("spectra")
     W, err = refit_usage(adata.X, spectra, max_iter=refit_max_iter, progress=progress)
     adata.obsm["X_nmf_consensus"] = W
     res.update(spectra=spectra.astype(np.float32), refit_error=float(err), method=method,
-               k_selection=k_selection, seconds=time.perf_counter() - t0)
+               k_selection=k_selection)
+    res.update(rank_evidence(adata, res, rng))
+    res["seconds"] = time.perf_counter() - t0
     adata.uns["nmf_consensus"] = res
-    log.info("consensus (%s): K in %d..%d, best K = %d", method, min(res["k_values"]), max(res["k_values"]), res["best_k"])
+    log.info("consensus (%s): K in %d..%d, best K = %d (runner-up %d, margin %.2f)", method, min(res["k_values"]),
+             max(res["k_values"]), res["best_k"], res["runner_up_k"], res["k_margin"])
     return adata if copy else None
 
 
-def _per_k_result(ks, best, spectra, stats, cdfs, mats) -> dict:
+_EVIDENCE_SPOTS = 1000
+
+
+def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict:
+    """Statistics of the factorization rank itself, for comparing runs across ``n_components``.
+
+    ``stability``
+        cNMF's stability (Kotliar et al. 2019): silhouette of the pooled components of all
+        replicates (outliers dropped) clustered into ``n_components`` clusters, in their
+        Pearson distance. Lower when the replicates disagree on some component.
+    ``spot_cophenetic``
+        Brunet et al. (2004)'s statistic at rank ``n_components``: each replicate is a
+        restart on all spots, each spot labelled by its largest usage; cophenetic
+        correlation of the consensus of those labels (at most ``max_spots`` spots).
+    ``rank_cophenetic``
+        ``spot_cophenetic`` when the chosen K equals ``n_components``, else ``spot_cophenetic
+        - 1``: the sweep objective (``sweep=k_range``). Across trials it is Brunet's curve over
+        ranks, and a trial whose K is not its rank ranks below the trials it describes.
+    ``cophenetic_drop``
+        The cophenetic correlation at the chosen K minus that at K + 1 (Brunet's drop;
+        NaN at the top of the range).
+    """
+    from sklearn.metrics import silhouette_score
+
+    out = {"stability": np.nan, "spot_cophenetic": np.nan, "rank_cophenetic": np.nan, "cophenetic_drop": np.nan}
+    ks = list(np.asarray(c["k_values"]))
+    i = ks.index(c["best_k"])
+    if i + 1 < len(ks):
+        out["cophenetic_drop"] = float(c["cophenetic"][i] - c["cophenetic"][i + 1])
+    nmf = adata.uns.get("nmf")
+    if nmf is None:
+        return out
+    comps = np.asarray(nmf["components"])
+    R, r, _ = comps.shape
+    if R > 1 and r > 1 and "item_labels" in c:
+        items = np.flatnonzero(np.asarray(c["item_labels"]) >= 0)
+        if len(items) > r:
+            D = _pearson_dist(comps.reshape(R * r, -1)[items])
+            Z = linkage(squareform(D, checks=False), method="average")
+            labels = fcluster(Z, r, criterion="maxclust")
+            if 1 < len(np.unique(labels)) < len(labels):
+                out["stability"] = float(silhouette_score(D, labels, metric="precomputed"))
+    W = adata.obsm.get("X_nmf_replicates")
+    if R > 1 and r > 1 and W is not None and np.shape(W)[1] == R * r:
+        n = adata.n_obs
+        sub = np.sort(rng.choice(n, size=min(max_spots, n), replace=False))
+        U = np.asarray(W[sub], dtype=np.float64).reshape(len(sub), R, r)
+        M = consensus_from_labels(U.argmax(2).T)
+        out["spot_cophenetic"] = float(cluster_consensus(M, r)[1])
+        # the sweep objective: Brunet's statistic describes a trial's answer only when that
+        # answer is the rank (K = n_components); a trial that chose fewer meta-programs
+        # than its rank scores below every trial it does describe
+        out["rank_cophenetic"] = out["spot_cophenetic"] - (0.0 if int(c["best_k"]) == r else 1.0)
+    return out
+
+
+def k_evidence_metrics(c) -> dict:
+    """Headline metrics of the K decision (MLflow, sweep objectives)."""
+    out = {"runner_up_k": float(c["runner_up_k"]), "consensus.k_margin": float(c["k_margin"])}
+    for key in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop"):
+        if key in c:
+            out[f"consensus.{key}"] = float(c[key])
+    return out
+
+
+def _per_k_result(ks, best, spectra, stats, cdfs, mats, spread, info) -> dict:
     """The entries of ``uns['nmf_consensus']`` both methods share."""
     return {
         "k_values": np.array(ks),
         "best_k": int(best),
+        "runner_up_k": int(info["runner_up_k"]),
+        "k_margin": float(info["margin"]),
+        "k_tolerance_measured": np.asarray(info["tolerance"], dtype=np.float64),
+        **{f"{key}_se": np.asarray(val, dtype=np.float64) for key, val in spread.items()},
         "spectra": spectra,
         **{key: np.asarray(val, dtype=np.float64) for key, val in stats.items()},
         "cdf": np.stack([cdfs[kk] for kk in ks]),
@@ -439,13 +678,22 @@ def _aggregate(members: np.ndarray, how: str) -> np.ndarray:
 
 
 def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr, out_frac, agg,
-                store_items, progress, min_reps):
+                store_items, progress, min_reps, k_z=2.0, spread_splits=4):
     if "nmf" not in adata.uns and "X_nmf_components" not in adata.uns:
         raise InputError("consensus.method=components needs a factorization: run the factorize stage first "
                          "(uns['nmf'] or uns['X_nmf_components'] is missing)")
     comps = np.asarray(adata.uns["nmf"]["components"] if "nmf" in adata.uns else
                        adata.uns["X_nmf_components"][None])
     R, k, m = comps.shape
+    if max_k > k:
+        # a meta-program is a cluster of components, one per replicate at most: more of
+        # them than components in a factorization splits real programs or keeps noise
+        new_min = min(min_k, k)
+        warnings.warn(f"consensus.max_clusters={max_k} exceeds factorize.n_components={k} "
+                      f"(method=components clusters the {k} components of each replicate); "
+                      f"clipping the K range to [{new_min}, {k}]", UserWarning, stacklevel=3)
+        log.warning("consensus: K range clipped to [%d, %d] = factorize.n_components", new_min, k)
+        min_k, max_k = new_min, k
     spectra_all = comps.reshape(R * k, m).astype(np.float64)
     replicate = np.repeat(np.arange(R), k)
 
@@ -484,7 +732,10 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     reps_per_cluster = {kk: np.array([len(np.unique(replicate[items[final_labels[kk] == c]]))
                                       for c in range(kk)]) for kk in ks}
     admissible = np.array([reps_per_cluster[kk].min() >= need for kk in ks])
-    best = select_k(ks, stats, rule, tol, admissible)
+    spread = half_spread(ks, label_sets, n_splits=spread_splits, rng=rng, item_dist=D)
+    best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
+                          largest_stable=rule in ("pac", "brunet", "cophenetic"))
+    _report_k(best, info, rule, ks)
 
     # average linkage can return fewer than K clusters (ties); keep the clusters that exist
     present, labels = np.unique(final_labels[best], return_inverse=True)
@@ -495,7 +746,7 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     item_labels = np.full(R * k, -1)
     item_labels[items] = labels
     return {
-        **_per_k_result(ks, best, spectra, stats, cdfs, mats),
+        **_per_k_result(ks, best, spectra, stats, cdfs, mats, spread, info),
         "matrix_items": items if store_idx is None else items[store_idx],
         "item_labels": item_labels,  # cluster of each pooled component, -1 = outlier
         "admissible": admissible,
@@ -508,7 +759,7 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
 
 
 def _spots(adata, rng, random_state, min_k, max_k, n_resamples, frac, rule, tol, agg, max_spots, max_iter,
-           store_items, progress):
+           store_items, progress, k_z=2.0, spread_splits=4):
     X = prepare_matrix(adata.X)
     n = X.shape[0]
     cap = np.sort(rng.choice(n, size=min(max_spots, n), replace=False))
@@ -540,7 +791,9 @@ def _spots(adata, rng, random_state, min_k, max_k, n_resamples, frac, rule, tol,
         by_k[kk] = sel
     store_idx = None if N <= store_items else np.sort(rng.choice(N, store_items, replace=False))
     stats, cdfs, final_labels, mats = _per_k_stats(ks, label_sets, store_idx=store_idx)
-    best = select_k(ks, stats, rule, tol)
+    spread = half_spread(ks, label_sets, n_splits=spread_splits, rng=rng)
+    best, info = select_k(ks, stats, rule, tol, spread=spread, z=k_z, return_info=True)
+    _report_k(best, info, rule, ks)
 
     # Spectra at the best K: align every resample's components to the reference (the
     # lowest-error resample) by Hungarian matching on correlation, then aggregate.
@@ -561,7 +814,7 @@ def _spots(adata, rng, random_state, min_k, max_k, n_resamples, frac, rule, tol,
         [cats[c] if c >= 0 else None for c in spot_labels], categories=cats
     )
     return {
-        **_per_k_result(ks, best, spectra, stats, cdfs, mats),
+        **_per_k_result(ks, best, spectra, stats, cdfs, mats, spread, info),
         "matrix_items": cap if store_idx is None else cap[store_idx],
         "n_items": N,
         "resample_errors": np.array([f.error for f in fits]),

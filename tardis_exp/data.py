@@ -18,6 +18,9 @@ Sources (``data.source``, chosen with ``data=<name>`` on the command line):
     fails without the tissue images, which the pipeline does not need.
 ``pbmc68k``
     scanpy's bundled ``pbmc68k_reduced`` (no network), counts from its non-negative ``.raw``.
+``dataset``
+    A benchmark set with a published answer (``data.dataset``, :mod:`tardis_exp.datasets`):
+    Brunet et al.'s leukemia and medulloblastoma sets (shipped), Monti et al.'s simulations.
 
 Every failure to read is an :class:`~tardis_exp.errors.InputError` naming ``data.path``
 and the file.
@@ -38,7 +41,7 @@ import scipy.sparse as sp
 from .errors import ConfigError, InputError, TardisError, check_choice, check_int
 from .tracking import redact
 
-SOURCES = ("synthetic", "h5ad", "tenx_h5", "tenx_mtx", "visium", "pbmc68k")
+SOURCES = ("synthetic", "h5ad", "tenx_h5", "tenx_mtx", "visium", "pbmc68k", "dataset")
 _FOLDER_SOURCES = ("tenx_mtx", "visium")
 _SYNTHETIC_KEYS = ("n_spots", "n_genes", "n_programs", "n_markers", "seed")
 # Space Ranger's tissue positions (10x documentation order)
@@ -52,6 +55,11 @@ def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
         for k in _SYNTHETIC_KEYS:
             if cfg.get(k) is not None:
                 check_int(cfg[k], f"data.{k}", minimum=0 if k == "seed" else 1)
+        return
+    if source == "dataset":
+        from .datasets import MONTI, SHIPPED
+
+        check_choice(cfg.get("dataset"), "data.dataset", SHIPPED + MONTI)
         return
     if source == "tenx_mtx":
         check_choice(cfg.get("var_names", "gene_symbols"), "data.var_names", ("gene_symbols", "gene_ids"))
@@ -195,6 +203,10 @@ def load_data(cfg) -> ad.AnnData:
         return make_synthetic(**{k: cfg[k] for k in _SYNTHETIC_KEYS if cfg.get(k) is not None})
     if source == "pbmc68k":
         return _pbmc68k()
+    if source == "dataset":
+        from .datasets import load
+
+        return load(cfg["dataset"], seed=int(cfg.get("seed") or 0))
 
     import scanpy as sc
 

@@ -28,7 +28,7 @@ from .cache import StageCache, write_h5ad
 from .cache import check_config as check_cache
 from .consensus import check_params as check_consensus
 from .consensus import check_resources as check_consensus_resources
-from .consensus import consensus
+from .consensus import consensus, k_evidence_metrics
 from .data import check_data, load_data
 from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
@@ -173,6 +173,7 @@ def headline_metrics(adata) -> dict[str, float]:
         "consensus.silhouette": float(c["silhouette"][i]),
         "refit_error": float(c["refit_error"]),
     }
+    out.update(k_evidence_metrics(c))
     for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery"):
         if k in m:
             out[k] = float(m[k])

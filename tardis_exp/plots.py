@@ -16,7 +16,12 @@ Every figure reads only what the stages wrote into the AnnData:
     coordinates (``obsm['spatial']``, scanpy's plotting); without coordinates, a heatmap
     of the scores of spots sorted by label.
 ``top_genes_dotplot.png``
-    scanpy dot plot of each program's top genes by ``obs['nmf_cluster']``.
+    scanpy dot plot of each program's top genes by ``obs['nmf_program']``.
+
+The spot label in the figures is ``obs['nmf_program']`` (argmax of the consensus usages);
+results without it (older runs) fall back to the seed's ``obs['nmf_cluster']``.
+:func:`k_selection_ranks` draws a sweep's K selection across ranks (the sweeper's study
+figures, ``k_selection_ranks.png``).
 
 :func:`make_plots` draws them all; one figure that fails is a logged warning, never a
 failed run. From a shell, for any finished run (sweep trials skip the figures)::
@@ -152,6 +157,11 @@ def reconstruction_error(adata, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _label_key(adata) -> str | None:
+    """The spot label to show: the program label, or the seed's for results without it."""
+    return next((k for k in ("nmf_program", "nmf_cluster") if k in adata.obs), None)
+
+
 def _score_keys(adata) -> list[str]:
     keys, i = [], 0
     while f"nmf_cluster_{i}" in adata.obs:
@@ -169,7 +179,7 @@ def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
         import scanpy as sc
 
         # a light copy: scanpy writes colours into .uns; only obs/obsm are needed
-        view = adata.__class__(obs=adata.obs[keys + (["nmf_cluster"] if "nmf_cluster" in adata.obs else [])],
+        view = adata.__class__(obs=adata.obs[keys + ([_label_key(adata)] if _label_key(adata) else [])],
                                obsm={basis: np.asarray(adata.obsm[basis])[:, :2]})
         # scanpy's scatter on the coordinates: ~4x faster than sc.pl.spatial's circle patches
         # at 3,600 spots; y inverted as sc.pl.spatial does for tissue-image coordinates
@@ -197,12 +207,95 @@ def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
     return _save(fig, path)
 
 
+def k_selection_ranks(trials, path: Path, chosen: int | None = None, objective: str | None = None) -> Path:
+    """K selection across factorization ranks (cNMF's plot): stability and error vs n_components.
+
+    ``trials`` is a list of mappings with ``n_components``, ``consensus.stability`` (cNMF's
+    silhouette of the components at K = n_components), ``reconstruction_error`` and
+    optionally ``best_k`` and ``consensus.spot_cophenetic`` (Brunet's statistic at that
+    rank). Several trials at one rank (a sweep over cluster ranges too) are shown by their
+    mean stability and smallest error. ``chosen`` (the best trial's index in ``trials``)
+    is marked with its ``best_k``.
+    """
+    ranks = sorted({int(t["n_components"]) for t in trials})
+    if not ranks:
+        raise NotDrawn("no trial with n_components")
+
+    def per_rank(key, how):
+        out = []
+        for r in ranks:
+            v = [float(t[key]) for t in trials if int(t["n_components"]) == r and key in t
+                 and t[key] is not None and np.isfinite(float(t[key]))]
+            out.append(how(v) if v else np.nan)
+        return np.asarray(out)
+
+    stab = per_rank("consensus.stability", np.mean)
+    coph = per_rank("consensus.spot_cophenetic", np.mean)
+    err = per_rank("reconstruction_error", np.min)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(ranks, stab, "o-", color="tab:blue", label="stability (silhouette of components)")
+    if np.isfinite(coph).any():
+        ax.plot(ranks, coph, "s--", color="tab:green", label="cophenetic of spot labels (Brunet)")
+    ax.set_xlabel("n_components (factorization rank)")
+    ax.set_ylabel("stability", color="tab:blue")
+    ax.set_xticks(ranks)
+    ax2 = ax.twinx()
+    ax2.plot(ranks, err, "^-", color="tab:red", label="reconstruction error (min)")
+    ax2.set_ylabel("reconstruction error", color="tab:red")
+    ax2.ticklabel_format(axis="y", useOffset=False, style="sci", scilimits=(-3, 4))
+    if chosen is not None:
+        t = trials[chosen]
+        r = int(t["n_components"])
+        i = ranks.index(r)
+        y = stab[i] if np.isfinite(stab[i]) else np.nanmean(stab)
+        ax.axvline(r, color="crimson", ls=":", lw=1)
+        ax.plot([r], [y], "*", color="crimson", ms=16, zorder=5,
+                label=f"best trial: n_components={r}" + (f", K={int(t['best_k'])}" if "best_k" in t else ""))
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+    ax.set_title("K selection across ranks" + (f" (objective: {objective})" if objective else ""), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)
+
+
+def study_k_selection(study, path: Path) -> Path | None:
+    """:func:`k_selection_ranks` for an Optuna study of tardis-exp trials (the sweeper's study
+    figures): each COMPLETE trial's ``metrics.yaml`` in its output folder, its sampled
+    ``factorize.n_components`` (or the one in its ``config.yaml``). ``None`` when no trial
+    has both (another machine's trials, or the rank was not part of the run)."""
+    import yaml
+    from optuna.trial import TrialState
+
+    trials, numbers = [], []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        out = t.user_attrs.get("output_dir")
+        if not out or not (Path(out) / "metrics.yaml").is_file():
+            continue
+        m = yaml.safe_load((Path(out) / "metrics.yaml").read_text()) or {}
+        r = (t.user_attrs.get("values") or {}).get("factorize.n_components")
+        if r is None and (Path(out) / "config.yaml").is_file():
+            r = (yaml.safe_load((Path(out) / "config.yaml").read_text()) or {}).get("factorize", {}).get("n_components")
+        if r is None:
+            continue
+        trials.append({**m, "n_components": int(r)})
+        numbers.append(t.number)
+    if not trials:
+        return None
+    chosen, objective = None, None
+    if len(study.directions) == 1:
+        best = study.best_trial.number
+        chosen = numbers.index(best) if best in numbers else None
+        objective = study.metric_names[0] if getattr(study, "metric_names", None) else None
+    return k_selection_ranks(trials, path, chosen=chosen, objective=objective)
+
+
 class NotDrawn(Exception):
     """A figure whose input this result does not hold, by configuration (not an error)."""
 
 
 def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
-    """scanpy dot plot of each program's top genes, spots grouped by ``obs['nmf_cluster']``."""
+    """scanpy dot plot of each program's top genes, spots grouped by ``obs['nmf_program']``."""
     import scanpy as sc
 
     if adata.X is None:
@@ -220,7 +313,7 @@ def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
             genes[str(p)] = top
     if not genes:
         raise ValueError("no top gene of uns['nmf_programs'] is in var_names")
-    dp = sc.pl.dotplot(adata, var_names=genes, groupby="nmf_cluster", show=False, return_fig=True,
+    dp = sc.pl.dotplot(adata, var_names=genes, groupby=_label_key(adata) or "nmf_cluster", show=False, return_fig=True,
                        title="top genes per program")
     dp.make_figure()
     return _save(dp.fig, path)

@@ -219,6 +219,15 @@ METRIC_KEYS: dict[str, MetricKey] = {
        for k in ("pac", "cophenetic", "delta_area", "mean_cluster_consensus", "silhouette")},
     **{k: MetricKey(f"score stage: {k.replace('_', ' ')} of the final programs", runs=_HEAD + ("score",))
        for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery")},
+    # the evidence behind the K decision (consensus.k_evidence_metrics)
+    "runner_up_k": MetricKey("the second-best K under consensus.k_selection", runs=_HEAD + ("consensus",)),
+    "consensus.k_margin": MetricKey("how far the chosen K beats the runner-up, in measured standard errors "
+                                    "(below 1: the data do not separate them)", runs=_HEAD + ("consensus",)),
+    **{f"consensus.{k}": MetricKey(f"consensus {k.replace('_', ' ')} of the trial's factorizations "
+                                   "(sweep objective candidates, docs/validation.md)", runs=_HEAD + ("consensus",))
+       for k in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop")},
+    "ari_truth_nmf_cluster": MetricKey("score stage: ARI of the seed's nmf_cluster label against the truth",
+                                       runs=_HEAD + ("score",)),
     "cache_hits": MetricKey("stages served from the stage cache", runs=_HEAD),
     "cache_misses": MetricKey("stages computed (not in the stage cache)", runs=_HEAD),
     "duration_s": MetricKey("wall-clock seconds of this run", runs=("pipeline", "preprocess", "factorize",

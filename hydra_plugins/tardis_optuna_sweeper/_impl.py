@@ -1252,6 +1252,15 @@ def _make_plots(study: optuna.Study, objectives: List[Objective], out: Path) -> 
             log.info("Fewer than 2 COMPLETE trials: skipping parameter importances")
     if multi and len(objectives) in (2, 3):
         save("pareto_front", lambda: ovm.plot_pareto_front(study, target_names=[o.metric for o in objectives]))
+    try:  # stability and error against n_components, the best trial marked (tardis_exp.plots)
+        from tardis_exp.plots import study_k_selection
+
+        p = study_k_selection(study, out / "k_selection_ranks.png")
+        if p is not None:
+            paths.append(p)
+    except Exception as e:  # a view of the study: never a reason to fail it
+        log.warning("Could not plot k_selection_ranks: %s: %s", type(e).__name__, e)
+        plt.close("all")
     return paths
 
 

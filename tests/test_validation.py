@@ -1,0 +1,263 @@
+"""K selection, spot labels, constraints and benchmark data (issue 11).
+
+The K rules are checked on curves whose answer is known by construction, and on Brunet et
+al. (2004)'s leukemia set against its published answer (a reduced run: 20 restarts).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from tardis_exp.consensus import consensus, half_spread, select_k
+from tardis_exp.errors import ConfigError
+
+KS = [2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------ K rules on known curves
+
+
+def test_brunet_rule_takes_the_last_k_before_the_significant_drop():
+    # Brunet's leukemia shape (issue 11): high through K = 3, drop at K = 4
+    coph = {"cophenetic": [0.9972, 0.9967, 0.9857, 0.9917]}
+    se = {"cophenetic": [0.0016, 0.0021, 0.0022, 0.0008]}
+    k, info = select_k(KS, coph, "brunet", spread=se, return_info=True)
+    assert k == 3
+    # the same rule with a fixed tolerance wider than the whole curve (the old 0.02) finds no
+    # drop; it must not drift to the largest K but take the best value
+    assert select_k(KS, coph, "brunet", tolerance=0.02) == 2
+    # "cophenetic" is Brunet's rule too
+    assert select_k(KS, coph, "cophenetic", spread=se) == 3
+
+
+def test_a_drop_within_the_measured_noise_is_not_a_drop():
+    coph = {"cophenetic": [0.990, 0.995, 0.985, 0.980]}
+    small = {"cophenetic": [0.001] * 4}
+    noisy = {"cophenetic": [0.01] * 4}
+    assert select_k(KS, coph, "brunet", spread=small) == 3  # 0.995 -> 0.985 is 3.5 se
+    k, info = select_k(KS, coph, "brunet", spread=noisy, return_info=True)
+    assert k == 3 and info["margin"] < 1  # best value, but the data do not separate it
+
+
+def test_flat_curve_gives_the_smallest_k_and_says_it_cannot_separate():
+    flat = {"cophenetic": [1.0, 1.0, 1.0, 1.0], "pac": [0.0, 0.0, 0.0, 0.0]}
+    for rule in ("brunet", "pac"):
+        k, info = select_k(KS, flat, rule, return_info=True)
+        assert k == 2
+        assert info["runner_up_k"] != 2 and info["margin"] <= 0
+
+
+def test_k_the_statistic_cannot_separate_are_told_apart_by_silhouette():
+    # method=components at rank 3 on the leukemia set: clusters into 2 (merged programs) and
+    # into 3 are both perfectly stable (PAC 0), only the 3 clusters are distinct
+    stats = {"pac": [0.0, 0.0], "silhouette": [0.68, 0.9975]}
+    k, info = select_k([2, 3], stats, "pac", return_info=True)
+    assert k == 3 and info["runner_up_k"] == 2 and info["margin"] < 1
+    # a significant change still decides before the silhouette does
+    stats = {"pac": [0.0, 0.2, 0.0], "silhouette": [0.1, 0.2, 0.9]}
+    assert select_k([2, 3, 4], stats, "pac", spread={"pac": [0.01] * 3}) == 2
+
+
+def test_components_take_the_largest_stable_admissible_k():
+    # method=components: PAC 0 at K = 2 (two merged programs, stable) and at the true K = 6;
+    # the first-change rule would stop at 2, the largest stable admissible K is 6
+    ks = [2, 3, 4, 5, 6, 7, 8]
+    pac = {"pac": [0.0, 0.12, 0.2, 0.07, 0.0, 0.005, 0.016]}
+    se = {"pac": [0.0, 0.01, 0.02, 0.007, 0.0, 0.0008, 0.0009]}
+    assert select_k(ks, pac, "pac", spread=se) == 2
+    adm = [True] * 5 + [False, False]  # K = 7, 8 need clusters that do not recur across replicates
+    k, info = select_k(ks, pac, "pac", spread=se, admissible=adm, largest_stable=True, return_info=True)
+    assert k == 6 and info["runner_up_k"] == 7 and info["margin"] > 1
+    # without the admissibility bound a PAC that stays within its noise may go further, never past it
+    assert select_k(ks, pac, "pac", spread=se, largest_stable=True) == 6
+
+
+def test_pac_rule_last_k_before_pac_rises():
+    ks = [4, 5, 6, 7, 8, 9, 10]
+    pac = {"pac": [0.198, 0.073, 0.0, 0.0053, 0.0064, 0.0088, 0.0193]}
+    se = {"pac": [0.023, 0.0067, 0.0, 0.0008, 0.0009, 0.0004, 0.0006]}
+    k, info = select_k(ks, pac, "pac", spread=se, return_info=True)
+    assert k == 6 and info["margin"] > 1
+    # admissibility (clusters that recur across replicates) bounds the choice
+    assert select_k(ks, pac, "pac", spread=se, admissible=[True, True, False, False, False, False, False]) == 5
+
+
+def test_delta_area_and_silhouette_rules():
+    ks = [2, 3, 4, 5, 6]
+    delta = {"delta_area": [0.7, 0.3, 0.2, 0.004, 0.003]}
+    se = {"delta_area": [0.01, 0.01, 0.01, 0.002, 0.002]}
+    assert select_k(ks, delta, "delta_area", spread=se) == 4
+    sil = {"silhouette": [0.5, 0.9, 0.7, np.nan, 0.6]}
+    assert select_k(ks, sil, "silhouette") == 3
+    with pytest.raises(ConfigError, match="consensus.k_selection"):
+        select_k(ks, sil, "best")
+
+
+def test_half_spread_is_zero_for_stable_labels_and_positive_for_noisy_ones():
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], 20)
+    stable = {3: np.tile(truth, (20, 1))}
+    noisy_l = np.tile(truth, (20, 1))
+    flip = rng.random(noisy_l.shape) < 0.2
+    noisy_l[flip] = rng.integers(0, 3, flip.sum())
+    noisy = {3: noisy_l}
+    s0 = half_spread([3], stable, rng=1)
+    s1 = half_spread([3], noisy, rng=1)
+    assert s0["pac"][0] == 0 and s0["cophenetic"][0] == 0
+    assert s1["pac"][0] > 0 and s1["cophenetic"][0] > 0
+    # fewer than 4 resamples: nothing to split
+    assert half_spread([3], {3: stable[3][:3]})["pac"][0] == 0
+
+
+# ------------------------------------------------------------------ stages
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_small):
+    from tardis_exp.factorize import factorize
+    from tardis_exp.preprocess import preprocess
+
+    a = preprocess(synthetic_small, n_top_genes=600)
+    factorize(a, n_components=6, n_replicates=6, max_iter=300)
+    return a
+
+
+def test_components_range_is_clipped_to_n_components(fitted, caplog):
+    a = fitted.copy()
+    with pytest.warns(UserWarning, match=r"max_clusters=9 exceeds factorize.n_components=6"):
+        consensus(a, min_clusters=2, max_clusters=9, n_resamples=20, outlier_threshold=0.35)
+    c = a.uns["nmf_consensus"]
+    assert list(c["k_values"]) == [2, 3, 4, 5, 6]
+    # both ends above n_components: one K left
+    b = fitted.copy()
+    with pytest.warns(UserWarning, match="clipping the K range to \\[6, 6\\]"):
+        consensus(b, min_clusters=7, max_clusters=9, n_resamples=10, outlier_threshold=0.35)
+    assert list(b.uns["nmf_consensus"]["k_values"]) == [6]
+
+
+def test_consensus_reports_runner_up_and_evidence_metrics(fitted):
+    from tardis_exp.consensus import k_evidence_metrics
+
+    a = fitted.copy()
+    consensus(a, min_clusters=2, max_clusters=6, n_resamples=30, outlier_threshold=0.35)
+    c = a.uns["nmf_consensus"]
+    assert c["best_k"] == 4  # the planted K
+    assert c["runner_up_k"] in c["k_values"] and c["runner_up_k"] != c["best_k"]
+    assert np.isfinite(c["k_margin"])
+    assert c["pac_se"].shape == c["pac"].shape and (c["pac_se"] >= 0).all()
+    m = k_evidence_metrics(c)
+    assert set(m) >= {"runner_up_k", "consensus.k_margin", "consensus.stability", "consensus.spot_cophenetic"}
+    assert 0 < m["consensus.stability"] <= 1 and 0 < m["consensus.spot_cophenetic"] <= 1
+
+
+def test_nmf_program_is_the_argmax_of_the_consensus_usages(fitted):
+    from tardis_exp.score import program_labels, score
+
+    a = fitted.copy()
+    consensus(a, min_clusters=2, max_clusters=6, n_resamples=20, outlier_threshold=0.35)
+    score(a, n_cluster_genes=30)
+    lab = a.obs["nmf_program"]
+    assert isinstance(lab.dtype, pd.CategoricalDtype)
+    U = a.obsm["X_nmf_consensus"]
+    np.testing.assert_array_equal(lab.cat.codes.to_numpy(), U.argmax(1))
+    m = a.uns["nmf_metrics"]
+    # the metric is computed on the program label, the seed's label is reported beside it
+    assert m["ari_truth"] == pytest.approx(adjusted_rand_score(a.obs["true_domain"], lab))
+    assert m["ari_truth_nmf_cluster"] == pytest.approx(adjusted_rand_score(a.obs["true_domain"], a.obs["nmf_cluster"]))
+    assert m["ari_truth"] >= 0.8
+    # a spot without any usage gets no program, not program 0
+    cat = program_labels(np.array([[0.0, 0.0], [0.1, 0.5], [2.0, 1.0]]))
+    assert list(cat.codes) == [-1, 1, 0]
+
+
+# ------------------------------------------------------------------ data with published answers
+
+
+def test_shipped_brunet_sets_and_monti_generators():
+    from tardis_exp.datasets import brunet_leukemia, brunet_medulloblastoma, monti_simulated
+
+    a = brunet_leukemia()
+    assert a.shape == (38, 5000)
+    assert a.obs["subtype"].value_counts().to_dict() == {"B-ALL": 19, "AML": 11, "T-ALL": 8}
+    assert (a.X >= 20).all()  # the published preprocessing floors at 20
+    b = brunet_medulloblastoma()
+    assert b.shape == (34, 5893) and b.obs["class"].value_counts().to_dict() == {"C": 25, "D": 9}
+    g = monti_simulated("simulated6", seed=1)
+    assert g.shape == (60, 600) and (g.X >= 0).all() and g.obs["class"].nunique() == 6
+    assert np.array_equal(g.X, monti_simulated("simulated6", seed=1).X)
+
+
+def test_dataset_source_is_validated_before_loading():
+    from tardis_exp.data import check_data, load_data
+
+    with pytest.raises(ConfigError, match="data.dataset"):
+        check_data({"source": "dataset", "dataset": "golub"})
+    a = load_data({"source": "dataset", "dataset": "gaussian3"})
+    assert a.shape == (60, 600)
+
+
+@pytest.mark.slow
+def test_brunet_leukemia_reproduces_the_published_cophenetic_shape_and_labels():
+    """Brunet et al. 2004 on their leukemia set: cophenetic correlation high at K = 2, 3 and
+    lower at K = 4; the chosen K's labels match ALL/AML (K = 2) or B/T/AML (K = 3).
+    A reduced run (20 restarts of 200 iterations instead of 50 x 500)."""
+    from tardis_exp.datasets import brunet_leukemia
+
+    a = brunet_leukemia()
+    consensus(a, method="spots", min_clusters=2, max_clusters=4, n_resamples=20, resample_frac=1.0,
+              k_selection="brunet", spots_max_iter=200)
+    c = a.uns["nmf_consensus"]
+    coph = dict(zip(c["k_values"], c["cophenetic"]))
+    assert min(coph[2], coph[3]) > coph[4]
+    assert c["best_k"] in (2, 3)
+    labels = {2: "class", 3: "subtype"}[c["best_k"]]
+    prog = a.obsm["X_nmf_consensus"].argmax(1)
+    assert adjusted_rand_score(a.obs[labels], prog) >= 0.85
+
+
+def test_unseparated_k_is_logged(caplog):
+    from tardis_exp.consensus import _report_k
+
+    with caplog.at_level(logging.WARNING, logger="tardis_exp.consensus"):
+        _report_k(3, {"runner_up_k": 2, "margin": 0.4}, "brunet", KS)
+    assert "do not separate K=3 from K=2" in caplog.text
+
+
+def test_k_selection_ranks_figure(tmp_path):
+    import matplotlib.image as mpimg
+
+    from tardis_exp.plots import k_selection_ranks
+
+    trials = [{"n_components": r, "consensus.stability": s, "reconstruction_error": e, "best_k": min(r, 3)}
+              for r, s, e in ((2, 0.99, 10.0), (3, 0.98, 8.0), (3, 0.97, 8.1), (4, 0.7, 7.5), (5, 0.6, 7.2))]
+    p = k_selection_ranks(trials, tmp_path / "k.png", chosen=1, objective="consensus.silhouette")
+    assert p.is_file() and mpimg.imread(p).std() > 0.01
+
+
+def test_study_k_selection_reads_the_trials_of_a_study(tmp_path):
+    import optuna
+    import yaml
+
+    from tardis_exp.plots import study_k_selection
+
+    study = optuna.create_study(direction="maximize", storage=optuna.storages.InMemoryStorage())
+    for r, value in ((2, 0.99), (3, 0.995), (4, 0.97)):
+        t = study.ask()
+        out = tmp_path / str(r)
+        out.mkdir()
+        (out / "metrics.yaml").write_text(yaml.safe_dump(
+            {"best_k": float(r), "consensus.stability": value, "reconstruction_error": 10.0 - r}))
+        t.set_user_attr("output_dir", str(out))
+        t.set_user_attr("values", {"factorize.n_components": r})
+        study.tell(t, value)
+    t = study.ask()  # a trial without outputs (another machine's) is left out
+    study.tell(t, 0.1)
+    p = study_k_selection(study, tmp_path / "k_selection_ranks.png")
+    assert p is not None and p.is_file()
+    empty = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    assert study_k_selection(empty, tmp_path / "none.png") is None
