@@ -984,8 +984,13 @@ class MlflowTracker:
 
     def setup(self) -> None:
         """Find or create experiment and parent run. Call under the study lock."""
+        from tardis_exp.tracking import sqlite_init_lock
+
         c = self.client
-        exp = c.get_experiment_by_name(self.experiment)
+        # the first call creates a new SQLite store's schema: under the same file lock as
+        # the pipeline's runs, so a sweep and a run started together on a new store share it
+        with sqlite_init_lock(self.uri):
+            exp = c.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
                 self.experiment_id = c.create_experiment(
