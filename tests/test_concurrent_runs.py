@@ -78,7 +78,7 @@ def test_two_runs_started_at_once_in_an_empty_folder(tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("tardis-exp")
-    parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'pipeline'")
+    parents = client.search_runs([exp.experiment_id], "tags.mlflow.source.name = 'tardis-exp'")
     assert len(parents) == 2 and {r.info.status for r in parents} == {"FINISHED"}
     assert {r.data.params["data.seed"] for r in parents} == {"0", "1"}
     # the store works after: a later process opens it (the schema check every run makes) and writes
