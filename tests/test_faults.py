@@ -50,7 +50,9 @@ def _runs(db: Path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("tardis-exp")
-    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])} if exp else {}
+    # stage runs by name; the parent (named after its overrides) under "pipeline"
+    return {("pipeline" if "mlflow.parentRunId" not in r.data.tags else r.info.run_name): r
+            for r in client.search_runs([exp.experiment_id])} if exp else {}
 
 
 @pytest.fixture
