@@ -28,6 +28,9 @@ STAGES = {"preprocess", "factorize", "consensus", "score"}
 slow = pytest.mark.slow
 
 
+# the preset's objective (conf/sweep/k_range.yaml; docs/validation.md says why)
+OBJ = "consensus.silhouette"
+
 def sweep(root: Path, study: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TARDIS_EXP_PROGRESS="0", MPLBACKEND="Agg")
     # a plain checkout: make hydra_plugins/tardis_optuna_sweeper importable
@@ -75,14 +78,14 @@ def _study_runs(root: Path, study: str):
 @slow
 def test_best_trial_finds_the_true_number_of_programs(k_range):
     res = yaml.safe_load((k_range / "multirun" / "k_range" / "optimization_results.yaml").read_text())
-    assert res["n_trials"] == 6 and res["objectives"] == [{"metric": "consensus.silhouette", "direction": "maximize"}]
+    assert res["n_trials"] == 6 and res["objectives"] == [{"metric": OBJ, "direction": "maximize"}]
     best = trial_metrics(k_range, "k_range", res["best_trial"])
     assert best["best_k"] == N_PROGRAMS
-    assert best["consensus.silhouette"] == pytest.approx(res["best_value"])
+    assert best[OBJ] == pytest.approx(res["best_value"])
     # not one lucky trial: the objective ranks every trial at the true K above all others
     done = [m for m in (trial_metrics(k_range, "k_range", n) for n in range(6)) if m]
-    at_truth = [m["consensus.silhouette"] for m in done if m["best_k"] == N_PROGRAMS]
-    elsewhere = [m["consensus.silhouette"] for m in done if m["best_k"] != N_PROGRAMS]
+    at_truth = [m[OBJ] for m in done if m["best_k"] == N_PROGRAMS]
+    elsewhere = [m[OBJ] for m in done if m["best_k"] != N_PROGRAMS]
     assert at_truth and elsewhere, "the sweep should visit K at and away from the truth"
     assert min(at_truth) > max(elsewhere)
     # the journal agrees with what the trials wrote
@@ -107,7 +110,7 @@ def test_mlflow_study_trial_stage_nesting_and_cache(k_range):
             assert set(names) == STAGES
             m = trial_metrics(k_range, "k_range", number)
             assert run.info.status == "FINISHED" and m["mlflow_run_id"] == run.info.run_id
-            assert run.data.metrics["objective.consensus.silhouette"] == pytest.approx(m["consensus.silhouette"])
+            assert run.data.metrics[f"objective.{OBJ}"] == pytest.approx(m[OBJ])
             assert all(s.info.status == "FINISHED" for s in stages)
         by_stage = {s.data.tags["stage"]: s for s in stages}
         # trial 0 stores the preprocessed data; every later trial reuses it
@@ -130,7 +133,7 @@ def test_study_run_explains_itself(k_range):
         "consensus.min_clusters <= consensus.max_clusters in int [2, 6], consensus.max_clusters - "
         "consensus.min_clusters >= 1, consensus.max_clusters <= factorize.n_components when consensus.method=components")
     assert (p["study.sampler"], p["study.sampler.seed"], p["study.n_trials"]) == ("tpe", "42", "6")
-    assert p["study.objectives"] == "maximize consensus.silhouette"
+    assert p["study.objectives"] == f"maximize {OBJ}"
     # the science every trial shares, under the trials' own param keys (the swept keys excluded)
     assert p["data.name"] == "synthetic" and p["factorize.n_replicates"] == "4"
     assert "factorize.n_components" not in p and not any(k.startswith(("paths.", "tracking.")) for k in p)
@@ -139,12 +142,12 @@ def test_study_run_explains_itself(k_range):
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(k_range / "mlruns" / "optuna" / "journal.log")))
     study = optuna.load_study(study_name="k_range", storage=storage)
-    assert study.metric_names == ["consensus.silhouette"]  # optuna-dashboard's axis, not "Objective 0"
+    assert study.metric_names == [OBJ]  # optuna-dashboard's axis, not "Objective 0"
     best = study.best_trial
     # one table: the study row carries the best trial's values under the trials' keys
     best_run = trials[best.number]
     assert parent.data.tags["optuna.best_trial"] == str(best.number)
-    assert parent.data.metrics["consensus.silhouette"] == pytest.approx(best.value, rel=1e-12)
+    assert parent.data.metrics[OBJ] == pytest.approx(best.value, rel=1e-12)
     for key in ("best_k", "consensus.pac", "reconstruction_error"):
         assert parent.data.metrics[key] == best_run.data.metrics[key], key
     assert best_run.info.run_name in parent.data.tags["mlflow.note.content"]
