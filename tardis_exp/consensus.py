@@ -510,7 +510,7 @@ def consensus(
     k_tolerance: float = 1e-4,
     k_z: float = 2.0,
     k_spread_splits: int = 4,
-    outlier_threshold: float = 0.5,
+    outlier_threshold: float = 0.35,
     outlier_neighbors_frac: float = 0.3,
     min_cluster_replicates: float = 0.5,
     spectra_agg: str = "median",

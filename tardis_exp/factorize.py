@@ -31,7 +31,7 @@ SOLVERS = ("hals", "mu", "cd")
 LOSSES = ("frobenius", "kullback-leibler")
 
 
-def check_params(*, n_components, n_replicates=1, solver="mu", beta_loss="frobenius", max_iter=1000,
+def check_params(*, n_components, n_replicates=10, solver="mu", beta_loss="frobenius", max_iter=1000,
                  tol=1e-4, shape=None, check_every=10, random_state=42, **_) -> None:
     """Validate factorize parameters; ``shape`` (spots, genes) when the data is known."""
     check_choice(solver, "factorize.solver", SOLVERS)
@@ -67,7 +67,7 @@ def factorize(
     adata: ad.AnnData,
     *,
     n_components: int = 10,
-    n_replicates: int = 1,
+    n_replicates: int = 10,
     random_state: int | None = 42,
     max_iter: int = 1000,
     tol: float = 1e-4,

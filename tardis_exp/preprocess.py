@@ -116,7 +116,7 @@ def _excluded(var_names, patterns: Sequence[str], gene_file: str | None) -> np.n
 
 def check_params(
     *, normalize: str = "log1p", hvg_flavor: str = "seurat", n_top_genes: int | None = 2000,
-    min_cells: int = 0, min_counts: int = 0, target_sum: float | None = 1e4,
+    min_cells: int = 3, min_counts: int = 1, target_sum: float | None = 1e4,
     layer: str | None = None, exclude_regex: Sequence[str] | None = (), exclude_genes_file: str | None = None,
     **_,
 ) -> None:
