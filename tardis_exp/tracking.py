@@ -772,8 +772,12 @@ class Tracker:
         ``traceback.txt`` and ``tracking_errors.log`` when there is something to say.
         ``overrides`` (Hydra's) name the run when neither ``run_name`` nor ``run_label`` is set.
         """
-        self.name = self.run_name or self.run_label or default_run_name(overrides)
         self.local_dir = Path(local_dir) if local_dir is not None else None
+        self.name = self.run_name or self.run_label or default_run_name(overrides)
+        if not (self.run_name or self.run_label) and self.local_dir is not None:
+            # two runs with the same overrides (two default runs) still differ in the table,
+            # by their run folder's id (outputs/runs/<time>_<id>)
+            self.name += f" · {self.local_dir.name.rsplit('_', 1)[-1][:8]}"
         self.failures, self._consecutive, self._gave_up = [], 0, False
         self.precheck()
         self.parent = StageRun(self, self.enabled)

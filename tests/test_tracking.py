@@ -306,7 +306,7 @@ def test_run_names_and_descriptions(sqlite_runs):
     # credential); a key overridden twice counts once, at its last value; the method's
     # sections come before the data's, so what differs shows first in a cut column
     assert k5.info.run_name == ("n_replicates=4 n_components=5 n_resamples=20 n_top_genes=500 "
-                                "n_spots=900 n_genes=800 n_programs=4 path=exp")
+                                "n_spots=900 n_genes=800 n_programs=4 path=exp · k5")  # · run folder id
     note = k5.data.tags["mlflow.note.content"]
     m = sqlite_runs["k5"]["metrics"]
     assert "`tardis-exp data.n_spots=900 " in note and "factorize.n_components=5`" in note
