@@ -152,7 +152,7 @@ def runs_page(server: str, exp: str, **query: str) -> str:
 
 def test_runs_table_names_and_headline_column(store, server, page, shots):
     pg = page
-    pg.goto(runs_page(server, store["exp"]), wait_until="networkidle")
+    pg.goto(runs_page(server, store["exp"]), wait_until="load")
     a, b = (r.info.run_name for r in store["default"])
     study = store["study"].info.run_name
     # the model-training view, not GenAI's empty traces page: each run a link with its name
@@ -162,7 +162,7 @@ def test_runs_table_names_and_headline_column(store, server, page, shots):
     # a headline metric as a column, one value per run, no clicks: the experiment's saved
     # view "headline metrics" (docs/tracking-ui.md's URL)
     page2 = pg.context.new_page()
-    page2.goto(runs_page(server, store["exp"], viewStateShareKey="headline"), wait_until="networkidle")
+    page2.goto(runs_page(server, store["exp"], viewStateShareKey="headline"), wait_until="load")
     page2.get_by_role("link", name=study, exact=True).first.wait_for()
     heads = page2.get_by_role("columnheader").all_inner_texts()
     for col in ("best_k", "consensus.silhouette", "reconstruction_error", "factorize.n_components"):
@@ -192,7 +192,7 @@ def test_figure_in_the_artifacts(store, server, page, shots):
     pg = page
     run = store["default"][0]
     pg.goto(f"{server}/#/experiments/{store['exp']}/runs/{run.info.run_id}/artifacts?workflowType=machine_learning",
-            wait_until="networkidle")
+            wait_until="load")
     pg.get_by_text("plots", exact=True).first.click()
     pg.get_by_text("k_selection.png", exact=True).first.click()
     pg.get_by_text("plots/k_selection.png", exact=True).first.wait_for()
@@ -212,7 +212,7 @@ def test_compare_two_runs_shows_the_one_override(store, server, page, shots):
     pg = page
     ids = [r.info.run_id for r in store["default"]]
     q = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([store["exp"]])})
-    pg.goto(f"{server}/#/compare-runs?{q}", wait_until="networkidle")
+    pg.goto(f"{server}/#/compare-runs?{q}", wait_until="load")
     pg.get_by_text("factorize.n_components", exact=True).first.wait_for()
     for r in store["default"]:
         pg.get_by_text(r.info.run_name, exact=True).first.wait_for()
