@@ -23,18 +23,13 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
+from _ports import free_port as _free_port
 
 PW = "PlAnTeD9pw"  # found nowhere else
 SMALL = ["data.n_spots=150", "data.n_genes=200", "data.n_programs=3", "data.n_markers=15",
          "factorize.n_components=4", "factorize.n_replicates=3", "factorize.max_iter=60", "consensus.n_resamples=5",
          "tracking.log_plots=false",
          "save_result=results"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("TARDIS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,12 +53,6 @@ def tardis(root: Path, *args: str) -> None:
     p = subprocess.run([sys.executable, "-m", "tardis_exp", *flags, f"paths.root_dir={root}", *args], cwd=root, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"tardis-exp failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
