@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
+from .params import register_configs as _register_configs  # noqa: E402
+
+# the config groups' schemas (tardis_exp/params.py) in Hydra's ConfigStore, before any
+# compose: conf/<group>/default.yaml lists them in its defaults
+_register_configs()
+
 from .consensus import consensus  # noqa: E402
 from .factorize import factorize  # noqa: E402
 from .nmf import BatchedNMF, fit_batch  # noqa: E402

@@ -68,7 +68,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import __version__
-from .errors import ConfigError, check_bool, check_float
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +101,9 @@ class CacheUnreadable(Exception):
 
 def check_config(cfg: Mapping[str, Any] | None) -> None:
     """Validate a ``cache`` config before anything is created (no run, no folder)."""
-    cfg = cfg or {}
-    enabled = check_bool(cfg.get("enabled", False), "cache.enabled")
-    check_float(cfg.get("max_size_gb", 5.0), "cache.max_size_gb", low=0, low_open=True)
-    d = cfg.get("dir")
-    if enabled and (d is None or not str(d).strip()):
-        raise ConfigError("cache.dir must be set when cache.enabled=true")
+    from .params import check
+
+    check("cache", cfg, known_only=True)  # tardis_exp.params.CacheParams
 
 
 def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> None:

@@ -48,42 +48,22 @@ from scipy.cluster.hierarchy import cophenet, fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
 
-from .errors import ConfigError, InputError, check_choice, check_float, check_int
+from .errors import ConfigError, InputError
+from .params import K_RULES, METHODS  # noqa: F401 -- re-exported
+from .params import ConsensusParams as _P
+from .params import check
 from .nmf import derive_seeds, fit_batch, prepare_matrix, refit_usage
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-METHODS = ("components", "spots")
-K_RULES = ("pac", "cophenetic", "brunet", "delta_area", "silhouette")
 CDF_GRID = np.linspace(0, 1, 101)
 
 
-def check_params(*, method="components", min_clusters=4, max_clusters=10, n_resamples=100,
-                 resample_frac=0.8, k_selection="pac", spectra_agg="median", max_spots=2000,
-                 random_state=42, k_tolerance=1e-4, min_cluster_replicates=0.5, refit_max_iter=200,
-                 spots_max_iter=500, store_matrix_items=400, k_z=2.0, k_spread_splits=4, **_) -> None:
-    """Validate consensus parameters before any compute."""
-    check_choice(method, "consensus.method", METHODS)
-    check_choice(k_selection, "consensus.k_selection", K_RULES)
-    check_choice(spectra_agg, "consensus.spectra_agg", ("median", "mean"))
-    min_clusters = check_int(min_clusters, "consensus.min_clusters", minimum=2)
-    if isinstance(max_clusters, bool) or not isinstance(max_clusters, (int, float, np.integer, np.floating)) \
-            or int(max_clusters) != max_clusters or max_clusters < min_clusters:
-        raise ConfigError(
-            f"consensus.max_clusters={max_clusters} must be an integer >= consensus.min_clusters={min_clusters}"
-        )
-    check_int(n_resamples, "consensus.n_resamples", minimum=1)
-    check_float(resample_frac, "consensus.resample_frac", low=0, high=1, low_open=True)
-    check_int(max_spots, "consensus.max_spots", minimum=2)
-    check_int(random_state, "consensus.random_state", minimum=0, allow_none=True)
-    check_float(k_tolerance, "consensus.k_tolerance", low=0)
-    check_float(k_z, "consensus.k_z", low=0)
-    check_int(k_spread_splits, "consensus.k_spread_splits", minimum=0)
-    check_float(min_cluster_replicates, "consensus.min_cluster_replicates", low=0, high=1)
-    check_int(refit_max_iter, "consensus.refit_max_iter", minimum=1)
-    check_int(spots_max_iter, "consensus.spots_max_iter", minimum=1)
-    check_int(store_matrix_items, "consensus.store_matrix_items", minimum=0)
+def check_params(**params) -> dict:
+    """Validate consensus parameters before any compute (:class:`~tardis_exp.params.ConsensusParams`;
+    missing ones take their defaults)."""
+    return check("consensus", params, known_only=True)
 
 
 def available_memory() -> int | None:
@@ -500,24 +480,24 @@ def local_density_outliers(spectra: np.ndarray, n_neighbors: int, threshold: flo
 def consensus(
     adata: ad.AnnData,
     *,
-    method: str = "components",
-    min_clusters: int = 4,
-    max_clusters: int = 10,
-    n_resamples: int = 100,
-    resample_frac: float = 0.8,
-    random_state: int | None = 42,
-    k_selection: str = "pac",
-    k_tolerance: float = 1e-4,
-    k_z: float = 2.0,
-    k_spread_splits: int = 4,
-    outlier_threshold: float = 0.35,
-    outlier_neighbors_frac: float = 0.3,
-    min_cluster_replicates: float = 0.5,
-    spectra_agg: str = "median",
-    refit_max_iter: int = 200,
-    max_spots: int = 2000,
-    spots_max_iter: int = 500,
-    store_matrix_items: int = 400,
+    method: str = _P.method,
+    min_clusters: int = _P.min_clusters,
+    max_clusters: int = _P.max_clusters,
+    n_resamples: int = _P.n_resamples,
+    resample_frac: float = _P.resample_frac,
+    random_state: int | None = _P.random_state,
+    k_selection: str = _P.k_selection,
+    k_tolerance: float = _P.k_tolerance,
+    k_z: float = _P.k_z,
+    k_spread_splits: int = _P.k_spread_splits,
+    outlier_threshold: float = _P.outlier_threshold,
+    outlier_neighbors_frac: float = _P.outlier_neighbors_frac,
+    min_cluster_replicates: float = _P.min_cluster_replicates,
+    spectra_agg: str = _P.spectra_agg,
+    refit_max_iter: int = _P.refit_max_iter,
+    max_spots: int = _P.max_spots,
+    spots_max_iter: int = _P.spots_max_iter,
+    store_matrix_items: int = _P.store_matrix_items,
     progress: bool | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -560,11 +540,12 @@ def consensus(
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(method=method, min_clusters=min_clusters, max_clusters=max_clusters, n_resamples=n_resamples,
-                 resample_frac=resample_frac, k_selection=k_selection, spectra_agg=spectra_agg,
-                 max_spots=max_spots, random_state=random_state, k_tolerance=k_tolerance,
-                 min_cluster_replicates=min_cluster_replicates, refit_max_iter=refit_max_iter,
-                 spots_max_iter=spots_max_iter, store_matrix_items=store_matrix_items, k_z=k_z,
-                 k_spread_splits=k_spread_splits)
+                 resample_frac=resample_frac, random_state=random_state, k_selection=k_selection,
+                 k_tolerance=k_tolerance, k_z=k_z, k_spread_splits=k_spread_splits,
+                 outlier_threshold=outlier_threshold, outlier_neighbors_frac=outlier_neighbors_frac,
+                 min_cluster_replicates=min_cluster_replicates, spectra_agg=spectra_agg,
+                 refit_max_iter=refit_max_iter, max_spots=max_spots, spots_max_iter=spots_max_iter,
+                 store_matrix_items=store_matrix_items)
     adata = adata.copy() if copy else adata
     t0 = time.perf_counter()
     rng = np.random.default_rng(random_state)

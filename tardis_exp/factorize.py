@@ -22,33 +22,29 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import ConfigError, InputError, check_choice, check_float, check_int
+from .errors import ConfigError, InputError
+from .params import LOSSES, SOLVERS  # noqa: F401 -- re-exported
+from .params import FactorizeParams as _P
+from .params import check
 from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("hals", "mu", "cd")
-LOSSES = ("frobenius", "kullback-leibler")
 
-
-def check_params(*, n_components, n_replicates=10, solver="mu", beta_loss="frobenius", max_iter=1000,
-                 tol=1e-4, shape=None, check_every=10, random_state=42, **_) -> None:
-    """Validate factorize parameters; ``shape`` (spots, genes) when the data is known."""
-    check_choice(solver, "factorize.solver", SOLVERS)
-    check_choice(beta_loss, "factorize.beta_loss", LOSSES)
-    if solver in ("cd", "hals") and beta_loss != "frobenius":
-        raise ConfigError(f"factorize.solver={solver} supports only factorize.beta_loss=frobenius; use solver=mu")
-    n_components = check_int(n_components, "factorize.n_components", minimum=1)
-    check_int(n_replicates, "factorize.n_replicates", minimum=1)
-    check_int(max_iter, "factorize.max_iter", minimum=1)
-    check_int(check_every, "factorize.check_every", minimum=1)
-    check_int(random_state, "factorize.random_state", minimum=0, allow_none=True)
-    check_float(tol, "factorize.tol", low=0)
+def check_params(*, shape=None, **params) -> dict:
+    """Validate factorize parameters (:class:`~tardis_exp.params.FactorizeParams`; missing
+    ones take their defaults, except ``n_components``); ``shape`` (spots, genes) when the
+    data is known."""
+    if "n_components" not in params:
+        raise ConfigError("factorize.n_components is missing")
+    v = check("factorize", params, known_only=True)
+    n_components = v["n_components"]
     if shape is not None and n_components >= min(shape):
         raise ConfigError(
             f"factorize.n_components={n_components} must be smaller than min(spots, genes)={min(shape)} "
             f"of the preprocessed data ({shape[0]} spots x {shape[1]} genes)"
         )
+    return v
 
 
 def _fit_cd(X, k, seeds, max_iter, tol):
@@ -66,15 +62,15 @@ def _fit_cd(X, k, seeds, max_iter, tol):
 def factorize(
     adata: ad.AnnData,
     *,
-    n_components: int = 10,
-    n_replicates: int = 10,
-    random_state: int | None = 42,
-    max_iter: int = 1000,
-    tol: float = 1e-4,
-    solver: str = "mu",
-    beta_loss: str = "frobenius",
-    check_every: int = 10,
-    store_usages: bool = True,
+    n_components: int = _P.n_components,
+    n_replicates: int = _P.n_replicates,
+    random_state: int | None = _P.random_state,
+    max_iter: int = _P.max_iter,
+    tol: float = _P.tol,
+    solver: str = _P.solver,
+    beta_loss: str = _P.beta_loss,
+    check_every: int = _P.check_every,
+    store_usages: bool = _P.store_usages,
     progress: bool | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -109,8 +105,9 @@ def factorize(
     copy
         Return a modified copy instead of writing into ``adata``.
     """
-    check_params(n_components=n_components, n_replicates=n_replicates, solver=solver, beta_loss=beta_loss,
-                 max_iter=max_iter, tol=tol, shape=adata.shape, check_every=check_every, random_state=random_state)
+    check_params(n_components=n_components, n_replicates=n_replicates, random_state=random_state, max_iter=max_iter,
+                 tol=tol, solver=solver, beta_loss=beta_loss, check_every=check_every, store_usages=store_usages,
+                 shape=adata.shape)
     adata = adata.copy() if copy else adata
     X = prepare_matrix(adata.X)
     v = X.data if sp.issparse(X) else X

@@ -26,16 +26,14 @@ import yaml
 from . import __version__
 from .cache import StageCache, write_h5ad
 from .cache import check_config as check_cache
-from .consensus import check_params as check_consensus
 from .consensus import check_resources as check_consensus_resources
 from .consensus import consensus, k_evidence_metrics
 from .data import check_data, load_data
 from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
-from .preprocess import check_params as check_preprocess
+from .params import check as check_params
 from .preprocess import preprocess
-from .score import check_params as check_score
 from .score import score
 from .tracking import Tracker, redact, redact_tree, run_description, science_params
 from .tracking import check_config as check_tracking
@@ -50,19 +48,6 @@ def stage_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k not in _NOT_ARGS}
 
 
-def _check_keys(section: str, given: Mapping[str, Any], func) -> None:
-    # Hydra refuses unknown keys, but `+consensus.foo=1` or a plain dict gets past it:
-    # catch them here rather than as a TypeError after the factorization.
-    import inspect
-
-    allowed = {n for n, p in inspect.signature(func).parameters.items()
-               if p.kind is p.KEYWORD_ONLY and n not in ("copy", "progress")}
-    unknown = sorted(set(given) - allowed - _NOT_ARGS)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                          f"{section} accepts {', '.join(sorted(allowed))}")
-
-
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check every stage's parameters before any data is read or computed.
 
@@ -73,15 +58,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     for key in ("data", "preprocess", "factorize", "consensus", "score", "tracking"):
         if not isinstance(cfg.get(key), Mapping):
             raise ConfigError(f"config section {key!r} is missing")
-    for section, func in (("preprocess", preprocess), ("factorize", factorize),
-                          ("consensus", consensus), ("score", score)):
-        _check_keys(section, cfg[section], func)
-    check_preprocess(**stage_kwargs(cfg["preprocess"]))
+    # Hydra refuses unknown keys, but `+consensus.foo=1` or a plain dict gets past it:
+    # params.check refuses them here rather than as a TypeError after the factorization
     if "n_components" not in cfg["factorize"]:
         raise ConfigError("factorize.n_components is missing")
-    check_factorize(**stage_kwargs(cfg["factorize"]))
-    check_consensus(**stage_kwargs(cfg["consensus"]))
-    check_score(**stage_kwargs(cfg["score"]))
+    for section in ("preprocess", "factorize", "consensus", "score"):
+        check_params(section, cfg[section])
     check_tracking(cfg["tracking"])
     check_cache(cfg.get("cache"))
     check_data(cfg["data"])

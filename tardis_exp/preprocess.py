@@ -28,12 +28,12 @@ import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
 
-from .errors import ConfigError, InputError, check_choice, check_float, check_int
+from .errors import ConfigError, InputError
+from .params import HVG_FLAVORS, NORMALIZATIONS  # noqa: F401 -- re-exported
+from .params import PreprocessParams as _P
+from .params import check
 
 log = logging.getLogger(__name__)
-
-NORMALIZATIONS = ("log1p", "total", "none")
-HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
 
 
 def _values(M):
@@ -114,53 +114,28 @@ def _excluded(var_names, patterns: Sequence[str], gene_file: str | None) -> np.n
     return drop
 
 
-def check_params(
-    *, normalize: str = "log1p", hvg_flavor: str = "seurat", n_top_genes: int | None = 2000,
-    min_cells: int = 3, min_counts: int = 1, target_sum: float | None = 1e4,
-    layer: str | None = None, exclude_regex: Sequence[str] | None = (), exclude_genes_file: str | None = None,
-    **_,
-) -> None:
-    """Validate preprocess parameters (cheap; runs before any data is touched)."""
-    check_choice(normalize, "preprocess.normalize", NORMALIZATIONS)
-    check_choice(hvg_flavor, "preprocess.hvg_flavor", HVG_FLAVORS)
-    if hvg_flavor.startswith("seurat_v3") and n_top_genes is not None:
-        import importlib.util
-
-        if importlib.util.find_spec("skmisc") is None:  # scanpy imports it only mid-run
-            raise ConfigError(f"preprocess.hvg_flavor={hvg_flavor} needs the scikit-misc package "
-                              "(pip install scikit-misc); or choose seurat or cell_ranger")
-    check_int(n_top_genes, "preprocess.n_top_genes", minimum=1, allow_none=True)
-    check_int(min_cells, "preprocess.min_cells", minimum=0)
-    check_float(min_counts, "preprocess.min_counts", low=0)
-    check_float(target_sum, "preprocess.target_sum", low=0, low_open=True, allow_none=True)
-    if layer is not None and not isinstance(layer, str):
-        raise ConfigError(f"preprocess.layer must be a layer name or null, got {layer!r}")
-    if isinstance(exclude_regex, str):
-        exclude_regex = [exclude_regex]
-    for pat in exclude_regex or ():
-        try:
-            re.compile(pat)
-        except (re.error, TypeError) as e:
-            raise ConfigError(f"preprocess.exclude_regex: invalid pattern {pat!r}: {e}") from None
-    if exclude_genes_file and not Path(str(exclude_genes_file)).expanduser().is_file():
-        raise InputError(f"preprocess.exclude_genes_file: {exclude_genes_file} does not exist or is not a file")
+def check_params(**params) -> dict:
+    """Validate preprocess parameters (cheap; runs before any data is touched); missing
+    ones take their defaults (:class:`~tardis_exp.params.PreprocessParams`). Keys that are
+    not parameters are ignored here (the pipeline refuses them)."""
+    return check("preprocess", params, known_only=True)
 
 
 def preprocess(
     adata: ad.AnnData,
     *,
-    layer: str | None = None,
-    use_raw: bool = False,
-    min_cells: int = 3,
-    min_counts: int = 1,
-    exclude_regex: Sequence[str] = (),
-    exclude_genes_file: str | None = None,
-    normalize: str = "log1p",
-    target_sum: float | None = 1e4,
-    n_top_genes: int | None = 2000,
-    hvg_flavor: str = "seurat",
-    scale: bool = False,
-    make_unique: bool = False,
+    layer: str | None = _P.layer,
+    use_raw: bool = _P.use_raw,
+    min_cells: int = _P.min_cells,
+    min_counts: int = _P.min_counts,
+    exclude_regex: Sequence[str] = _P.exclude_regex,
+    exclude_genes_file: str | None = _P.exclude_genes_file,
+    normalize: str = _P.normalize,
+    target_sum: float | None = _P.target_sum,
+    n_top_genes: int | None = _P.n_top_genes,
+    hvg_flavor: str = _P.hvg_flavor,
+    scale: bool = _P.scale,
+    make_unique: bool = _P.make_unique,
 ) -> ad.AnnData:
     """Select and normalize the genes the factorization will see.
 
@@ -199,9 +174,10 @@ def preprocess(
     -------
     A new AnnData over the selected genes (see the module docstring for keys).
     """
-    check_params(normalize=normalize, hvg_flavor=hvg_flavor, n_top_genes=n_top_genes,
-                 min_cells=min_cells, min_counts=min_counts, target_sum=target_sum, layer=layer,
-                 exclude_regex=exclude_regex, exclude_genes_file=exclude_genes_file)
+    check_params(layer=layer, use_raw=use_raw, min_cells=min_cells, min_counts=min_counts,
+                 exclude_regex=exclude_regex, exclude_genes_file=exclude_genes_file, normalize=normalize,
+                 target_sum=target_sum, n_top_genes=n_top_genes, hvg_flavor=hvg_flavor, scale=scale,
+                 make_unique=make_unique)
     if use_raw:
         if adata.raw is None:
             raise InputError("preprocess.use_raw=true but the AnnData has no .raw")

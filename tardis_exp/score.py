@@ -34,22 +34,19 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .errors import InputError, check_choice, check_int
+from .errors import InputError
+from .params import RANKINGS  # noqa: F401 -- re-exported
+from .params import ScoreParams as _P
+from .params import check
 from .metrics import program_recovery, spatial_graph
 
 log = logging.getLogger(__name__)
 
-RANKINGS = ("specific", "loading")
 
-
-def check_params(*, n_cluster_genes=50, gene_ranking="specific", ctrl_size=50, n_spatial_neighbors=6,
-                 silhouette_max_spots=5000, **_):
-    """Validate score parameters before any compute."""
-    check_int(n_cluster_genes, "score.n_cluster_genes", minimum=1)
-    check_choice(gene_ranking, "score.gene_ranking", RANKINGS)
-    check_int(ctrl_size, "score.ctrl_size", minimum=1)
-    check_int(n_spatial_neighbors, "score.n_spatial_neighbors", minimum=1)
-    check_int(silhouette_max_spots, "score.silhouette_max_spots", minimum=2)
+def check_params(**params) -> dict:
+    """Validate score parameters before any compute (:class:`~tardis_exp.params.ScoreParams`;
+    missing ones take their defaults)."""
+    return check("score", params, known_only=True)
 
 
 def rank_genes(spectra: np.ndarray, ranking: str = "specific") -> np.ndarray:
@@ -168,14 +165,14 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
 def score(
     adata: ad.AnnData,
     *,
-    n_cluster_genes: int = 50,
-    gene_ranking: str = "specific",
-    ctrl_size: int = 50,
-    random_state: int = 0,
-    spatial_key: str = "spatial",
-    n_spatial_neighbors: int = 6,
-    truth_key: str = "true_domain",
-    silhouette_max_spots: int = 5000,
+    n_cluster_genes: int = _P.n_cluster_genes,
+    gene_ranking: str = _P.gene_ranking,
+    ctrl_size: int = _P.ctrl_size,
+    random_state: int = _P.random_state,
+    spatial_key: str = _P.spatial_key,
+    n_spatial_neighbors: int = _P.n_spatial_neighbors,
+    truth_key: str = _P.truth_key,
+    silhouette_max_spots: int = _P.silhouette_max_spots,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Score every spot for every consensus program.
@@ -203,7 +200,8 @@ def score(
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(n_cluster_genes=n_cluster_genes, gene_ranking=gene_ranking, ctrl_size=ctrl_size,
-                 n_spatial_neighbors=n_spatial_neighbors, silhouette_max_spots=silhouette_max_spots)
+                 random_state=random_state, spatial_key=spatial_key, n_spatial_neighbors=n_spatial_neighbors,
+                 truth_key=truth_key, silhouette_max_spots=silhouette_max_spots)
     if "nmf_consensus" not in adata.uns:
         raise InputError("score needs uns['nmf_consensus']: run the consensus stage first")
     adata = adata.copy() if copy else adata

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import ConfigError, TrackingError, check_bool, check_float, check_int
+from .errors import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,9 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 
     ``enabled=nope`` is an error, not truthy; ``http_max_retries=abc`` names the key.
     """
-    check_bool(cfg.get("enabled", True), "tracking.enabled")
-    for key in ("log_plots", "log_result"):
-        if key in cfg:
-            check_bool(cfg[key], f"tracking.{key}")
-    uri = cfg.get("uri")
-    if uri is not None and (not isinstance(uri, str) or not uri.strip()):
-        raise ConfigError(f"tracking.uri must be a store URI (sqlite:///..., http://..., postgresql://...) "
-                          f"or null, got {redact(uri)!r}")
-    exp = cfg.get("experiment", "tardis-exp")
-    if not isinstance(exp, str) or not exp.strip():
-        raise ConfigError(f"tracking.experiment must be a non-empty name, got {exp!r}")
-    for key, default in (("connect_timeout_s", 10), ("http_timeout_s", 30)):
-        check_float(cfg.get(key, default), f"tracking.{key}", low=0, low_open=True)
-    check_int(cfg.get("http_max_retries", 2), "tracking.http_max_retries", minimum=0)
-    tags = cfg.get("tags")
-    if tags is not None and not isinstance(tags, Mapping):
-        raise ConfigError(f"tracking.tags must be a mapping (+tracking.tags.owner=me), got {redact(tags)!r}")
+    from .params import check
+
+    check("tracking", cfg, known_only=True)  # tardis_exp.params.TrackingParams
 
 
 _DB_SCHEMES = ("postgresql", "postgres", "mysql", "mssql")
