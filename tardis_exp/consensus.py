@@ -49,6 +49,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
 
 from .errors import ConfigError, InputError
+from .outputs import Metric, Output, StageSpec
 from .params import K_RULES, METHODS  # noqa: F401 -- re-exported
 from .params import ConsensusParams as _P
 from .params import check
@@ -58,6 +59,62 @@ from .progress import progress_bar
 log = logging.getLogger(__name__)
 
 CDF_GRID = np.linspace(0, 1, 101)
+
+
+def _at_best(key):
+    """A per-K statistic of ``uns['nmf_consensus']`` at the chosen K."""
+    def value(adata):
+        c = adata.uns["nmf_consensus"]
+        i = int(np.flatnonzero(np.asarray(c["k_values"]) == c["best_k"])[0])
+        return float(c[key][i])
+    return value
+
+
+def _entry(key):
+    def value(adata):
+        c = adata.uns["nmf_consensus"]
+        return float(c[key]) if key in c else None
+    return value
+
+
+def _fits(adata, out) -> str | None:
+    W = np.asarray(out.get("obsm", {}).get("X_nmf_consensus"))
+    spectra = np.asarray(out.get("uns", {}).get("nmf_consensus", {}).get("spectra"))
+    if W.ndim != 2 or W.shape[0] != adata.n_obs or spectra.ndim != 2 or spectra.shape[1] != adata.n_vars:
+        return f"usages {W.shape} / spectra {spectra.shape} do not fit {adata.n_obs} spots x {adata.n_vars} genes"
+    return None
+
+
+_BY_K = ("pac", "cophenetic", "delta_area", "area", "mean_cluster_consensus", "silhouette")
+SPEC = StageSpec(
+    "consensus",
+    writes=(
+        Output("uns", "nmf_consensus", "metrics per K, best K and its evidence, spectra, item labels, "
+               "consensus matrices"),
+        Output("obsm", "X_nmf_consensus", "usages refit on the consensus spectra, spots x best K"),
+        Output("obs", "nmf_spot_consensus", "consensus cluster of the spots used for K selection",
+               when="method=spots"),
+    ),
+    metrics=(
+        Metric("best_k", "number of programs K chosen by consensus.k_selection", _entry("best_k"), headline=True),
+        Metric("refit_error", "reconstruction error of the consensus refit at the chosen K", _entry("refit_error"),
+               headline=True),
+        *(Metric(f"consensus.{k}", f"consensus {k.replace('_', ' ')} at the chosen K", _at_best(k), headline=True)
+          for k in ("pac", "cophenetic", "delta_area", "mean_cluster_consensus", "silhouette")),
+        Metric("runner_up_k", "the second-best K under consensus.k_selection", _entry("runner_up_k"),
+               headline=True),
+        Metric("consensus.k_margin", "how far the chosen K beats the runner-up, in measured standard errors "
+               "(below 1: the data do not separate them)", _entry("k_margin"), headline=True),
+        *(Metric(f"consensus.{k}", f"consensus {k.replace('_', ' ')} of the trial's factorizations "
+                 "(sweep objective candidates, docs/validation.md)", _entry(k), headline=True)
+          for k in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop")),
+        *(Metric(f"consensus.{k}_by_k", f"consensus {k.replace('_', ' ')} for each K (step = K)",
+                 lambda a, k=k: a.uns["nmf_consensus"][k], step="K",
+                 steps=lambda a: a.uns["nmf_consensus"]["k_values"])
+          for k in _BY_K),
+    ),
+    fits=_fits,
+)
 
 
 def check_params(**params) -> dict:

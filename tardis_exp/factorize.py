@@ -23,12 +23,41 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import ConfigError, InputError
+from .outputs import Metric, Output, StageSpec
 from .params import LOSSES, SOLVERS  # noqa: F401 -- re-exported
 from .params import FactorizeParams as _P
 from .params import check
 from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
 
 log = logging.getLogger(__name__)
+
+
+def _components_fit(adata, out) -> str | None:
+    comps = np.asarray(out.get("uns", {}).get("nmf", {}).get("components"))
+    if comps.ndim != 3 or comps.shape[2] != adata.n_vars:
+        return f"components of shape {comps.shape}, the data has {adata.n_vars} genes"
+    return None
+
+
+SPEC = StageSpec(
+    "factorize",
+    writes=(
+        Output("obsm", "X_nmf", "W of the best replicate (lowest error), spots x n_components"),
+        Output("uns", "X_nmf_components", "H of the best replicate, n_components x genes"),
+        Output("uns", "nmf", "every replicate: components, errors, n_iter, converged, seeds, params"),
+        Output("obsm", "X_nmf_replicates", "every replicate's W side by side", when="store_usages=true"),
+    ),
+    metrics=(
+        Metric("reconstruction_error", "reconstruction error of the best NMF replicate",
+               lambda a: float(np.min(a.uns["nmf"]["errors"])), headline=True),
+        Metric("fit_seconds", "seconds of the NMF fit (all replicates)", lambda a: a.uns["nmf"]["fit_seconds"]),
+        Metric("reconstruction_error_by_replicate", "reconstruction error of each NMF replicate",
+               lambda a: a.uns["nmf"]["errors"], step="replicate"),
+        Metric("n_iter_by_replicate", "iterations of each NMF replicate", lambda a: a.uns["nmf"]["n_iter"],
+               step="replicate"),
+    ),
+    fits=_components_fit,
+)
 
 
 def check_params(*, shape=None, **params) -> dict:

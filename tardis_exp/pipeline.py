@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import anndata as ad
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -27,7 +26,7 @@ from . import __version__
 from .cache import StageCache, write_h5ad
 from .cache import check_config as check_cache
 from .consensus import check_resources as check_consensus_resources
-from .consensus import consensus, k_evidence_metrics
+from .consensus import consensus
 from .data import check_data, load_data
 from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
@@ -35,6 +34,7 @@ from .factorize import factorize
 from .params import check as check_params
 from .preprocess import preprocess
 from .score import score
+from .stages import SPECS
 from .tracking import Tracker, redact, redact_tree, run_description, science_params
 from .tracking import check_config as check_tracking
 
@@ -139,27 +139,22 @@ def _sigterm_as_interrupt():
 
 
 def headline_metrics(adata) -> dict[str, float]:
-    """The numbers a runs table compares: best K, its consensus statistics, fit and quality."""
-    c = adata.uns["nmf_consensus"]
-    i = int(np.flatnonzero(np.asarray(c["k_values"]) == c["best_k"])[0])
-    m = adata.uns.get("nmf_metrics", {})  # absent before the score stage (the consensus stage run)
-    out = {
-        "best_k": float(c["best_k"]),
-        "reconstruction_error": float(np.min(adata.uns["nmf"]["errors"])) if "nmf" in adata.uns else np.nan,
-        "consensus.pac": float(c["pac"][i]),
-        "consensus.cophenetic": float(c["cophenetic"][i]),
-        "consensus.delta_area": float(c["delta_area"][i]),
-        "consensus.mean_cluster_consensus": float(c["mean_cluster_consensus"][i]),
-        # silhouette of the clustered items (components or spots) at best K: separates a
-        # trial that merges programs (cophenetic and PAC can still be perfect) from the true K
-        "consensus.silhouette": float(c["silhouette"][i]),
-        "refit_error": float(c["refit_error"]),
-    }
-    out.update(k_evidence_metrics(c))
-    for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery"):
-        if k in m:
-            out[k] = float(m[k])
+    """The numbers a runs table compares: the metrics the stages declare as headline
+    (``SPEC.metrics`` of factorize, consensus and score; absent before a stage ran)."""
+    out: dict[str, float] = {}
+    for name in ("factorize", "consensus", "score"):
+        spec = SPECS[name]
+        if all(key in adata.uns for slot, key in ((o.slot, o.key) for o in spec.writes if o.slot == "uns")):
+            out.update(spec.headline(adata))
     return out
+
+
+def _report(stage_run, stage: str, adata) -> None:
+    """Log what the stage declares it reports (``SPEC.metrics``) on its stage run."""
+    scalars, series = SPECS[stage].report(adata)
+    for key, values, steps in series:
+        stage_run.log_steps(key, values, steps=steps)
+    stage_run.log_metrics(scalars)
 
 
 def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -204,7 +199,7 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
         with tracker.stage("preprocess", cfg["preprocess"]) as st:
             adata = cache.preprocess(data, cfg, stage_run=st,
                                      compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
-            st.log_metrics({"n_spots": adata.n_obs, "n_genes": adata.n_vars})
+            _report(st, "preprocess", adata)
         del data  # the raw counts: free them before the factorization needs the memory
 
         # the store opened on its own thread while the data loaded; a store that cannot be
@@ -214,31 +209,19 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
             check_shape(cfg, adata.shape)  # ranks, K ranges and memory against the data, before any fit
             cache.factorize(adata, cfg, stage_run=st,
                             compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))
-            nmf = adata.uns["nmf"]
             # one key, one meaning (tracking.METRIC_KEYS): series under *_by_replicate,
             # reconstruction_error is the best replicate's here as on the parent
-            st.log_steps("reconstruction_error_by_replicate", nmf["errors"])  # step = replicate
-            st.log_steps("n_iter_by_replicate", nmf["n_iter"])
-            st.log_metrics({"reconstruction_error": float(np.min(nmf["errors"])),
-                            "fit_seconds": nmf["fit_seconds"]})
+            _report(st, "factorize", adata)
 
         with tracker.stage("consensus", cfg["consensus"]) as st:
             cache.consensus(adata, cfg, stage_run=st,
                             compute=lambda a: consensus(a, progress=progress, **stage_kwargs(cfg["consensus"])))
-            c = adata.uns["nmf_consensus"]
             # per-K curves under *_by_k (step = K); the headline keys hold the chosen K's values
-            for key in ("pac", "cophenetic", "delta_area", "area", "mean_cluster_consensus", "silhouette"):
-                st.log_steps(f"consensus.{key}_by_k", c[key], steps=[int(k) for k in c["k_values"]])
-            head = headline_metrics(adata)
-            st.log_metrics({k: v for k, v in head.items() if k.startswith("consensus.")
-                            or k in ("best_k", "refit_error")})
+            _report(st, "consensus", adata)
 
         with tracker.stage("score", cfg["score"]) as st:
             score(adata, **stage_kwargs(cfg["score"]))
-            m = adata.uns["nmf_metrics"]
-            st.log_metrics({k: v for k, v in m.items() if np.isscalar(v)})
-            if "morans_i" in m:
-                st.log_steps("morans_i_by_program", m["morans_i"])  # step = program
+            _report(st, "score", adata)
 
         metrics = headline_metrics(adata)
         if cache.enabled:

@@ -29,11 +29,28 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .errors import ConfigError, InputError
+from .outputs import Metric, Output, StageSpec
 from .params import HVG_FLAVORS, NORMALIZATIONS  # noqa: F401 -- re-exported
 from .params import PreprocessParams as _P
 from .params import check
 
 log = logging.getLogger(__name__)
+
+# a new AnnData: obs, obsm and varm['true_programs'] are carried over from the input
+SPEC = StageSpec(
+    "preprocess",
+    writes=(
+        Output("X", "X", "normalized expression of the kept genes (float32, sparse if the input was)"),
+        Output("layers", "counts", "the raw counts of the kept genes"),
+        Output("var", "*", "scanpy's highly variable gene table (highly_variable, means, ...; by hvg_flavor)"),
+        Output("uns", "preprocess", "the parameters and what QC removed"),
+    ),
+    metrics=(
+        Metric("n_spots", "spots after preprocessing", lambda a: a.n_obs),
+        Metric("n_genes", "genes after preprocessing", lambda a: a.n_vars),
+    ),
+    new_object=True,
+)
 
 
 def _values(M):

@@ -35,12 +35,40 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .errors import InputError
+from .outputs import Metric, Output, StageSpec
 from .params import RANKINGS  # noqa: F401 -- re-exported
 from .params import ScoreParams as _P
 from .params import check
 from .metrics import program_recovery, spatial_graph
 
 log = logging.getLogger(__name__)
+
+
+def _metric(key):
+    def value(adata):
+        m = adata.uns["nmf_metrics"]
+        return float(m[key]) if key in m else None
+    return value
+
+
+SPEC = StageSpec(
+    "score",
+    writes=(
+        Output("obs", "nmf_cluster_{i}", "z-scored gene-set score of program i"),
+        Output("obs", "nmf_cluster", "argmax over the z-scored gene-set scores (the seed's label)"),
+        Output("obs", "nmf_program", "argmax of the consensus usages", when="obsm['X_nmf_consensus'] exists"),
+        Output("uns", "nmf_programs", "top genes: program, rank, gene, loading, specificity, score"),
+        Output("uns", "nmf_metrics", "silhouette, Moran's I per program; with ground truth ARI and recovery"),
+    ),
+    metrics=(
+        *(Metric(k, f"score stage: {k.replace('_', ' ')} of the final programs", _metric(k), headline=True)
+          for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery")),
+        Metric("ari_truth_nmf_cluster", "score stage: ARI of the seed's nmf_cluster label against the truth",
+               _metric("ari_truth_nmf_cluster")),
+        Metric("morans_i_by_program", "Moran's I of each program's usage (step = program)",
+               lambda a: a.uns["nmf_metrics"].get("morans_i"), step="program"),
+    ),
+)
 
 
 def check_params(**params) -> dict:

@@ -195,41 +195,24 @@ class MetricKey:
 
 
 _HEAD = ("pipeline", "study")  # headline keys: the pipeline run and, for its best trial, the study run
+
+
+def _stage_metric_keys() -> dict[str, MetricKey]:
+    from .stages import SPECS
+
+    return {m.key: MetricKey(m.meaning, "none" if m.step == "none" else m.step,
+                             (*(_HEAD if m.headline else ()), name))
+            for name, spec in SPECS.items() for m in spec.metrics}
+
+
 METRIC_KEYS: dict[str, MetricKey] = {
-    # headline values (at the chosen K, best replicate): same key, same meaning on every run carrying it
-    "best_k": MetricKey("number of programs K chosen by consensus.k_selection", runs=_HEAD + ("consensus",)),
-    "reconstruction_error": MetricKey("reconstruction error of the best NMF replicate", runs=_HEAD + ("factorize",)),
-    "refit_error": MetricKey("reconstruction error of the consensus refit at the chosen K",
-                             runs=_HEAD + ("consensus",)),
-    **{f"consensus.{k}": MetricKey(f"consensus {k.replace('_', ' ')} at the chosen K", runs=_HEAD + ("consensus",))
-       for k in ("pac", "cophenetic", "delta_area", "mean_cluster_consensus", "silhouette")},
-    **{k: MetricKey(f"score stage: {k.replace('_', ' ')} of the final programs", runs=_HEAD + ("score",))
-       for k in ("silhouette", "morans_i_mean", "ari_truth", "program_recovery")},
-    # the evidence behind the K decision (consensus.k_evidence_metrics)
-    "runner_up_k": MetricKey("the second-best K under consensus.k_selection", runs=_HEAD + ("consensus",)),
-    "consensus.k_margin": MetricKey("how far the chosen K beats the runner-up, in measured standard errors "
-                                    "(below 1: the data do not separate them)", runs=_HEAD + ("consensus",)),
-    **{f"consensus.{k}": MetricKey(f"consensus {k.replace('_', ' ')} of the trial's factorizations "
-                                   "(sweep objective candidates, docs/validation.md)", runs=_HEAD + ("consensus",))
-       for k in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop")},
-    "ari_truth_nmf_cluster": MetricKey("score stage: ARI of the seed's nmf_cluster label against the truth",
-                                       runs=_HEAD + ("score",)),
+    # what each stage reports, as its module declares it (SPEC.metrics, tardis_exp.outputs):
+    # headline values also on the pipeline run and, for its best trial, the study run
+    **_stage_metric_keys(),
     "cache_hits": MetricKey("stages served from the stage cache", runs=_HEAD),
     "cache_misses": MetricKey("stages computed (not in the stage cache)", runs=_HEAD),
     "duration_s": MetricKey("wall-clock seconds of this run", runs=("pipeline", "preprocess", "factorize",
                                                                       "consensus", "score")),
-    # per-K series (step = K) on the consensus stage run; the headline keys hold the chosen K's value
-    **{f"consensus.{k}_by_k": MetricKey(f"consensus {k.replace('_', ' ')} for each K (step = K)", "K",
-                                       ("consensus",))
-       for k in ("pac", "cophenetic", "delta_area", "area", "mean_cluster_consensus", "silhouette")},
-    # per-replicate series (step = replicate) on the factorize stage run
-    "reconstruction_error_by_replicate": MetricKey("reconstruction error of each NMF replicate", "replicate",
-                                                   ("factorize",)),
-    "n_iter_by_replicate": MetricKey("iterations of each NMF replicate", "replicate", ("factorize",)),
-    "fit_seconds": MetricKey("seconds of the NMF fit (all replicates)", runs=("factorize",)),
-    "morans_i_by_program": MetricKey("Moran's I of each program's usage (step = program)", "program", ("score",)),
-    "n_spots": MetricKey("spots after preprocessing", runs=("preprocess",)),
-    "n_genes": MetricKey("genes after preprocessing", runs=("preprocess",)),
     "cache_seconds": MetricKey("seconds to look up (and on a hit, restore) the stage's cache entry",
                                runs=("preprocess", "factorize", "consensus")),
     # study runs (the sweeper)
