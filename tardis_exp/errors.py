@@ -9,7 +9,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any, Iterable
+
+# scheme://user:password@host -- the password runs to the last "@" before the path
+_CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^\s/]*)@")
+# ?password=...&token=... in query strings, PASSWORD=... in key=value text
+_QUERY_SECRET = re.compile(r"(?P<key>\b(?:password|passwd|pwd|secret|token|api_key|apikey|access_key)=)[^&\s;]+",
+                           re.I)
+
+
+def redact(value: Any) -> Any:
+    """Hide credentials in URIs and query strings (``scheme://user:***@host``, ``token=***``)."""
+    if isinstance(value, str):
+        value = _CRED.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", value)
+    return value
 
 
 class TardisError(Exception):

@@ -144,7 +144,8 @@ def _flatten(prefix: str, value: Any, out: dict[str, np.ndarray]) -> None:
         return
     if isinstance(value, pd.DataFrame):
         out[f"{prefix}{_SEP}__frame__"] = np.asarray([str(c) for c in value.columns], dtype=str)
-        out[f"{prefix}{_SEP}__index__"] = np.asarray(value.index.astype(str), dtype=str)
+        if not value.index.equals(pd.RangeIndex(len(value))):  # a default index is rebuilt as one
+            out[f"{prefix}{_SEP}__index__"] = np.asarray(value.index.astype(str), dtype=str)
         for i, c in enumerate(value.columns):
             _column(f"{prefix}{_SEP}{i}", value[c], out)
         return
@@ -192,11 +193,10 @@ def _rebuild(node):
         return node
     if "__frame__" in node:
         cols = list(np.asarray(node["__frame__"], dtype=str))
-        index = np.atleast_1d(np.asarray(node.get("__index__", np.arange(0)), dtype=str))
         data = {c: _series(node[str(i)]) for i, c in enumerate(cols)}
         df = pd.DataFrame(data, columns=cols)
-        if len(index) == len(df):
-            df.index = pd.Index(index)
+        if "__index__" in node:
+            df.index = pd.Index(np.atleast_1d(np.asarray(node["__index__"], dtype=str)))
         return df
     if "__codes__" in node:
         return _series(node)

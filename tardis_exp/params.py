@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import ConfigError, InputError, check_bool, check_choice, check_float, check_int
+from .errors import ConfigError, InputError, check_bool, check_choice, check_float, check_int, redact
 
 # ---------------------------------------------------------------- field helpers
 
@@ -242,8 +242,6 @@ class ScoreParams:
 
 def _store_uri(value, key):
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        from .tracking import redact
-
         raise ConfigError(f"{key} must be a store URI (sqlite:///..., http://..., postgresql://...) "
                           f"or null, got {redact(value)!r}")
     return value
@@ -251,8 +249,6 @@ def _store_uri(value, key):
 
 def _tags(value, key):
     if value is not None and not isinstance(value, Mapping):
-        from .tracking import redact
-
         raise ConfigError(f"{key} must be a mapping (+tracking.tags.owner=me), got {redact(value)!r}")
     return value
 

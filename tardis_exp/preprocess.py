@@ -44,6 +44,8 @@ SPEC = StageSpec(
         Output("layers", "counts", "the raw counts of the kept genes"),
         Output("var", "*", "scanpy's highly variable gene table (highly_variable, means, ...; by hvg_flavor)"),
         Output("uns", "preprocess", "the parameters and what QC removed"),
+        Output("uns", "log1p", "scanpy's record of sc.pp.log1p", when="normalize=log1p"),
+        Output("uns", "hvg", "scanpy's record of the HVG flavor", when="n_top_genes below the genes left"),
     ),
     metrics=(
         Metric("n_spots", "spots after preprocessing", lambda a: a.n_obs),

@@ -202,18 +202,24 @@ def module_closure(module: str, package: str, package_dir: str | os.PathLike) ->
     return seen
 
 
+def closure_digest(closure: Mapping[str, str]) -> str:
+    """One sha256 over a :func:`module_closure` (module names and their sources' hashes)."""
+    h = hashlib.sha256()
+    for name in sorted(closure):
+        h.update(f"{name}:{closure[name]}\n".encode())
+    return h.hexdigest()
+
+
 def code_digest(*modules: str) -> str:
     """sha256 of the source of the imported ``modules`` and of every module of their package
-    they import (:func:`module_closure`): the code identity of a computation."""
-    h = hashlib.sha256()
+    they import (:func:`module_closure`): the code identity of a computation. The files
+    are those the modules were imported from (``importlib``; ``module.__file__``)."""
     closure: dict[str, str] = {}
     for name in modules:
         importlib.import_module(name)
         package = name.partition(".")[0]
         closure.update(module_closure(name, package, Path(sys.modules[package].__file__).parent))
-    for name in sorted(closure):
-        h.update(f"{name}:{closure[name]}\n".encode())
-    return h.hexdigest()
+    return closure_digest(closure)
 
 
 class Store:

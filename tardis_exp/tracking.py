@@ -43,27 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import TrackingError
+from .errors import TrackingError, redact  # noqa: F401 -- redact: re-exported (cli, sweeper)
 
 log = logging.getLogger(__name__)
 
-# scheme://user:password@host -- the password runs to the last "@" before the path
-_CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^\s/]*)@")
-# ?password=...&token=... in query strings, PASSWORD=... in key=value text
-_QUERY_SECRET = re.compile(r"(?P<key>\b(?:password|passwd|pwd|secret|token|api_key|apikey|access_key)=)[^&\s;]+",
-                           re.I)
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey|access_key)", re.I)
 
 # consecutive failed store calls after which the tracker stops calling the store
 MAX_CONSECUTIVE_FAILURES = 3
-
-
-def redact(value: Any) -> Any:
-    """Hide credentials in URIs and query strings (``scheme://user:***@host``, ``token=***``)."""
-    if isinstance(value, str):
-        value = _CRED.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
-        return _QUERY_SECRET.sub(lambda m: f"{m['key']}***", value)
-    return value
 
 
 def redact_tree(cfg: Any) -> Any:
