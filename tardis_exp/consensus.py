@@ -34,6 +34,9 @@ matrices), ``obsm['X_nmf_consensus']`` (refit usages, spots x best K) and, for
 for K selection).
 """
 
+# Over 500 lines on purpose: the Monti statistics, the K-selection rules and both consensus
+# methods share their per-K data; the K rules are being reworked in place (docs/layout.md).
+
 from __future__ import annotations
 
 import logging

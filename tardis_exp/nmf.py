@@ -38,6 +38,9 @@ A row mask restricts a factorization to a subset of spots without copying ``X``:
 those rows), so the shared products only ever see the masked rows.
 """
 
+# Over 500 lines on purpose: the batched solvers share one loop, its convergence bookkeeping
+# and the estimator around it; they change together (docs/layout.md).
+
 from __future__ import annotations
 
 import time
