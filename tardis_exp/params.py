@@ -370,8 +370,11 @@ def _schema(params: type) -> type:
 SCHEMA_NAME = "schema"
 
 
+_REGISTERED: set[int] = set()
+
+
 def register_configs() -> None:
-    """Register every group's schema as ``<group>/schema`` in Hydra's ConfigStore.
+    """Register every group's schema as ``<group>/schema`` in Hydra's ConfigStore (once per store).
 
     ``conf/<group>/default.yaml`` starts with ``defaults: [schema, _self_]``: the keys and
     defaults come from here, the YAML holds only what a preset changes.
@@ -379,5 +382,8 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
+    if id(cs) in _REGISTERED:
+        return
+    _REGISTERED.add(id(cs))
     for group, params in PARAMS.items():
         cs.store(group=group, name=SCHEMA_NAME, node=_schema(params), provider="tardis_exp")

@@ -21,8 +21,6 @@ def compose_config(root, overrides=()):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import tardis_exp  # noqa: F401 -- registers the config schemas conf/ builds on
-
     root = __import__("pathlib").Path(root)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"paths.root_dir={root}", f"paths.run_dir={root}/run",
