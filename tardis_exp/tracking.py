@@ -429,6 +429,17 @@ def sqlite_init_lock(uri: str):
             os.close(fd)  # closing releases the lock
 
 
+def source_tags(name: str = "tardis-exp") -> dict[str, str]:
+    """The ``mlflow.source.*`` and ``mlflow.user`` tags of a run this package starts
+    (pipeline runs and the sweeper's study runs)."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": name}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (OSError, KeyError):  # no user name in some containers: the tag is left out
+        return tags
+    return tags
+
+
 def _http_settings(timeout_s: float, max_retries: int) -> None:
     # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) turn a dead server
     # into minutes of waiting per call. Explicit environment settings still win.
@@ -768,14 +779,10 @@ class Tracker:
         tags = {**self.tags, **(tags or {})}
         if "optuna_trial" in tags:
             tags.setdefault("optuna.trial_number", tags["optuna_trial"])
-        tags.setdefault("mlflow.source.type", "LOCAL")
-        tags.setdefault("mlflow.source.name", "tardis-exp")
+        for k, v in source_tags().items():
+            tags.setdefault(k, v)
         if tags.get("git_commit") not in (None, "unknown"):
             tags.setdefault("mlflow.source.git.commit", tags["git_commit"])
-        try:
-            tags.setdefault("mlflow.user", getpass.getuser())
-        except Exception:  # noqa: BLE001 -- no user name in some containers
-            pass
         return tags
 
     def _open_and_create_parent(self, tags: Mapping, start_ms: int) -> None:

@@ -232,7 +232,8 @@ def _preset(name: str):
 @pytest.mark.parametrize("method", ["components", "spots"])
 def test_preset_search_space_has_no_degenerate_cluster_range(preset, method):
     """200 trials of each preset's space: at least two K, never above the rank (components)."""
-    from hydra_plugins.tardis_optuna_sweeper._impl import build_sampler, build_search_space
+    from hydra_plugins.tardis_optuna_sweeper._samplers import build_sampler
+    from hydra_plugins.tardis_optuna_sweeper._search_space import build_search_space
     from omegaconf import OmegaConf
 
     cfg = _preset(preset)
@@ -263,7 +264,8 @@ def test_preset_search_space_has_no_degenerate_cluster_range(preset, method):
 
 
 def test_grid_sampler_slides_the_range_under_the_rank():
-    from hydra_plugins.tardis_optuna_sweeper._impl import SweeperConfigError, build_search_space
+    from hydra_plugins.tardis_optuna_sweeper._common import SweeperConfigError
+    from hydra_plugins.tardis_optuna_sweeper._search_space import build_search_space
 
     pairs = [{"low_key": "consensus.min_clusters", "high_key": "consensus.max_clusters", "low": 2, "high": 8,
               "min_width": 1, "bound_key": "factorize.n_components", "bound_when": {"consensus.method": "components"}}]

@@ -113,7 +113,7 @@ def test_plugin_is_discovered_and_config_registered() -> None:
 
 
 def test_search_space_parsing() -> None:
-    from hydra_plugins.tardis_optuna_sweeper._impl import build_search_space, format_value
+    from hydra_plugins.tardis_optuna_sweeper._search_space import build_search_space, format_value
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     space = build_search_space(
@@ -150,9 +150,9 @@ def test_config_errors_in_process(overrides: List[str], needle: str, tmp_path: P
     """Configuration errors raise a ValueError naming the key (checked without a subprocess)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra_plugins.tardis_optuna_sweeper._impl import (
-        build_pruner, build_sampler, build_search_space, parse_objectives,
-    )
+    from hydra_plugins.tardis_optuna_sweeper._objectives import parse_objectives
+    from hydra_plugins.tardis_optuna_sweeper._samplers import build_pruner, build_sampler
+    from hydra_plugins.tardis_optuna_sweeper._search_space import build_search_space
 
     with initialize_config_dir(str(APP.parent / "conf"), version_base="1.3"):
         objectives = [] if any("objectives" in o for o in overrides) else [LOSS]
@@ -444,3 +444,113 @@ def test_mlflow_parent_and_child_runs(tmp_path: Path) -> None:
     children = client.search_runs([exp.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 8
+
+
+# --------------------------------------------------------------------------- samplers as _target_ configs
+
+
+def test_sampler_and_pruner_by_name_or_target() -> None:
+    """``{name: ...}`` (the presets' form) and ``{_target_: <class>}`` (Hydra's plugin's form)
+    build the same Optuna classes; a bad target is one error naming the key."""
+    from hydra_plugins.tardis_optuna_sweeper._common import SweeperConfigError
+    from hydra_plugins.tardis_optuna_sweeper._samplers import (
+        build_pruner, build_sampler, is_grid, sampler_name,
+    )
+    from hydra_plugins.tardis_optuna_sweeper._search_space import build_search_space
+
+    space = build_search_space({"a": "choice(1,2,3)", "b": "range(0,4)"}, [], [])
+    for name, cls in [("tpe", optuna.samplers.TPESampler), ("random", optuna.samplers.RandomSampler),
+                      ("grid", optuna.samplers.GridSampler), ("nsga2", optuna.samplers.NSGAIISampler),
+                      ("qmc", optuna.samplers.QMCSampler)]:
+        by_name = build_sampler({"name": name, "seed": 1}, space, 1)
+        by_target = build_sampler({"_target_": f"{cls.__module__}.{cls.__name__}", "seed": 1}, space, 1)
+        assert type(by_name) is type(by_target) is cls
+    # _target_ wins over the default config's name; short names are kept for the study run
+    s = build_sampler({"name": "tpe", "_target_": "optuna.samplers.RandomSampler", "seed": 1}, space, 1)
+    assert type(s) is optuna.samplers.RandomSampler
+    assert sampler_name({"name": "tpe", "_target_": "optuna.samplers.RandomSampler"}) == "random"
+    assert is_grid({"_target_": "optuna.samplers.GridSampler"}) and not is_grid({"name": "tpe"})
+    # the grid sampler gets the space: 3 x 4 points, each asked once
+    grid = build_sampler({"_target_": "optuna.samplers.GridSampler", "seed": 0}, space, 1)
+    study = optuna.create_study(sampler=grid)
+    seen = set()
+    for i in range(12):
+        t = study.ask()
+        v = {d.key: d.suggest(t) for d in space.dims}
+        seen.add((v["a"], v["b"]))
+        if i < 11:  # the last tell of a grid calls study.stop()
+            study.tell(t, 0.0)
+    assert seen == {(a, b) for a in (1, 2, 3) for b in range(4)}
+    assert isinstance(build_pruner({"name": "median", "n_startup_trials": 2}), optuna.pruners.MedianPruner)
+    assert isinstance(build_pruner({"_target_": "optuna.pruners.HyperbandPruner"}), optuna.pruners.HyperbandPruner)
+    assert isinstance(build_pruner(None), optuna.pruners.NopPruner)
+    for cfg, key in [({"_target_": "optuna.samplers.NoSuchSampler"}, "hydra.sweeper.sampler._target_"),
+                     ({"_target_": "optuna.pruners.MedianPruner"}, "hydra.sweeper.sampler._target_"),
+                     ({"name": "tpe", "bogus_kwarg": 1}, "hydra.sweeper.sampler")]:
+        with pytest.raises(SweeperConfigError, match=key.replace(".", r"\.")):
+            build_sampler(cfg, space, 1)
+    with pytest.raises(SweeperConfigError, match=r"hydra\.sweeper\.pruner\._target_"):
+        build_pruner({"_target_": "optuna.samplers.TPESampler"})
+
+
+# --------------------------------------------------------------------------- max_failure_rate
+
+
+def test_max_failure_rate_stops_the_sweep_after_writing_results(tmp_path: Path) -> None:
+    """As Hydra's Optuna sweeper: once more than ``max_failure_rate`` of the trials failed the
+    sweep stops with one error line naming the key; what it found is written first."""
+    args = [LOSS, "x=interval(-1,1)", "fail_if_x_above=0.0", "hydra.sweeper.sampler.name=random",
+            "hydra.sweeper.n_trials=20", "hydra.sweeper.max_failure_rate=0.25"]
+    p = run_app(tmp_path, *args, check=False)
+    assert p.returncode != 0
+    assert "hydra.sweeper.max_failure_rate=0.25" in p.stderr
+    study = load(journal(tmp_path))
+    states = [t.state for t in sorted(study.trials, key=lambda t: t.number)]
+    # ground truth from the study itself: the first prefix whose failed fraction exceeds 0.25
+    stop = next(k for k in range(1, len(states) + 1)
+                if sum(s == TrialState.FAIL for s in states[:k]) / k > 0.25)
+    assert len(states) == stop < 20
+    assert all((t.params["x"] > 0.0) == (t.state == TrialState.FAIL) for t in study.trials)
+    res = results(tmp_path)  # the results so far are written before the error
+    assert res["n_trials"] == stop and res["n_fail"] == states.count(TrialState.FAIL)
+    if TrialState.COMPLETE in states:
+        assert res["best_value"] == pytest.approx(study.best_value)
+    # (the default, 1.0, never stops: test_failing_and_pruned_trials_do_not_stop_the_sweep)
+    # a rate outside [0, 1] is refused before any trial
+    bad = run_app(tmp_path, LOSS, "x=interval(-1,1)", "hydra.sweeper.max_failure_rate=2", study="bad", check=False)
+    assert bad.returncode != 0 and "hydra.sweeper.max_failure_rate" in bad.stderr
+    assert "bad" not in optuna.get_all_study_names(
+        optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal(tmp_path))))
+
+
+# --------------------------------------------------------------------------- MLflow through tardis_exp.tracking
+
+
+def test_study_experiment_artifact_location_local_store_only(tmp_path: Path) -> None:
+    """The study opens its experiment as a pipeline run does (tardis_exp.tracking.Tracker):
+    ``tracking.artifact_location`` is used on a local store and never sent to a server,
+    which decides its own (the old sweeper sent the client's path to the server)."""
+    from mlflow import MlflowClient
+    from test_tracking import launch_server, stop_server, wait_ready
+
+    local = tmp_path / "local_artifacts"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_app(tmp_path, LOSS, "x=interval(-1,1)", "hydra.sweeper.n_trials=1", f"tracking.uri={uri}",
+            "tracking.experiment=local_exp", f"+tracking.artifact_location={local}", study="local")
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("local_exp")
+    assert exp.artifact_location == local.resolve().as_uri()
+
+    proc, server_uri, _ = launch_server(tmp_path / "server")
+    try:
+        wait_ready(proc, server_uri, tmp_path / "server" / "server.log")
+        client_side = tmp_path / "client_side_artifacts"
+        run_app(tmp_path, LOSS, "x=interval(-1,1)", "hydra.sweeper.n_trials=1", f"tracking.uri={server_uri}",
+                "tracking.experiment=server_exp", f"+tracking.artifact_location={client_side}", study="srv")
+        exp = MlflowClient(tracking_uri=server_uri).get_experiment_by_name("server_exp")
+        assert exp.artifact_location.startswith("mlflow-artifacts:"), exp.artifact_location
+        assert not client_side.exists()
+        parents = MlflowClient(tracking_uri=server_uri).search_runs(
+            [exp.experiment_id], "tags.`optuna.role` = 'study'")
+        assert [r.data.tags["optuna.study_name"] for r in parents] == ["srv"]
+    finally:
+        stop_server(proc)

@@ -23,10 +23,12 @@ class TardisOptunaSweeperConf:
     # applies only then), label: K (trial run names "trial 3 · n=8 · K 4..10").
     ordered_pairs: List[Any] = field(default_factory=list)
 
-    # {name: tpe|random|grid|cmaes|nsga2|nsga3|motpe|qmc, seed: 42, **sampler kwargs}
+    # {name: tpe|random|grid|cmaes|nsga2|nsga3|motpe|qmc, seed: 42, **sampler kwargs}, or
+    # {_target_: optuna.samplers.<Class>, seed: 42, **kwargs} (_samplers.py)
     sampler: Dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 42})
 
-    # {name: none|median|percentile|hyperband|successive_halving|threshold, **kwargs}
+    # {name: none|median|percentile|hyperband|successive_halving|threshold, **kwargs}, or
+    # {_target_: optuna.pruners.<Class>, **kwargs}
     pruner: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})
 
     # [{metric: consensus.cophenetic, direction: maximize}, ...]
@@ -47,6 +49,12 @@ class TardisOptunaSweeperConf:
     n_trials: int = 20
     # Trials asked per batch and handed to the Hydra launcher together.
     n_jobs: int = 1
+
+    # Fraction of this worker's trials that may fail (checked after each batch); above it the
+    # sweep writes its results and stops with an error. 1.0: never stop (failing trials are
+    # recorded and the sweep goes on); 0.0: stop at the first failure (Hydra's Optuna sweeper
+    # has the same key, checked per batch).
+    max_failure_rate: float = 1.0
 
     # Trials of a dead worker (no heartbeat for `grace_period` seconds) are marked FAIL.
     # null disables stale-trial detection.

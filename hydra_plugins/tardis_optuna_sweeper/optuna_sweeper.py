@@ -1,4 +1,4 @@
-"""Hydra Sweeper plugin class. Heavy imports (optuna, mlflow) live in ``_impl`` so that
+"""Hydra Sweeper plugin class. Heavy imports (optuna, mlflow) live in the ``_*`` modules so that
 Hydra's plugin scan (which imports every public module here) stays cheap."""
 
 from typing import Any, Dict, List, Optional
@@ -27,8 +27,9 @@ class TardisOptunaSweeper(Sweeper):
         heartbeat_interval: Optional[int] = 60,
         grace_period: Optional[int] = None,
         mlflow: Optional[Dict[str, Any]] = None,
+        max_failure_rate: float = 1.0,
     ) -> None:
-        from ._impl import TardisOptunaSweeperImpl
+        from ._sweep_loop import TardisOptunaSweeperImpl
 
         self.sweeper = TardisOptunaSweeperImpl(
             params=params,
@@ -44,6 +45,7 @@ class TardisOptunaSweeper(Sweeper):
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             mlflow=mlflow,
+            max_failure_rate=max_failure_rate,
         )
 
     def setup(
