@@ -184,8 +184,8 @@ def main(argv=None) -> int:
         for s1, r1 in rest:
             lines.append(f"- {s1} vs {s0}: total {r1['seconds'] / r0['seconds']:.2f}x the time, "
                          f"peak RSS {r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f}x")
-    lines.append("BLAS of the benchmark process: " + json.dumps([{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")}
-                                        for d in threadpool_info()]))
+    keys = ("internal_api", "num_threads", "architecture")
+    lines.append("BLAS of the benchmark process: " + json.dumps([{k: d.get(k) for k in keys} for d in threadpool_info()]))
     print("\n".join(lines))
     return 0
 
