@@ -12,6 +12,11 @@ Usage::
 
     python scripts/bench_scale.py                       # 200,000 spots
     python scripts/bench_scale.py --n-spots 50000       # smaller
+    python scripts/bench_scale.py --solvers mu hals     # one pipeline per factorize.solver, side by side
+
+With ``--solvers`` the pipeline runs once per solver (each in its own subprocess, in the
+order given, BLAS threads as the environment sets them) and the report adds one row per
+solver and the time and peak-RSS ratios against the first.
 """
 
 from __future__ import annotations
@@ -115,7 +120,10 @@ def worker(data: Path, out: Path, replicates: int, extra: list[str]) -> None:
     t0 = time.perf_counter()
     metrics = pipeline.run(cfg, root / "run")
     dt = time.perf_counter() - t0
-    out.write_text(json.dumps({"seconds": dt, "peak_rss_mb": _rss_mb(), "stages": stages,
+    from threadpoolctl import threadpool_info
+
+    threads = [{k: d.get(k) for k in ("internal_api", "num_threads", "version")} for d in threadpool_info()]
+    out.write_text(json.dumps({"seconds": dt, "peak_rss_mb": _rss_mb(), "stages": stages, "threads": threads,
                                "metrics": {k: v for k, v in metrics.items() if k != "mlflow_run_id"}},
                               indent=1, default=float))
 
@@ -128,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_scale")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--solvers", nargs="+", default=None,
+                    help="run the pipeline once per factorize.solver, side by side (ratios against the first)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the pipeline")
     a = ap.parse_args(argv)
     if a.worker:
@@ -146,25 +156,36 @@ def main(argv=None) -> int:
     X = ad.read_h5ad(data, backed="r").X
     nnz = X.nnz if hasattr(X, "nnz") else X._data.shape[0] if hasattr(X, "_data") else None
     load0 = os.getloadavg()[0]
-    res_file = wd / f"result_{a.n_spots}.json"
     env = dict(os.environ, TARDIS_EXP_PROGRESS="0", MPLBACKEND="Agg")
-    r = subprocess.run([sys.executable, __file__, "--worker", str(res_file), "--data", str(data),
-                        "--replicates", str(a.replicates), *a.overrides], env=env)
-    if r.returncode != 0:
-        print(f"pipeline failed (exit {r.returncode})", file=sys.stderr)
-        return r.returncode
-    res = json.loads(res_file.read_text())
+    runs = [(None, [])] if not a.solvers else [(s, [f"factorize.solver={s}"]) for s in a.solvers]
+    results = {}
+    for solver, extra in runs:
+        res_file = wd / (f"result_{a.n_spots}.json" if solver is None else f"result_{a.n_spots}_{solver}.json")
+        r = subprocess.run([sys.executable, __file__, "--worker", str(res_file), "--data", str(data),
+                            "--replicates", str(a.replicates), *a.overrides, *extra], env=env)
+        if r.returncode != 0:
+            print(f"pipeline failed (exit {r.returncode})", file=sys.stderr)
+            return r.returncode
+        results[solver] = json.loads(res_file.read_text())
     dens = f"{nnz / (a.n_spots * a.n_genes):.1%}" if nnz else "?"
     lines = [f"Scale run: {a.n_spots:,} spots x {a.n_genes:,} genes CSR ({dens} non-zero), "
-             f"{a.replicates} replicates, default pipeline (tracking off), load average {load0:.2f} at start",
-             "", "| stage | seconds | peak RSS so far (MB) |", "|---|---|---|"]
-    lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_mb']:.0f} |" for s in res["stages"]]
-    lines += [f"| **total** | **{res['seconds']:.1f}** | **{res['peak_rss_mb']:.0f}** |", "",
-              "quality: " + ", ".join(f"{k}={v:.3g}" for k, v in res["metrics"].items()),
-              f"targets: <= 600 s ({res['seconds'] / 600:.0%} of it), <= 8192 MB "
-              f"({res['peak_rss_mb'] / 8192:.0%} of it)",
-              "BLAS: " + json.dumps([{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")}
-                                     for d in threadpool_info()])]
+             f"{a.replicates} replicates, default pipeline (tracking off), load average {load0:.2f} at start"]
+    for solver, res in results.items():
+        head = "" if solver is None else f"factorize.solver={solver}: "
+        lines += ["", f"{head}| stage | seconds | peak RSS so far (MB) |", "|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_mb']:.0f} |" for s in res["stages"]]
+        lines += [f"| **total** | **{res['seconds']:.1f}** | **{res['peak_rss_mb']:.0f}** |", "",
+                  "quality: " + ", ".join(f"{k}={v:.3g}" for k, v in res["metrics"].items()),
+                  f"targets: <= 600 s ({res['seconds'] / 600:.0%} of it), <= 8192 MB "
+                  f"({res['peak_rss_mb'] / 8192:.0%} of it)",
+                  "BLAS/OpenMP in the pipeline process (threadpoolctl): " + json.dumps(res["threads"])]
+    if len(results) > 1:
+        (s0, r0), *rest = results.items()
+        for s1, r1 in rest:
+            lines.append(f"- {s1} vs {s0}: total {r1['seconds'] / r0['seconds']:.2f}x the time, "
+                         f"peak RSS {r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f}x")
+    keys = ("internal_api", "num_threads", "architecture")
+    lines.append("BLAS of the benchmark process: " + json.dumps([{k: d.get(k) for k in keys} for d in threadpool_info()]))
     print("\n".join(lines))
     return 0
 

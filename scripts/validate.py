@@ -49,6 +49,9 @@ OBJECTIVES = {
 }
 
 
+EXTRA_OVERRIDES: list[str] = []  # --override: applied to every run (e.g. factorize.solver=hals)
+
+
 def compose(overrides):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
@@ -56,7 +59,7 @@ def compose(overrides):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hcompose(config_name="config", overrides=[f"paths.root_dir={ROOT}", f"paths.run_dir={ROOT}/outputs",
-                                                        *overrides])
+                                                        *overrides, *EXTRA_OVERRIDES])
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -296,7 +299,10 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "validation.md",
                     help="markdown file whose table section is (re)written")
     ap.add_argument("--only", nargs="*", help="run only the sets whose name contains one of these")
+    ap.add_argument("--override", nargs="*", default=[],
+                    help="Hydra overrides for every run, e.g. factorize.solver=hals (compare solvers)")
     a = ap.parse_args(argv)
+    EXTRA_OVERRIDES[:] = a.override
     logging.basicConfig(level=logging.ERROR)
     import os
 
@@ -322,7 +328,8 @@ def main(argv=None):
 
 def write(a, rows, objective, blas, final):
     cmd = "python scripts/validate.py" + (" --quick" if a.quick else "") + (
-        " --only " + " ".join(repr(o) for o in a.only) if a.only else "")
+        " --only " + " ".join(repr(o) for o in a.only) if a.only else "") + (
+        " --override " + " ".join(a.override) if a.override else "")
     text = table(rows, objective, blas, cmd)
     if not final:
         text += "\n\n(partial: the run was still going when this was written)"

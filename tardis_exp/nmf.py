@@ -67,7 +67,8 @@ HALS_DELTA = 0.1
 # time to the converged loss (3x faster than alpha = 0.5 unscaled, 2.8x than one sweep).
 HALS_SWEEP_COST = 25.0
 
-__all__ = ["NMFResult", "fit_batch", "refit_usage", "BatchedNMF", "prepare_matrix"]
+__all__ = ["NMFResult", "fit_batch", "fit_rank_ladder", "warm_start_init", "refit_usage", "BatchedNMF",
+           "prepare_matrix"]
 
 
 @dataclass
@@ -401,6 +402,7 @@ def fit_batch(
     hals_delta: float = HALS_DELTA,
     trace: bool = False,
     warn: bool = True,
+    stop_at: Sequence[float] | None = None,
 ) -> list[NMFResult]:
     """Fit many NMFs of one matrix together.
 
@@ -441,6 +443,10 @@ def fit_batch(
     warn
         Emit a :class:`~sklearn.exceptions.ConvergenceWarning` when a factorization
         stops at ``max_iter`` (``tol > 0`` only).
+    stop_at
+        Optional loss per factorization: stop it at the first check where its loss is at
+        or below this value (benchmarks measuring the time to a target loss; counted as
+        ``converged``).
 
     Returns
     -------
@@ -541,7 +547,8 @@ def fit_batch(
             if trace:
                 traces[i].append((it, now, float(e)))
             # relative improvement over the last check_every iterations, relative to the current loss
-            if tol > 0 and (prev[i] - e) < tol * max(e, np.finfo(np.float64).tiny):
+            if (tol > 0 and (prev[i] - e) < tol * max(e, np.finfo(np.float64).tiny)) or \
+                    (stop_at is not None and e <= stop_at[i]):
                 done.append(i)
                 converged[i] = True
                 n_iter[i] = it
@@ -688,3 +695,53 @@ def derive_seeds(random_state, n: int) -> list[int]:
     """``n`` independent 32-bit seeds from one ``random_state``."""
     ss = np.random.SeedSequence(None if random_state is None else int(random_state))
     return [int(s.generate_state(1)[0]) for s in ss.spawn(n)]
+
+
+def warm_start_init(X, W, H, rank: int, seed=None, rows=None):
+    """Starting point of rank ``rank`` from a fitted rank-k factorization ``(W, H)``.
+
+    The fitted components are kept as they are; each of the ``rank - k`` new ones starts
+    like :func:`_random_init` (``|N(0, 1)|`` scaled by ``sqrt(mean(X) / rank)``, seeded),
+    its usage column zero outside ``rows``: the fit of rank ``rank`` starts from where
+    rank k ended instead of from scratch.
+    """
+    W = np.asarray(W, dtype=np.float32)
+    H = np.asarray(H, dtype=np.float32)
+    k = W.shape[1]
+    if rank < k:
+        raise ValueError(f"warm start needs rank >= the fitted rank {k}, got {rank}")
+    Wn, Hn = _random_init(X, rank, seed, rows, X.shape[0], X.shape[1])
+    Wn[:, :k] = W
+    Hn[:k] = H
+    return Wn, Hn
+
+
+def fit_rank_ladder(X, ranks: Sequence[int], n_replicates: int, random_state=None, *, warm_start: bool = True,
+                    **kw) -> dict[int, list[NMFResult]]:
+    """``n_replicates`` factorizations of every rank in ``ranks`` (cNMF's grid of K x replicates).
+
+    ``warm_start=False``: every (rank, replicate) from its own random start, all in one
+    :func:`fit_batch`. ``warm_start=True``: the ranks in increasing order, replicate ``r``
+    of each rank starting from replicate ``r`` of the rank before it plus new components
+    (:func:`warm_start_init`), one batch per rank -- fewer iterations per rank, but the
+    ranks no longer share one batch, and the replicates of a rank inherit the local
+    minima of the rank before (docs/solver.md, "Warm starts"). Seeds are derived from
+    ``random_state`` as :class:`BatchedNMF` does, one per (rank, replicate) in both modes.
+    Other keyword arguments go to :func:`fit_batch`.
+
+    Returns ``{rank: [NMFResult, ...]}``.
+    """
+    ranks = sorted({int(r) for r in ranks})
+    R = int(n_replicates)
+    seeds = derive_seeds(random_state, len(ranks) * R)
+    seed = {(k, r): seeds[i * R + r] for i, k in enumerate(ranks) for r in range(R)}
+    if not warm_start:
+        fits = fit_batch(X, [k for k in ranks for _ in range(R)], [seed[k, r] for k in ranks for r in range(R)], **kw)
+        return {k: fits[i * R:(i + 1) * R] for i, k in enumerate(ranks)}
+    X = prepare_matrix(X)
+    out: dict[int, list[NMFResult]] = {}
+    prev = None
+    for k in ranks:
+        init = None if prev is None else [warm_start_init(X, p.W, p.H, k, seed[k, r]) for r, p in enumerate(prev)]
+        prev = out[k] = fit_batch(X, [k] * R, [seed[k, r] for r in range(R)], init=init, **kw)
+    return out
