@@ -35,11 +35,11 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .errors import InputError, check_choice, check_int
-from .metrics import program_recovery, spatial_graph
+# rank_genes and RANKINGS live in metrics (pure NumPy) so that program_recovery does not need
+# this module (scanpy); imported here, they stay part of this module's names
+from .metrics import RANKINGS, program_recovery, rank_genes, spatial_graph  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-RANKINGS = ("specific", "loading")
 
 
 def check_params(*, n_cluster_genes=50, gene_ranking="specific", ctrl_size=50, n_spatial_neighbors=6,
@@ -50,19 +50,6 @@ def check_params(*, n_cluster_genes=50, gene_ranking="specific", ctrl_size=50, n
     check_int(ctrl_size, "score.ctrl_size", minimum=1)
     check_int(n_spatial_neighbors, "score.n_spatial_neighbors", minimum=1)
     check_int(silhouette_max_spots, "score.silhouette_max_spots", minimum=2)
-
-
-def rank_genes(spectra: np.ndarray, ranking: str = "specific") -> np.ndarray:
-    """Gene ranking score per program (programs x genes); higher is better.
-
-    ``specific`` weighs each loading by the program's share of that gene's total loading,
-    so genes loaded on every program (housekeeping, library size) do not top every list.
-    """
-    S = np.asarray(spectra, dtype=np.float64)
-    if ranking == "loading":
-        return S
-    share = S / np.where(S.sum(0, keepdims=True) > 0, S.sum(0, keepdims=True), 1)
-    return S * share
 
 
 def top_genes_table(spectra, var_names, n_genes=50, ranking="specific") -> pd.DataFrame:
