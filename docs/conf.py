@@ -40,6 +40,8 @@ myst_enable_extensions = ["colon_fence", "deflist"]
 
 # API reference: numpy-style docstrings, one page per object, written by autosummary
 autosummary_generate = True
+# classes: their own documented methods (not every inherited scikit-learn method)
+templates_path = ["_templates"]
 autodoc_default_options = {
     "members": True,
     "member-order": "bysource",
