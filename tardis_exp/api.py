@@ -6,7 +6,7 @@ Same signatures, defaults and output keys as the documented
     adata = nmf_clustering(adata)
     adata = nmf_consensus(adata)
 
-Deliberate differences are listed in the README ("Differences from the seed").
+Deliberate differences are listed in docs/seed_api.md ("Differences from the seed").
 """
 
 from __future__ import annotations

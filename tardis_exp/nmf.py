@@ -432,7 +432,7 @@ def fit_batch(
     sparse_method
         How the fat products run for sparse ``X``: ``'auto'``, ``'csr'`` (parallel numba
         kernel), ``'dense-chunks'`` (sgemm on densified row chunks) or ``'scipy'``; see
-        :mod:`tardis_exp._kernels`. Results agree to float32 rounding.
+        ``tardis_exp._kernels``. Results agree to float32 rounding.
     hals_alpha, hals_delta
         Gillis & Glineur's inner repetitions for ``hals``: at most ``1 + alpha * rho``
         sweeps per fat product (``rho``: flops of the product over ``HALS_SWEEP_COST``
@@ -653,6 +653,11 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
         return [int(r) for r in ranks]
 
     def fit_transform(self, X, y=None):
+        """Fit every factorization to ``X`` (spots x genes, dense or CSR, non-negative).
+
+        Returns ``W`` (spots x ``n_components``) of the best replicate of the first rank;
+        ``y`` is ignored.
+        """
         ranks = self._ranks()
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; use one of {SOLVERS}")
@@ -677,16 +682,19 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
         return best.W
 
     def fit(self, X, y=None):
+        """Fit as :meth:`fit_transform` does and return the estimator."""
         self.fit_transform(X)
         return self
 
     def transform(self, X):
+        """Usages ``W`` of the spots of ``X`` with ``components_`` held fixed (:func:`refit_usage`)."""
         check_is_fitted(self, "components_")
         W, _ = refit_usage(X, self.components_, beta_loss=self.beta_loss, max_iter=self.max_iter, tol=self.tol,
                            solver=self.solver)
         return W
 
     def inverse_transform(self, W):
+        """Reconstruction ``W @ components_`` (spots x genes)."""
         check_is_fitted(self, "components_")
         return W @ self.components_
 

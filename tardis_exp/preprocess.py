@@ -68,10 +68,10 @@ _LOG_SCALE_MAX = 50.0
 
 
 def validate_counts(M, where: str = "adata.X") -> None:
-    """Raise :class:`InputError` unless ``M`` is a usable count matrix.
+    """Raise :class:`~tardis_exp.errors.InputError` unless ``M`` is a usable count matrix.
 
     Usable: 2-D, at least one spot and one gene, a numeric or bool dtype, finite,
-    non-negative, not all zero, and no value above :data:`MAX_VALUE`.
+    non-negative, not all zero, and no value above ``MAX_VALUE``.
     """
     if M is None:
         raise InputError(f"{where} is empty (None); the file holds no matrix there")

@@ -36,10 +36,11 @@ import scipy.sparse as sp
 
 from .errors import InputError
 from .outputs import Metric, Output, StageSpec
-from .params import RANKINGS  # noqa: F401 -- re-exported
 from .params import ScoreParams as _P
 from .params import check
-from .metrics import program_recovery, spatial_graph
+# rank_genes and RANKINGS live in metrics (pure NumPy) so that program_recovery does not need
+# this module (scanpy); imported here, they stay part of this module's names
+from .metrics import RANKINGS, program_recovery, rank_genes, spatial_graph  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +76,6 @@ def check_params(**params) -> dict:
     """Validate score parameters before any compute (:class:`~tardis_exp.params.ScoreParams`;
     missing ones take their defaults)."""
     return check("score", params, known_only=True)
-
-
-def rank_genes(spectra: np.ndarray, ranking: str = "specific") -> np.ndarray:
-    """Gene ranking score per program (programs x genes); higher is better.
-
-    ``specific`` weighs each loading by the program's share of that gene's total loading,
-    so genes loaded on every program (housekeeping, library size) do not top every list.
-    """
-    S = np.asarray(spectra, dtype=np.float64)
-    if ranking == "loading":
-        return S
-    share = S / np.where(S.sum(0, keepdims=True) > 0, S.sum(0, keepdims=True), 1)
-    return S * share
 
 
 def top_genes_table(spectra, var_names, n_genes=50, ranking="specific") -> pd.DataFrame:

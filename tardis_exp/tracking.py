@@ -259,7 +259,7 @@ def short_override(o: str) -> str:
 def default_run_name(overrides: Iterable[str] | None) -> str:
     """A parent run's name from its non-default overrides, e.g. ``consensus=spots n_components=8``.
 
-    No such override: ``defaults``. Long names are cut at :data:`RUN_NAME_MAX` characters.
+    No such override: ``defaults``. Long names are cut at ``RUN_NAME_MAX`` characters.
     """
     # config-group choices first (consensus=spots), then the method's sections, the data last:
     # what differs between runs of one data set shows before a cut column hides the rest
@@ -605,7 +605,7 @@ class Tracker:
                 raise TrackingError(f"tracking.uri={redact(self.uri)}: {folder} is not writable")
 
     def connect(self) -> None:
-        """Open the store and the experiment (synchronously); raise :class:`TrackingError`."""
+        """Open the store and the experiment (synchronously); raise :class:`~tardis_exp.errors.TrackingError`."""
         if not self.enabled:
             return
         self.precheck()
@@ -709,7 +709,7 @@ class Tracker:
             self._pool.submit(lambda: None).result()
 
     def wait_ready(self) -> None:
-        """Wait for the store and the parent run; raise :class:`TrackingError` if unusable.
+        """Wait for the store and the parent run; raise :class:`~tardis_exp.errors.TrackingError` if unusable.
 
         The pipeline calls this before heavy compute, so a bad store costs the time to
         load and preprocess the data, never a factorization.
@@ -736,7 +736,7 @@ class Tracker:
             overrides: Iterable[str] | None = None):
         """The parent run of a pipeline run; FAILED with the traceback on error.
 
-        The fast checks (:meth:`precheck`) raise :class:`TrackingError` here; opening the
+        The fast checks (:meth:`precheck`) raise :class:`~tardis_exp.errors.TrackingError` here; opening the
         store and creating the parent run happen on the store thread and raise at
         :meth:`wait_ready` (or when the block ends). Everything after that is best-effort
         (see the module docstring). ``local_dir`` (the run directory) receives

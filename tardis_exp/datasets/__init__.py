@@ -110,7 +110,7 @@ def monti_simulated(name: str = "gaussian3", seed: int = 0) -> ad.AnnData:
 
 
 def load(name: str, seed: int = 0) -> ad.AnnData:
-    """A benchmark set by name (:data:`SHIPPED` or :data:`MONTI`)."""
+    """A benchmark set by name (one of ``SHIPPED`` or ``MONTI``)."""
     if name == "brunet_leukemia":
         return brunet_leukemia()
     if name == "brunet_medulloblastoma":
