@@ -46,6 +46,8 @@ OBJECTIVES = {
     "spot_cophenetic": ("consensus.spot_cophenetic", 1),
     "rank_cophenetic": ("consensus.rank_cophenetic", 1),
     "k_margin": ("consensus.k_margin", 1),
+    "k_cophenetic": ("consensus.k_cophenetic", 1),
+    "reproducibility": ("consensus.reproducibility", 1),
 }
 
 
@@ -150,8 +152,14 @@ def sets(quick: bool):
            "k": [k], "labels": ["class"], "brunet": True, "ranks": (2, 8),
            "ref": f"Monti 2003: consensus clustering recovers K={k}"}
           for n, k in (("gaussian3", 3), ("simulated4", 4), ("simulated6", 6))],
-        {"name": "pbmc68k_reduced", "data": ["data=pbmc68k", "preprocess.normalize=none",
-                                             "preprocess.n_top_genes=null"],
+        # the defaults as a user runs them (data=pbmc68k): the loader reads scanpy's .raw,
+        # log-normalized values, and the default preprocessing log-normalizes them again
+        {"name": "pbmc68k_reduced", "data": ["data=pbmc68k"],
+         "k": [10], "labels": ["bulk_labels"], "brunet": False, "ranks": (6, 12), "scanpy": True,
+         "ref": "10 FACS bulk labels; scanpy Leiden/Louvain (same run)"},
+        # ... and on .raw as it is (no second normalization)
+        {"name": "pbmc68k_reduced (normalize=none)", "data": ["data=pbmc68k", "preprocess.normalize=none",
+                                                              "preprocess.n_top_genes=null"],
          "k": [10], "labels": ["bulk_labels"], "brunet": False, "ranks": (6, 12), "scanpy": True,
          "ref": "10 FACS bulk labels; scanpy Leiden/Louvain (same run)"},
     ]
@@ -163,7 +171,8 @@ def sets(quick: bool):
                                                             *([extra] if extra else [])],
                     "k": [p], "labels": ["true_domain"], "brunet": False, "ranks": (max(2, p - 1), p + 3),
                     "ref": "planted K; program recovery (top-50 markers)"})
-    order = ["Brunet leukemia", "synthetic: default sim (6 programs)", "pbmc68k_reduced", "Monti gaussian3",
+    order = ["Brunet leukemia", "synthetic: default sim (6 programs)", "pbmc68k_reduced",
+             "pbmc68k_reduced (normalize=none)", "Monti gaussian3",
              "synthetic: 4 programs", "synthetic: 9 programs", "Brunet medulloblastoma", "Monti simulated4",
              "Monti simulated6"]
     out.sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))

@@ -225,7 +225,8 @@ METRIC_KEYS: dict[str, MetricKey] = {
                                     "(below 1: the data do not separate them)", runs=_HEAD + ("consensus",)),
     **{f"consensus.{k}": MetricKey(f"consensus {k.replace('_', ' ')} of the trial's factorizations "
                                    "(sweep objective candidates, docs/validation.md)", runs=_HEAD + ("consensus",))
-       for k in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop")},
+       for k in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop", "k_cophenetic",
+                 "reproducibility")},
     "ari_truth_nmf_cluster": MetricKey("score stage: ARI of the seed's nmf_cluster label against the truth",
                                        runs=_HEAD + ("score",)),
     "cache_hits": MetricKey("stages served from the stage cache", runs=_HEAD),
