@@ -27,6 +27,7 @@ resolutions are computed in the same run on the same data (scanpy's PCA/neighbou
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -295,7 +296,7 @@ def table(rows, preset_objective, blas, cmd):
         lines += ["", "Cophenetic correlation per K under experiment=brunet:", ""]
         for r in brun:
             lines.append(f"- {r['set']}: " + ", ".join(f"K={k}: {v}" for k, v in r["brunet_coph"].items()))
-    lines += ["", f"Made by `{cmd}`; BLAS: {blas}; {sum(r['seconds'] for r in rows):.0f} s in all."]
+    lines += ["", f"Made by {cmd}; BLAS: {blas}; {sum(r['seconds'] for r in rows):.0f} s in all."]
     return "\n".join(lines)
 
 
@@ -305,6 +306,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "validation.md",
                     help="markdown file whose table section is (re)written")
     ap.add_argument("--only", nargs="*", help="run only the sets whose name contains one of these")
+    ap.add_argument("--rows", type=Path, help="also save the measured rows (JSON) after every set")
+    ap.add_argument("--merge", type=Path, nargs="+",
+                    help="write the table from rows saved by --rows (runs split over --only), computing nothing")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     import os
@@ -317,6 +321,14 @@ def main(argv=None):
     blas = ", ".join(f"{d.get('internal_api')} {d.get('num_threads')} threads" for d in threadpool_info())
     preset = yaml.safe_load((ROOT / "conf" / "sweep" / "k_range.yaml").read_text())
     objective = preset["hydra"]["sweeper"]["objectives"][0]["metric"]
+    if a.merge:
+        order = [s["name"] for s in sets(a.quick)]
+        rows = [r for f in a.merge for r in json.loads(f.read_text())]
+        rows.sort(key=lambda r: order.index(r["set"]) if r["set"] in order else len(order))
+        a.merged = len(a.merge)
+        text = write(a, rows, objective, blas, final=True)
+        print(text)
+        return rows
     rows = []
     for s in sets(a.quick):
         if a.only and not any(o.lower() in s["name"].lower() for o in a.only):
@@ -324,14 +336,30 @@ def main(argv=None):
         rows.append(validate_set(s, a.quick, lambda msg: print(msg, file=sys.stderr, flush=True)))
         # the table so far, after every set: a long run that is stopped keeps what it measured
         write(a, rows, objective, blas, final=False)
+        if a.rows:
+            a.rows.write_text(json.dumps(rows, default=_jsonable))
     text = write(a, rows, objective, blas, final=True)
     print(text)
     return rows
 
 
+def _jsonable(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(type(x).__name__)
+
+
 def write(a, rows, objective, blas, final):
     cmd = "python scripts/validate.py" + (" --quick" if a.quick else "") + (
         " --only " + " ".join(repr(o) for o in a.only) if a.only else "")
+    cmd = f"`{cmd}`"
+    if getattr(a, "merged", 0):
+        cmd += (f" (its sets split over {a.merged} processes, `--only ... --rows rows_i.json`, "
+                f"then `--merge rows_*.json`; the sets are independent and seeded, so the figures are the same)")
     text = table(rows, objective, blas, cmd)
     if not final:
         text += "\n\n(partial: the run was still going when this was written)"

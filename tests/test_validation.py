@@ -303,3 +303,32 @@ def test_study_k_selection_reads_the_trials_of_a_study(tmp_path):
     assert p is not None and p.is_file()
     empty = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     assert study_k_selection(empty, tmp_path / "none.png") is None
+
+
+def test_validate_merge_orders_rows_and_counts_the_objectives(tmp_path):
+    """scripts/validate.py: rows saved by split runs (--rows) merge into one table (--merge)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("validate", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "validate.py")
+    V = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(V)
+
+    def row(name, k, chosen):
+        return {"set": name, "k": [k], "ref": "r", "default_k": np.int64(chosen), "default_runner": (k, 1.5),
+                "default_ari": np.float32(0.5), "seconds": 1.0,
+                "objective_k": {"reproducibility": (chosen, chosen), "silhouette": (k, k)}}
+
+    (tmp_path / "a.json").write_text(json.dumps([row("Monti simulated6", 6, 2)], default=V._jsonable))
+    (tmp_path / "b.json").write_text(json.dumps([row("Brunet leukemia", 2, 2)], default=V._jsonable))
+    out = tmp_path / "v.md"
+    rows = V.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    assert [r["set"] for r in rows] == ["Brunet leukemia", "Monti simulated6"]  # the script's order
+    text = out.read_text()
+    # silhouette right on both, reproducibility on leukemia only
+    right = next(line for line in text.splitlines() if line.startswith("| sets right"))
+    counts = dict(zip(V.winner(rows, ""), right.split("|")[2:-1]))
+    assert counts["silhouette"].strip() == "2" and counts["reproducibility"].strip() == "1"
+    assert "2 processes" in text and "<!-- validate.py:end -->" in text
