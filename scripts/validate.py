@@ -188,6 +188,37 @@ def _fmt(x, nd=2):
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
+def objective_ks(trials):
+    """(best_k, n_components) of the best trial under every candidate objective."""
+    from tardis_exp.consensus import reproducibility
+
+    # the objective as the code defines it now, from the metrics a trial recorded (rows
+    # saved by --rows before a change of its definition are ranked by the current one)
+    trials = [{**t, "consensus.reproducibility": reproducibility(t.get("consensus.silhouette", np.nan),
+                                                                 t.get("consensus.k_cophenetic", np.nan))}
+              for t in trials]
+    out = {}
+    for name, (metric, sign) in OBJECTIVES.items():
+        vals = np.array([sign * t.get(metric, np.nan) for t in trials], dtype=float)
+        if np.all(~np.isfinite(vals)):
+            continue
+        best = int(np.nanargmax(np.where(np.isfinite(vals), vals, -np.inf)))
+        out[name] = (int(trials[best]["best_k"]), trials[best]["n_components"])
+    # cNMF's view: Pareto front of (stability max, reconstruction error min); knee = the
+    # front point closest to the utopia point after scaling both to [0, 1]
+    st = np.array([t.get("consensus.stability", np.nan) for t in trials], float)
+    er = np.array([t["reconstruction_error"] for t in trials], float)
+    ok = np.isfinite(st) & np.isfinite(er)
+    if ok.sum() >= 2:
+        front = [i for i in np.flatnonzero(ok) if not any(
+            (st[j] >= st[i] and er[j] <= er[i]) and (st[j] > st[i] or er[j] < er[i]) for j in np.flatnonzero(ok))]
+        s01 = (st - np.nanmin(st[ok])) / max(np.nanmax(st[ok]) - np.nanmin(st[ok]), 1e-12)
+        e01 = (er - np.nanmin(er[ok])) / max(np.nanmax(er[ok]) - np.nanmin(er[ok]), 1e-12)
+        knee = min(front, key=lambda i: np.hypot(1 - s01[i], e01[i]))
+        out["pareto_knee"] = (int(trials[knee]["best_k"]), trials[knee]["n_components"])
+    return out
+
+
 def validate_set(s, quick, log):
     lo_k = 2
     rng_k = f"consensus.min_clusters={lo_k}"
@@ -224,25 +255,7 @@ def validate_set(s, quick, log):
                            *(["consensus.n_resamples=30"] if quick else [])])
         trials.append({"n_components": r, **m})
     row["trials"] = trials
-    row["objective_k"] = {}
-    for name, (metric, sign) in OBJECTIVES.items():
-        vals = np.array([sign * t.get(metric, np.nan) for t in trials], dtype=float)
-        if np.all(~np.isfinite(vals)):
-            continue
-        best = int(np.nanargmax(np.where(np.isfinite(vals), vals, -np.inf)))
-        row["objective_k"][name] = (int(trials[best]["best_k"]), trials[best]["n_components"])
-    # cNMF's view: Pareto front of (stability max, reconstruction error min); knee = the
-    # front point closest to the utopia point after scaling both to [0, 1]
-    st = np.array([t.get("consensus.stability", np.nan) for t in trials], float)
-    er = np.array([t["reconstruction_error"] for t in trials], float)
-    ok = np.isfinite(st) & np.isfinite(er)
-    if ok.sum() >= 2:
-        front = [i for i in np.flatnonzero(ok) if not any(
-            (st[j] >= st[i] and er[j] <= er[i]) and (st[j] > st[i] or er[j] < er[i]) for j in np.flatnonzero(ok))]
-        s01 = (st - np.nanmin(st[ok])) / max(np.nanmax(st[ok]) - np.nanmin(st[ok]), 1e-12)
-        e01 = (er - np.nanmin(er[ok])) / max(np.nanmax(er[ok]) - np.nanmin(er[ok]), 1e-12)
-        knee = min(front, key=lambda i: np.hypot(1 - s01[i], e01[i]))
-        row["objective_k"]["pareto_knee"] = (int(trials[knee]["best_k"]), trials[knee]["n_components"])
+    row["objective_k"] = objective_ks(trials)
     row["seconds"] = time.perf_counter() - t0
     log(f"{s['name']}: {time.perf_counter() - t0:.0f} s; defaults K={row['default_k']}, "
         f"objectives {row['objective_k']}, brunet {row.get('brunet_k')}")
@@ -325,6 +338,9 @@ def main(argv=None):
         order = [s["name"] for s in sets(a.quick)]
         rows = [r for f in a.merge for r in json.loads(f.read_text())]
         rows.sort(key=lambda r: order.index(r["set"]) if r["set"] in order else len(order))
+        for r in rows:
+            if "trials" in r:
+                r["objective_k"] = objective_ks(r["trials"])
         a.merged = len(a.merge)
         text = write(a, rows, objective, blas, final=True)
         print(text)
@@ -359,7 +375,8 @@ def write(a, rows, objective, blas, final):
     cmd = f"`{cmd}`"
     if getattr(a, "merged", 0):
         cmd += (f" (its sets split over {a.merged} processes, `--only ... --rows rows_i.json`, "
-                f"then `--merge rows_*.json`; the sets are independent and seeded, so the figures are the same)")
+                f"then `--merge rows_*.json`; the sets are independent and seeded, so the figures are the same; "
+                f"the seconds are the sets' wall-clock times summed, {a.merged} at once on a shared machine)")
     text = table(rows, objective, blas, cmd)
     if not final:
         text += "\n\n(partial: the run was still going when this was written)"
