@@ -27,6 +27,7 @@ resolutions are computed in the same run on the same data (scanpy's PCA/neighbou
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -46,6 +47,8 @@ OBJECTIVES = {
     "spot_cophenetic": ("consensus.spot_cophenetic", 1),
     "rank_cophenetic": ("consensus.rank_cophenetic", 1),
     "k_margin": ("consensus.k_margin", 1),
+    "k_cophenetic": ("consensus.k_cophenetic", 1),
+    "reproducibility": ("consensus.reproducibility", 1),
 }
 
 
@@ -153,8 +156,14 @@ def sets(quick: bool):
            "k": [k], "labels": ["class"], "brunet": True, "ranks": (2, 8),
            "ref": f"Monti 2003: consensus clustering recovers K={k}"}
           for n, k in (("gaussian3", 3), ("simulated4", 4), ("simulated6", 6))],
-        {"name": "pbmc68k_reduced", "data": ["data=pbmc68k", "preprocess.normalize=none",
-                                             "preprocess.n_top_genes=null"],
+        # the defaults as a user runs them (data=pbmc68k): the loader reads scanpy's .raw,
+        # log-normalized values, and the default preprocessing log-normalizes them again
+        {"name": "pbmc68k_reduced", "data": ["data=pbmc68k"],
+         "k": [10], "labels": ["bulk_labels"], "brunet": False, "ranks": (6, 12), "scanpy": True,
+         "ref": "10 FACS bulk labels; scanpy Leiden/Louvain (same run)"},
+        # ... and on .raw as it is (no second normalization)
+        {"name": "pbmc68k_reduced (normalize=none)", "data": ["data=pbmc68k", "preprocess.normalize=none",
+                                                              "preprocess.n_top_genes=null"],
          "k": [10], "labels": ["bulk_labels"], "brunet": False, "ranks": (6, 12), "scanpy": True,
          "ref": "10 FACS bulk labels; scanpy Leiden/Louvain (same run)"},
     ]
@@ -166,7 +175,8 @@ def sets(quick: bool):
                                                             *([extra] if extra else [])],
                     "k": [p], "labels": ["true_domain"], "brunet": False, "ranks": (max(2, p - 1), p + 3),
                     "ref": "planted K; program recovery (top-50 markers)"})
-    order = ["Brunet leukemia", "synthetic: default sim (6 programs)", "pbmc68k_reduced", "Monti gaussian3",
+    order = ["Brunet leukemia", "synthetic: default sim (6 programs)", "pbmc68k_reduced",
+             "pbmc68k_reduced (normalize=none)", "Monti gaussian3",
              "synthetic: 4 programs", "synthetic: 9 programs", "Brunet medulloblastoma", "Monti simulated4",
              "Monti simulated6"]
     out.sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))
@@ -179,6 +189,37 @@ def sets(quick: bool):
 
 def _fmt(x, nd=2):
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def objective_ks(trials):
+    """(best_k, n_components) of the best trial under every candidate objective."""
+    from tardis_exp.consensus import reproducibility
+
+    # the objective as the code defines it now, from the metrics a trial recorded (rows
+    # saved by --rows before a change of its definition are ranked by the current one)
+    trials = [{**t, "consensus.reproducibility": reproducibility(t.get("consensus.silhouette", np.nan),
+                                                                 t.get("consensus.k_cophenetic", np.nan))}
+              for t in trials]
+    out = {}
+    for name, (metric, sign) in OBJECTIVES.items():
+        vals = np.array([sign * t.get(metric, np.nan) for t in trials], dtype=float)
+        if np.all(~np.isfinite(vals)):
+            continue
+        best = int(np.nanargmax(np.where(np.isfinite(vals), vals, -np.inf)))
+        out[name] = (int(trials[best]["best_k"]), trials[best]["n_components"])
+    # cNMF's view: Pareto front of (stability max, reconstruction error min); knee = the
+    # front point closest to the utopia point after scaling both to [0, 1]
+    st = np.array([t.get("consensus.stability", np.nan) for t in trials], float)
+    er = np.array([t["reconstruction_error"] for t in trials], float)
+    ok = np.isfinite(st) & np.isfinite(er)
+    if ok.sum() >= 2:
+        front = [i for i in np.flatnonzero(ok) if not any(
+            (st[j] >= st[i] and er[j] <= er[i]) and (st[j] > st[i] or er[j] < er[i]) for j in np.flatnonzero(ok))]
+        s01 = (st - np.nanmin(st[ok])) / max(np.nanmax(st[ok]) - np.nanmin(st[ok]), 1e-12)
+        e01 = (er - np.nanmin(er[ok])) / max(np.nanmax(er[ok]) - np.nanmin(er[ok]), 1e-12)
+        knee = min(front, key=lambda i: np.hypot(1 - s01[i], e01[i]))
+        out["pareto_knee"] = (int(trials[knee]["best_k"]), trials[knee]["n_components"])
+    return out
 
 
 def validate_set(s, quick, log):
@@ -217,25 +258,7 @@ def validate_set(s, quick, log):
                            *(["consensus.n_resamples=30"] if quick else [])])
         trials.append({"n_components": r, **m})
     row["trials"] = trials
-    row["objective_k"] = {}
-    for name, (metric, sign) in OBJECTIVES.items():
-        vals = np.array([sign * t.get(metric, np.nan) for t in trials], dtype=float)
-        if np.all(~np.isfinite(vals)):
-            continue
-        best = int(np.nanargmax(np.where(np.isfinite(vals), vals, -np.inf)))
-        row["objective_k"][name] = (int(trials[best]["best_k"]), trials[best]["n_components"])
-    # cNMF's view: Pareto front of (stability max, reconstruction error min); knee = the
-    # front point closest to the utopia point after scaling both to [0, 1]
-    st = np.array([t.get("consensus.stability", np.nan) for t in trials], float)
-    er = np.array([t["reconstruction_error"] for t in trials], float)
-    ok = np.isfinite(st) & np.isfinite(er)
-    if ok.sum() >= 2:
-        front = [i for i in np.flatnonzero(ok) if not any(
-            (st[j] >= st[i] and er[j] <= er[i]) and (st[j] > st[i] or er[j] < er[i]) for j in np.flatnonzero(ok))]
-        s01 = (st - np.nanmin(st[ok])) / max(np.nanmax(st[ok]) - np.nanmin(st[ok]), 1e-12)
-        e01 = (er - np.nanmin(er[ok])) / max(np.nanmax(er[ok]) - np.nanmin(er[ok]), 1e-12)
-        knee = min(front, key=lambda i: np.hypot(1 - s01[i], e01[i]))
-        row["objective_k"]["pareto_knee"] = (int(trials[knee]["best_k"]), trials[knee]["n_components"])
+    row["objective_k"] = objective_ks(trials)
     row["seconds"] = time.perf_counter() - t0
     log(f"{s['name']}: {time.perf_counter() - t0:.0f} s; defaults K={row['default_k']}, "
         f"objectives {row['objective_k']}, brunet {row.get('brunet_k')}")
@@ -289,7 +312,7 @@ def table(rows, preset_objective, blas, cmd):
         lines += ["", "Cophenetic correlation per K under experiment=brunet:", ""]
         for r in brun:
             lines.append(f"- {r['set']}: " + ", ".join(f"K={k}: {v}" for k, v in r["brunet_coph"].items()))
-    lines += ["", f"Made by `{cmd}`; BLAS: {blas}; {sum(r['seconds'] for r in rows):.0f} s in all."]
+    lines += ["", f"Made by {cmd}; BLAS: {blas}; {sum(r['seconds'] for r in rows):.0f} s in all."]
     return "\n".join(lines)
 
 
@@ -301,6 +324,9 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="run only the sets whose name contains one of these")
     ap.add_argument("--override", nargs="*", default=[],
                     help="Hydra overrides for every run, e.g. factorize.solver=hals (compare solvers)")
+    ap.add_argument("--rows", type=Path, help="also save the measured rows (JSON) after every set")
+    ap.add_argument("--merge", type=Path, nargs="+",
+                    help="write the table from rows saved by --rows (runs split over --only), computing nothing")
     a = ap.parse_args(argv)
     EXTRA_OVERRIDES[:] = a.override
     logging.basicConfig(level=logging.ERROR)
@@ -314,6 +340,17 @@ def main(argv=None):
     blas = ", ".join(f"{d.get('internal_api')} {d.get('num_threads')} threads" for d in threadpool_info())
     preset = yaml.safe_load((ROOT / "conf" / "sweep" / "k_range.yaml").read_text())
     objective = preset["hydra"]["sweeper"]["objectives"][0]["metric"]
+    if a.merge:
+        order = [s["name"] for s in sets(a.quick)]
+        rows = [r for f in a.merge for r in json.loads(f.read_text())]
+        rows.sort(key=lambda r: order.index(r["set"]) if r["set"] in order else len(order))
+        for r in rows:
+            if "trials" in r:
+                r["objective_k"] = objective_ks(r["trials"])
+        a.merged = len(a.merge)
+        text = write(a, rows, objective, blas, final=True)
+        print(text)
+        return rows
     rows = []
     for s in sets(a.quick):
         if a.only and not any(o.lower() in s["name"].lower() for o in a.only):
@@ -321,15 +358,32 @@ def main(argv=None):
         rows.append(validate_set(s, a.quick, lambda msg: print(msg, file=sys.stderr, flush=True)))
         # the table so far, after every set: a long run that is stopped keeps what it measured
         write(a, rows, objective, blas, final=False)
+        if a.rows:
+            a.rows.write_text(json.dumps(rows, default=_jsonable))
     text = write(a, rows, objective, blas, final=True)
     print(text)
     return rows
 
 
+def _jsonable(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(type(x).__name__)
+
+
 def write(a, rows, objective, blas, final):
     cmd = "python scripts/validate.py" + (" --quick" if a.quick else "") + (
         " --only " + " ".join(repr(o) for o in a.only) if a.only else "") + (
-        " --override " + " ".join(a.override) if a.override else "")
+        " --override " + " ".join(a.override) if getattr(a, "override", None) else "")
+    cmd = f"`{cmd}`"
+    if getattr(a, "merged", 0):
+        cmd += (f" (its sets split over {a.merged} processes, `--only ... --rows rows_i.json`, "
+                f"then `--merge rows_*.json`; the sets are independent and seeded, so the figures are the same; "
+                f"the seconds are the sets' wall-clock times summed, {a.merged} at once on a shared machine)")
     text = table(rows, objective, blas, cmd)
     if not final:
         text += "\n\n(partial: the run was still going when this was written)"

@@ -110,7 +110,8 @@ SPEC = StageSpec(
                "(below 1: the data do not separate them)", _entry("k_margin"), headline=True),
         *(Metric(f"consensus.{k}", f"consensus {k.replace('_', ' ')} of the trial's factorizations "
                  "(sweep objective candidates, docs/validation.md)", _entry(k), headline=True)
-          for k in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop")),
+          for k in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop", "k_cophenetic",
+                    "reproducibility")),
         *(Metric(f"consensus.{k}_by_k", f"consensus {k.replace('_', ' ')} for each K (step = K)",
                  lambda a, k=k: a.uns["nmf_consensus"][k], step="K",
                  steps=lambda a: a.uns["nmf_consensus"]["k_values"])
@@ -652,10 +653,27 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
     ``cophenetic_drop``
         The cophenetic correlation at the chosen K minus that at K + 1 (Brunet's drop;
         NaN at the top of the range).
+    ``k_cophenetic``
+        Brunet's statistic at the trial's *answer* K: in every replicate each spot is
+        labelled by the meta-program that explains most of its expression (the summed
+        ``W[:, j] * H[j].sum()`` of the replicate's components in that meta-program,
+        outliers left out); cophenetic correlation of the consensus of those labels cut
+        into K clusters. Equal in spirit to ``spot_cophenetic`` when K = ``n_components``,
+        and defined for every trial: an answer whose spot assignment changes from restart
+        to restart (a merge of programs the restarts do not agree on, a split of one
+        program) scores lower.
+    ``reproducibility``
+        The sweep objective (``sweep=k_range``): ``(silhouette + k_cophenetic) / 2``
+        (:func:`reproducibility`), the two reproducibilities of the answer -- its meta-programs are tight,
+        distinct clusters of the components (silhouette at K; a K forced below the truth
+        merges programs into loose clusters) and the spots' assignment to them agrees
+        across restarts (``k_cophenetic``; a rank below the truth that every restart
+        factorizes the same way still assigns the spots between programs inconsistently).
     """
     from sklearn.metrics import silhouette_score
 
-    out = {"stability": np.nan, "spot_cophenetic": np.nan, "rank_cophenetic": np.nan, "cophenetic_drop": np.nan}
+    out = {"stability": np.nan, "spot_cophenetic": np.nan, "rank_cophenetic": np.nan, "cophenetic_drop": np.nan,
+           "k_cophenetic": np.nan, "reproducibility": np.nan}
     ks = list(np.asarray(c["k_values"]))
     i = ks.index(c["best_k"])
     if i + 1 < len(ks):
@@ -684,13 +702,54 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
         # answer is the rank (K = n_components); a trial that chose fewer meta-programs
         # than its rank scores below every trial it does describe
         out["rank_cophenetic"] = out["spot_cophenetic"] - (0.0 if int(c["best_k"]) == r else 1.0)
+        if "item_labels" in c:
+            out["k_cophenetic"] = _k_cophenetic(U, comps, np.asarray(c["item_labels"]), int(c["best_k"]))
+            i_k = ks.index(c["best_k"])
+            sil = float(np.asarray(c["silhouette"])[i_k])
+            out["reproducibility"] = reproducibility(sil, out["k_cophenetic"])
     return out
+
+
+def reproducibility(silhouette: float, k_cophenetic: float) -> float:
+    """The sweep objective: the mean of the answer's two reproducibilities, NaN if either is.
+
+    Both are 1 for an answer every restart reproduces exactly; the silhouette (of the
+    components at K) is the spread-out one of the two, so a mean, not a minimum, lets a
+    clear loss of spot agreement (``k_cophenetic``) count where the silhouette is low for
+    every rank (noisy data: Monti's simulations, where a minimum reduces to the silhouette
+    and ranks rank 2 first on the 6-class set).
+    """
+    s, c = float(silhouette), float(k_cophenetic)
+    return (s + c) / 2 if np.isfinite(s) and np.isfinite(c) else float("nan")
+
+
+def _k_cophenetic(U, comps, item_labels, k: int) -> float:
+    """Cophenetic correlation of the replicates' spot labels mapped to the K meta-programs.
+
+    ``U``: usages (spots x replicates x rank); ``comps``: (replicates x rank x genes);
+    ``item_labels``: meta-program of every pooled component (-1 = outlier).
+    """
+    R, r, _ = comps.shape
+    lab = item_labels.reshape(R, r)
+    # expression each component explains in each spot (scale-free, unlike W alone)
+    E = U * comps.sum(2)[None, :, :]
+    labels = np.zeros((R, U.shape[0]), dtype=np.int64)
+    for rep in range(R):
+        meta = np.zeros((U.shape[0], k))
+        for j in range(r):
+            if lab[rep, j] >= 0:
+                meta[:, lab[rep, j]] += E[:, rep, j]
+        labels[rep] = meta.argmax(1)
+    if k < 2 or len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(cluster_consensus(consensus_from_labels(labels), k)[1])
 
 
 def k_evidence_metrics(c) -> dict:
     """Headline metrics of the K decision (MLflow, sweep objectives)."""
     out = {"runner_up_k": float(c["runner_up_k"]), "consensus.k_margin": float(c["k_margin"])}
-    for key in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop"):
+    for key in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop", "k_cophenetic",
+                "reproducibility"):
         if key in c:
             out[f"consensus.{key}"] = float(c[key])
     return out

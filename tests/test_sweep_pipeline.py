@@ -29,7 +29,7 @@ slow = pytest.mark.slow
 
 
 # the preset's objective (conf/sweep/k_range.yaml; docs/validation.md says why)
-OBJ = "consensus.silhouette"
+OBJ = "consensus.reproducibility"
 
 def sweep(root: Path, study: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TARDIS_EXP_PROGRESS="0", MPLBACKEND="Agg")

@@ -388,7 +388,8 @@ def test_conf_sweep_presets(preset: str, tmp_path: Path) -> None:
         assert 2 <= v["consensus.min_clusters"] <= v["consensus.max_clusters"] <= 12
     res = results(tmp_path)
     assert ("pareto_front" in res) == (preset == "k_range_mo")
-    assert [o["metric"] for o in res["objectives"]][0] == "consensus.silhouette"
+    assert [o["metric"] for o in res["objectives"]][0] == (
+        "consensus.reproducibility" if preset == "k_range" else "consensus.silhouette")
 
 
 # --------------------------------------------------------------------------- MLflow

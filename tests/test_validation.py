@@ -114,6 +114,44 @@ def test_half_spread_is_zero_for_stable_labels_and_positive_for_noisy_ones():
     assert half_spread([3], {3: stable[3][:3]})["pac"][0] == 0
 
 
+def _usages_of(classes, R, r, flip=0.0, seed=0):
+    """Usages (spots x R x r) whose largest entry is the spot's class, some spots flipped."""
+    rng = np.random.default_rng(seed)
+    n = len(classes)
+    U = rng.uniform(0, 0.1, size=(n, R, r))
+    for rep in range(R):
+        lab = classes.copy()
+        f = rng.random(n) < flip
+        lab[f] = rng.integers(0, r, f.sum())
+        U[np.arange(n), rep, lab] += 1.0
+    return U
+
+
+def test_k_cophenetic_maps_components_to_meta_programs():
+    from tardis_exp.consensus import _k_cophenetic
+
+    classes = np.repeat([0, 1, 2, 3], 15)
+    R, r, m = 6, 4, 30
+    comps = np.ones((R, r, m))
+    # each replicate finds the 4 programs in its own order: the meta-program labels undo it
+    perms = [np.random.default_rng(i).permutation(r) for i in range(R)]
+    U = _usages_of(classes, R, r)
+    U = np.stack([U[:, rep, perms[rep]] for rep in range(R)], axis=1)  # component j = program perms[rep][j]
+    items = np.concatenate(perms)
+    assert _k_cophenetic(U, comps, items, 4) == pytest.approx(1.0, abs=1e-6)
+    # two meta-programs, each the merge of two programs, the same merge in every replicate: stable
+    assert _k_cophenetic(U, comps, items // 2, 2) == pytest.approx(1.0, abs=1e-6)
+    # spots whose program changes from restart to restart: lower
+    noisy = _usages_of(classes, R, r, flip=0.3, seed=1)
+    assert _k_cophenetic(noisy, comps, np.tile(np.arange(r), R), 4) < 0.95
+    # the expression a component explains (W * H.sum()) decides, not W alone: scale one
+    # replicate's component 0 up in H and down in W, the labels stay the same
+    scaled_U, scaled_c = U.copy(), comps.copy()
+    scaled_U[:, 0, 0] /= 10
+    scaled_c[0, 0] *= 10
+    assert _k_cophenetic(scaled_U, scaled_c, items, 4) == pytest.approx(1.0, abs=1e-6)
+
+
 # ------------------------------------------------------------------ stages
 
 
@@ -153,6 +191,10 @@ def test_consensus_reports_runner_up_and_evidence_metrics(fitted):
     m = k_evidence_metrics(c)
     assert set(m) >= {"runner_up_k", "consensus.k_margin", "consensus.stability", "consensus.spot_cophenetic"}
     assert 0 < m["consensus.stability"] <= 1 and 0 < m["consensus.spot_cophenetic"] <= 1
+    # the sweep objective: the mean of the silhouette and the spot cophenetic at the chosen K
+    i = list(c["k_values"]).index(c["best_k"])
+    assert 0.9 < m["consensus.k_cophenetic"] <= 1
+    assert m["consensus.reproducibility"] == pytest.approx((c["silhouette"][i] + m["consensus.k_cophenetic"]) / 2)
 
 
 def test_nmf_program_is_the_argmax_of_the_consensus_usages(fitted):
@@ -261,3 +303,32 @@ def test_study_k_selection_reads_the_trials_of_a_study(tmp_path):
     assert p is not None and p.is_file()
     empty = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     assert study_k_selection(empty, tmp_path / "none.png") is None
+
+
+def test_validate_merge_orders_rows_and_counts_the_objectives(tmp_path):
+    """scripts/validate.py: rows saved by split runs (--rows) merge into one table (--merge)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("validate", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "validate.py")
+    V = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(V)
+
+    def row(name, k, chosen):
+        return {"set": name, "k": [k], "ref": "r", "default_k": np.int64(chosen), "default_runner": (k, 1.5),
+                "default_ari": np.float32(0.5), "seconds": 1.0,
+                "objective_k": {"reproducibility": (chosen, chosen), "silhouette": (k, k)}}
+
+    (tmp_path / "a.json").write_text(json.dumps([row("Monti simulated6", 6, 2)], default=V._jsonable))
+    (tmp_path / "b.json").write_text(json.dumps([row("Brunet leukemia", 2, 2)], default=V._jsonable))
+    out = tmp_path / "v.md"
+    rows = V.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    assert [r["set"] for r in rows] == ["Brunet leukemia", "Monti simulated6"]  # the script's order
+    text = out.read_text()
+    # silhouette right on both, reproducibility on leukemia only
+    right = next(line for line in text.splitlines() if line.startswith("| sets right"))
+    counts = dict(zip(V.winner(rows, ""), right.split("|")[2:-1]))
+    assert counts["silhouette"].strip() == "2" and counts["reproducibility"].strip() == "1"
+    assert "2 processes" in text and "<!-- validate.py:end -->" in text

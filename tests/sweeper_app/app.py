@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> dict:
         "consensus.cophenetic": 1.0 - abs(cfg.k - 7) / 10.0 - abs(n_comp - 9) / 20.0 - span / 100.0,
         # the conf/sweep presets' objective (tardis_exp.pipeline.headline_metrics)
         "consensus.silhouette": 1.0 - abs(cfg.k - 7) / 10.0 - abs(n_comp - 9) / 20.0 - span / 100.0,
+        "consensus.reproducibility": 1.0 - abs(cfg.k - 7) / 10.0 - abs(n_comp - 9) / 20.0 - span / 100.0,
         "reconstruction_error": float(cfg.k) + 10.0 / n_comp,
         "nested": {"score": -loss},
         "nan_metric": math.nan,
