@@ -67,7 +67,7 @@ def test_corrupt_data_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["consensus.foo=1"], ["consensus.foo", "not in struct"]),  # Hydra's own error
+    (["consensus.foo=1"], ["consensus.foo", "Key 'foo' not in"]),  # Hydra's own error (the structured schema)
     (["data=nosuch"], ["data/nosuch", "h5ad"]),  # unknown config group option
     (["factorize.n_components=[1"], ["cannot parse the override", "factorize.n_components=[1"]),
     (["consensus.min_clusters=abc"], ["consensus.min_clusters", "'abc'"]),  # a wrong type
