@@ -503,7 +503,10 @@ def build_sampler(
     name = sampler_name(cfg)
     seed = cfg.get("seed", None)
     if seed is not None:
-        seed = int(seed) + seed_offset
+        # not for grid: GridSampler shuffles the grid with its seed and a trial's grid_id
+        # indexes that order, so every process of a study (resumed, second worker) needs the
+        # same seed; an offset sends grid ids to other points (duplicates, points never run)
+        seed = int(seed) + (0 if name == "grid" else seed_offset)
     kw = _kwargs(cfg, ("name", "seed"))
     try:
         if name in ("tpe", "motpe"):
