@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -72,6 +74,16 @@ def sweep(root: Path, study: str, launcher: str | None, n_trials: int, *args: st
     p = subprocess.run(cmd, cwd=root, env=env or _env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"sweep failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
     return p
+
+
+def pg_url() -> str:
+    """The test PostgreSQL server (scripts/start_postgres.sh); required under CI."""
+    url = os.environ.get("TARDIS_TEST_POSTGRES_URL")
+    if not url:
+        if CI:
+            pytest.fail("CI=true but TARDIS_TEST_POSTGRES_URL is not set (scripts/start_postgres.sh)")
+        pytest.skip("TARDIS_TEST_POSTGRES_URL not set (see scripts/start_postgres.sh)")
+    return url
 
 
 def _client(root: Path):
@@ -224,3 +236,157 @@ def test_resumed_grid_study_runs_every_point_once():
             if len(ran) < 5:  # the tell that exhausts a grid calls study.stop()
                 study.tell(trial, 0.0)
     assert sorted(ran) == [3, 4, 7, 9, 500]
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.mark.postgres
+def test_joblib_sweep_on_postgres_resumes(tmp_path):
+    """hydra/launcher=joblib against a PostgreSQL study (the toy app of tests/test_sweeper.py:
+    the trials' processes never touch the storage, the sweep process does): the batch runs in
+    worker processes, and the command run again with a larger budget adds to the study."""
+    url = pg_url()
+    study = f"joblib_pg_{os.getpid()}_{int(time.time() * 1000)}"
+    log = tmp_path / "calls.jsonl"
+
+    def run(n_trials: int) -> int:
+        cmd = [sys.executable, str(ROOT / "tests" / "sweeper_app" / "app.py"), "-m", "hydra/sweeper=tardis_optuna",
+               "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2", f"hydra.sweeper.n_trials={n_trials}",
+               f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={url}",
+               f"hydra.sweep.dir={tmp_path}/multirun", f"paths.root_dir={tmp_path}",
+               "hydra.sweeper.objectives=[{metric:loss,direction:minimize}]", "x=interval(-1,1)", f"log_file={log}"]
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-6000:]
+        return p.pid
+
+    import json
+
+    sweeper_pid = run(2)
+    st = optuna.load_study(study_name=study, storage=url)
+    assert [t.state.name for t in st.trials] == ["COMPLETE", "COMPLETE"]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(c["trial"] for c in calls) == [0, 1]
+    assert sweeper_pid not in {c["pid"] for c in calls}  # the trials ran in joblib's workers
+    run(3)
+    st = optuna.load_study(study_name=study, storage=url)
+    assert [t.number for t in st.trials] == [0, 1, 2] and all(t.state.name == "COMPLETE" for t in st.trials)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(c["trial"] for c in calls) == [0, 1, 2]  # trial 0 and 1 were not run again
+    # each trial's sampled x is what its process ran
+    assert sorted(c["x"] for c in calls) == sorted(t.params["x"] for t in st.trials)
+
+
+# --------------------------------------------------------------------------- the SLURM recipe
+
+
+def _doc_commands() -> dict:
+    """docs/sweeps.md's submitit commands, as argument lists, by launcher."""
+    text = (ROOT / "docs" / "sweeps.md").read_text()
+    cmds = {}
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            m = re.search(r"hydra/launcher=(submitit_\w+)", line)
+            if line.strip().startswith("tardis-exp -m") and m:
+                assert m.group(1) not in cmds, f"two {m.group(1)} commands in docs/sweeps.md"
+                cmds[m.group(1)] = shlex.split(line)
+    assert set(cmds) == {"submitit_slurm", "submitit_local"}, cmds
+    return cmds
+
+
+SLURM_ONLY = ("hydra.launcher.partition=", "hydra.launcher.array_parallelism=")
+
+
+def test_slurm_recipe_keys_are_the_launchers_and_give_the_sbatch_script(tmp_path, monkeypatch):
+    """The SLURM command of docs/sweeps.md: its local form is the same command apart from the
+    launcher name and the SLURM-only keys; its keys exist in hydra-submitit-launcher's config
+    (a misspelt key does not compose) and give the sbatch options the page's table names."""
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    cmds = _doc_commands()
+    slurm, local = cmds["submitit_slurm"], cmds["submitit_local"]
+    assert local == [a.replace("submitit_slurm", "submitit_local") for a in slurm if not a.startswith(SLURM_ONLY)]
+    assert all(any(a.startswith(k) for a in slurm) for k in SLURM_ONLY)
+
+    monkeypatch.setenv("TARDIS_OPTUNA_STORAGE", "postgresql+psycopg2://u:pw@db-host/optuna")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=slurm[2:], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    given = {a.split("=", 1)[0][len("hydra.launcher."):]: a.split("=", 1)[1]
+             for a in slurm if a.startswith("hydra.launcher.")}
+    assert set(given) == {"timeout_min", "cpus_per_task", "mem_gb", "partition", "array_parallelism"}
+    assert {k: str(launcher[k]) for k in given} == given
+    # the storage stays an interpolation in the config (what submitit pickles), resolved on use
+    assert OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)["storage"] == "${oc.env:TARDIS_OPTUNA_STORAGE}"
+    assert cfg.hydra.sweeper.storage == "postgresql+psycopg2://u:pw@db-host/optuna"
+
+    # the launcher's own translation (SlurmLauncher.launch): generic keys as they are, the
+    # others prefixed with the executor's name; submitit writes the sbatch script from them.
+    # submitit refuses to build a SLURM executor without srun on PATH: an empty one is enough,
+    # nothing is submitted.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    generic = set(OmegaConf.structured(BaseQueueConf).keys())
+    launcher["name"] = "tardis-exp"  # ${hydra.job.name}, set when a job runs
+    params = {k if k in generic else f"slurm_{k}": v for k, v in launcher.items()
+              if k not in ("_target_", "submitit_folder", "max_num_timeout")}
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path / "sub")
+    executor.update_parameters(**params)
+    executor._executor.parameters["map_count"] = 8  # a batch of n_jobs=8 trials: one job array
+    script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+    for line in ("--partition=cpu", "--cpus-per-task=4", "--mem=16GB", "--time=60", "--array=0-7%8"):
+        assert f"#SBATCH {line}\n" in script, (line, script)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_slurm_recipe_local_form_runs_on_postgres(tmp_path):
+    """docs/sweeps.md's local form of the SLURM recipe, as written, from an empty folder, with
+    the storage URL and the MLflow store in the environment variables it reads (plus tiny
+    data, a study name of its own and 2 trials): both trials run as submitit jobs, the study
+    is in PostgreSQL, MLflow holds study, trial and stage runs, and the password is in no file
+    (submitit pickles the config and the command line into .submitit/)."""
+    from sqlalchemy.engine import make_url
+
+    url = pg_url()
+    cmd = _doc_commands()["submitit_local"]
+    exe = Path(sys.executable).with_name("tardis-exp")
+    cmd = [str(exe)] + cmd[1:] if exe.exists() else [sys.executable, "-m", "tardis_exp"] + cmd[1:]
+    study = f"recipe_{os.getpid()}_{int(time.time() * 1000)}"
+    cmd += [f"hydra.sweeper.study_name={study}", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/multirun",
+            *DATA, *GRID]
+    mlflow_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    p = subprocess.run(cmd, cwd=tmp_path, env=_env(TARDIS_OPTUNA_STORAGE=url, MLFLOW_TRACKING_URI=mlflow_uri),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+
+    st = optuna.load_study(study_name=study, storage=url)
+    assert len(st.trials) == 2
+    for t in st.trials:
+        rank = t.user_attrs["values"]["factorize.n_components"]
+        assert t.state.name == ("FAIL" if rank == 500 else "COMPLETE"), (rank, t.user_attrs)
+        job_id = yaml.safe_load((tmp_path / "multirun" / str(t.number) / ".hydra" / "hydra.yaml").read_text())[
+            "hydra"]["job"]["id"]
+        assert (tmp_path / "multirun" / ".submitit" / str(job_id)).is_dir()  # a submitit job ran it
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("tardis-exp").experiment_id
+    (parent,) = client.search_runs([exp], f"tags.`optuna.role` = 'study' and tags.`optuna.study_name` = '{study}'")
+    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == [0, 1]
+    for r in trials:
+        stages = {s.data.tags["stage"] for s in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.info.run_id}'")}
+        assert stages == (STAGES if r.info.status == "FINISHED" else {"preprocess", "factorize"}), r.info.run_name
+
+    u = make_url(url)
+    secret = f"{u.username}:{u.password}@".encode()
+    leaks = [str(f) for f in tmp_path.rglob("*") if f.is_file() and secret in f.read_bytes()]
+    assert not leaks and secret.decode() not in p.stdout + p.stderr, leaks
