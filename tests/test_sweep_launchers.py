@@ -2,10 +2,11 @@
 
 ``tardis-exp -m`` with the project's sweeper runs its trials through
 ``hydra/launcher=joblib`` (loky worker processes) and ``hydra/launcher=submitit_local``
-(one ``python -m submitit.core._submit`` process per trial, the local form of
-``submitit_slurm``), on tiny synthetic data, against a real Optuna journal or
-PostgreSQL storage and a real MLflow SQLite store. Checked, for each launcher, against a
-sweep of the same study with Hydra's basic launcher in the same MLflow store:
+(one ``python -m submitit.core._submit`` process per trial: the local form of
+docs/sweeps.md's ``submitit_slurm`` recipe, run as written), on tiny synthetic data,
+against a real Optuna journal or PostgreSQL storage and a real MLflow SQLite store.
+Checked, for each launcher, against a sweep of the same study with Hydra's basic
+launcher in the same MLflow store:
 
 * the batch of ``hydra.sweeper.n_jobs=2`` trials runs in processes of the launcher, and
   every trial completes (or fails, as it does with the basic launcher);
@@ -69,10 +70,12 @@ def _env(**extra: str) -> dict:
 
 
 def sweep(root: Path, study: str, launcher: str | None, n_trials: int, *args: str,
-          env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tardis_exp", "-m", "sweep=k_range",
-           *([f"hydra/launcher={launcher}"] if launcher else []), "hydra.sweeper.n_jobs=2",
-           f"paths.root_dir={root}", f"hydra.sweep.dir={root}/multirun/{study}",
+          head: list | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``tardis-exp -m sweep=k_range`` (or the command ``head``) on the tiny grid study."""
+    if head is None:
+        head = [sys.executable, "-m", "tardis_exp", "-m", "sweep=k_range",
+                *([f"hydra/launcher={launcher}"] if launcher else []), "hydra.sweeper.n_jobs=2"]
+    cmd = [*head, f"paths.root_dir={root}", f"hydra.sweep.dir={root}/multirun/{study}",
            f"hydra.sweeper.study_name={study}", f"hydra.sweeper.n_trials={n_trials}",
            f"cache.dir={root}/cache/{study}", *DATA, *GRID, SECRET_TAG, *args]
     p = subprocess.run(cmd, cwd=root, env=env or _env(), capture_output=True, text=True, timeout=600)
@@ -97,10 +100,16 @@ def _client(root: Path):
     return client, client.get_experiment_by_name("tardis-exp").experiment_id
 
 
-def _journal_study(root: Path, study: str) -> optuna.Study:
-    from optuna.storages.journal import JournalFileBackend
+def _journal(root: Path) -> str:
+    return str(root / "mlruns" / "optuna" / "journal.log")
 
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(root / "mlruns" / "optuna" / "journal.log")))
+
+def _load(storage: str, study: str) -> optuna.Study:
+    if storage.endswith(".log"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.load_study(study_name=study,
+                                 storage=optuna.storages.JournalStorage(JournalFileBackend(storage)))
     return optuna.load_study(study_name=study, storage=storage)
 
 
@@ -117,7 +126,7 @@ def hierarchy(client, exp: str, study: str) -> dict:
     rank its trial run with its stage runs, each as (status, params, tags, metrics)."""
     (parent,) = client.search_runs([exp], f"tags.`optuna.role` = 'study' and tags.`optuna.study_name` = '{study}'")
     out = {"study": (parent.info.status, parent.info.run_name.replace(study, "<study>"),
-                     {k: v for k, v in parent.data.params.items() if k != "study.n_trials"},
+                     {k: v for k, v in parent.data.params.items() if k not in ("study.n_trials", "study.n_jobs")},
                      {k: v for k, v in _tags(parent, study).items() if not k.startswith("optuna.now.")},
                      sorted(parent.data.metrics))}
     trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -174,26 +183,47 @@ def test_reference_sweep(root, reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_launcher_sweep_resumes_with_the_basic_launchers_mlflow_hierarchy(launcher, root, reference):
+    """joblib: ``hydra/launcher=joblib`` on the default journal. submitit_local: the local form
+    of docs/sweeps.md's SLURM recipe as written (storage and MLflow store from the environment
+    variables it reads): on the test PostgreSQL server (required under CI), else the journal.
+    Each run for 2 trials, then resumed to 3, and compared with the basic launcher's sweep."""
+    from sqlalchemy.engine import make_url
+
+    head, env, storage, pg = None, _env(), _journal(root), None
     study = launcher
+    if launcher == "submitit_local":
+        pg = os.environ.get("TARDIS_TEST_POSTGRES_URL")
+        if not pg and CI:
+            pytest.fail("CI=true but TARDIS_TEST_POSTGRES_URL is not set (scripts/start_postgres.sh)")
+        storage = pg or storage
+        # a study of its own on the persistent server
+        study = f"submitit_local_{os.getpid()}_{int(time.time() * 1000)}"
+        doc = _doc_commands()["submitit_local"]
+        exe = Path(sys.executable).with_name("tardis-exp")
+        head = [str(exe)] + doc[1:] if exe.exists() else [sys.executable, "-m", "tardis_exp"] + doc[1:]
+        env = _env(TARDIS_OPTUNA_STORAGE=storage, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlruns/mlflow.db")
+
     # first invocation: one batch of two trials, run by the launcher's worker processes
-    p = sweep(root, study, launcher, 2)
-    log = p.stdout + p.stderr
+    p = sweep(root, study, launcher, 2, head=head, env=env)
+    out = p.stdout + p.stderr
     if launcher == "joblib":
-        assert "is launching 2 jobs" in log
+        assert "is launching 2 jobs" in out
     else:
-        assert "Submitit 'local' sweep output dir" in log
-    assert len(_journal_study(root, study).trials) == 2
+        assert "Submitit 'local' sweep output dir" in out
+    assert len(_load(storage, study).trials) == 2
     client, exp = _client(root)
     (parent,) = client.search_runs([exp], f"tags.`optuna.study_name` = '{study}' and tags.`optuna.role` = 'study'")
     # the same command with a larger budget resumes the study
-    sweep(root, study, launcher, 3)
-    st = _journal_study(root, study)
+    p2 = sweep(root, study, launcher, 3, head=head, env=env)
+    out += p2.stdout + p2.stderr
+    st = _load(storage, study)
     assert sorted(t.number for t in st.trials) == [0, 1, 2]
     states = {t.user_attrs["values"]["factorize.n_components"]: t.state.name for t in st.trials}
     assert states == {3: "COMPLETE", 4: "COMPLETE", 500: "FAIL"}
     res = yaml.safe_load((root / "multirun" / study / "optimization_results.yaml").read_text())
     assert (res["n_trials"], res["n_complete"], res["n_fail"], res["n_launched_by_this_worker"]) == (3, 2, 1, 1)
     assert res["mlflow_parent_run_id"] == parent.info.run_id  # the same study run, resumed
+    assert res["storage"].startswith("postgresql" if pg else "journal:")
 
     got = hierarchy(client, exp, study)
     assert_same_hierarchy(got, reference)
@@ -222,10 +252,14 @@ def test_launcher_sweep_resumes_with_the_basic_launchers_mlflow_hierarchy(launch
     # journal and the MLflow store; submitit's job pickles (.submitit/) hold the command line
     # as it was given (docs/sweeps.md: pass credentials through ${oc.env:...} on a cluster)
     assert got[3]["trial"][3]["db"] == "postgresql://u:***@db-host/db"
-    leaks = sorted(str(f.relative_to(root)) for d in (root / "multirun" / study, root / "mlruns")
-                   for f in d.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes())
+    files = [f for d in (root / "multirun" / study, root / "mlruns") for f in d.rglob("*") if f.is_file()]
+    leaks = sorted(str(f.relative_to(root)) for f in files if SECRET.encode() in f.read_bytes())
     assert all(f.startswith(f"multirun/{study}/.submitit/") for f in leaks), leaks
     assert launcher != "joblib" or not leaks
+    if pg:  # given through ${oc.env:...}, the storage's password is in no file at all
+        u = make_url(pg)
+        cred = f"{u.username}:{u.password}@"
+        assert not [str(f) for f in files if cred.encode() in f.read_bytes()] and cred not in out
 
 
 def test_resumed_grid_study_runs_every_point_once():
@@ -355,50 +389,3 @@ def test_slurm_recipe_keys_are_the_launchers_and_give_the_sbatch_script(tmp_path
     script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
     for line in ("--partition=cpu", "--cpus-per-task=4", "--mem=16GB", "--time=60", "--array=0-7%8"):
         assert f"#SBATCH {line}\n" in script, (line, script)
-
-
-@pytest.mark.slow
-@pytest.mark.postgres
-def test_slurm_recipe_local_form_runs_on_postgres(tmp_path):
-    """docs/sweeps.md's local form of the SLURM recipe, as written, from an empty folder, with
-    the storage URL and the MLflow store in the environment variables it reads (plus tiny
-    data, a study name of its own and 2 trials): both trials run as submitit jobs, the study
-    is in PostgreSQL, MLflow holds study, trial and stage runs, and the password is in no file
-    (submitit pickles the config and the command line into .submitit/)."""
-    from sqlalchemy.engine import make_url
-
-    url = pg_url()
-    cmd = _doc_commands()["submitit_local"]
-    exe = Path(sys.executable).with_name("tardis-exp")
-    cmd = [str(exe)] + cmd[1:] if exe.exists() else [sys.executable, "-m", "tardis_exp"] + cmd[1:]
-    study = f"recipe_{os.getpid()}_{int(time.time() * 1000)}"
-    cmd += [f"hydra.sweeper.study_name={study}", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/multirun",
-            *DATA, *GRID]
-    mlflow_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    p = subprocess.run(cmd, cwd=tmp_path, env=_env(TARDIS_OPTUNA_STORAGE=url, MLFLOW_TRACKING_URI=mlflow_uri),
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
-
-    st = optuna.load_study(study_name=study, storage=url)
-    assert len(st.trials) == 2
-    for t in st.trials:
-        rank = t.user_attrs["values"]["factorize.n_components"]
-        assert t.state.name == ("FAIL" if rank == 500 else "COMPLETE"), (rank, t.user_attrs)
-        job_id = yaml.safe_load((tmp_path / "multirun" / str(t.number) / ".hydra" / "hydra.yaml").read_text())[
-            "hydra"]["job"]["id"]
-        assert (tmp_path / "multirun" / ".submitit" / str(job_id)).is_dir()  # a submitit job ran it
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    exp = client.get_experiment_by_name("tardis-exp").experiment_id
-    (parent,) = client.search_runs([exp], f"tags.`optuna.role` = 'study' and tags.`optuna.study_name` = '{study}'")
-    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == [0, 1]
-    for r in trials:
-        stages = {s.data.tags["stage"] for s in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.info.run_id}'")}
-        assert stages == (STAGES if r.info.status == "FINISHED" else {"preprocess", "factorize"}), r.info.run_name
-
-    u = make_url(url)
-    secret = f"{u.username}:{u.password}@".encode()
-    leaks = [str(f) for f in tmp_path.rglob("*") if f.is_file() and secret in f.read_bytes()]
-    assert not leaks and secret.decode() not in p.stdout + p.stderr, leaks
