@@ -150,9 +150,12 @@ def build_sampler(
     worker does not replay the first one's sequence."""
     name, target, kw = _target(cfg or {}, "sampler", _sampler_targets(), "tpe")
     seed = kw.pop("seed", None)
-    if seed is not None:
-        seed = int(seed) + seed_offset
     cls = _import(target, "sampler", optuna.samplers.BaseSampler)
+    if seed is not None:
+        # not for grid: GridSampler shuffles the grid with its seed and a trial's grid_id
+        # indexes that order, so every process of a study (resumed, second worker) needs the
+        # same seed; an offset sends grid ids to other points (duplicates, points never run)
+        seed = int(seed) + (0 if issubclass(cls, optuna.samplers.GridSampler) else seed_offset)
     args: Tuple[Any, ...] = ()
     if issubclass(cls, optuna.samplers.GridSampler):
         args = (space.grid(),)

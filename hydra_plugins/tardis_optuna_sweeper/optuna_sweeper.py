@@ -55,6 +55,12 @@ class TardisOptunaSweeper(Sweeper):
         task_function: TaskFunction,
         config: DictConfig,
     ) -> None:
+        # Launchers resolve their config when instantiated in setup, and it may go through
+        # ${hydra:...} (submitit_folder: ${hydra.sweep.dir}/... -> paths.root_dir ->
+        # ${hydra:runtime.cwd}), before Hydra sets HydraConfig for the first job
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
         self.sweeper.setup(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
