@@ -32,8 +32,13 @@ LOSSES = ("frobenius", "kullback-leibler")
 
 
 def check_params(*, n_components, n_replicates=10, solver="mu", beta_loss="frobenius", max_iter=1000,
-                 tol=1e-4, shape=None, check_every=10, random_state=42, **_) -> None:
+                 tol=1e-4, shape=None, check_every=10, random_state=42, max_memory_gb=None,
+                 dask={"scheduler": None}, **_) -> None:
     """Validate factorize parameters; ``shape`` (spots, genes) when the data is known."""
+    from .chunked import check_dask_config
+
+    check_float(max_memory_gb, "factorize.max_memory_gb", low=0, low_open=True, allow_none=True)
+    check_dask_config(dask)
     check_choice(solver, "factorize.solver", SOLVERS)
     check_choice(beta_loss, "factorize.beta_loss", LOSSES)
     if solver in ("cd", "hals") and beta_loss != "frobenius":
@@ -75,6 +80,8 @@ def factorize(
     beta_loss: str = "frobenius",
     check_every: int = 10,
     store_usages: bool = True,
+    max_memory_gb: float | None = None,
+    dask: dict | None = {"scheduler": None},  # noqa: B006 -- read, never modified
     progress: bool | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -106,26 +113,47 @@ def factorize(
         ``'frobenius'`` or ``'kullback-leibler'`` (``mu`` only).
     store_usages
         Keep every replicate's W in ``obsm['X_nmf_replicates']``.
+    max_memory_gb
+        Refuse, before any fit, when the memory model of the factorization
+        (:func:`tardis_exp.chunked.estimate_factorize_gb`) exceeds this (``None``: no limit).
+    dask
+        ``{'scheduler': ...}``: the Dask scheduler the chunked products run on when
+        ``adata.X`` is a Dask array (``data.backend=dask``): ``None`` (the active one),
+        ``'threads'``, ``'processes'``, ``'synchronous'`` or a ``dask.distributed``
+        scheduler address ``'tcp://host:port'``; see :func:`tardis_exp.chunked.dask_scheduler`.
     copy
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(n_components=n_components, n_replicates=n_replicates, solver=solver, beta_loss=beta_loss,
-                 max_iter=max_iter, tol=tol, shape=adata.shape, check_every=check_every, random_state=random_state)
-    adata = adata.copy() if copy else adata
-    X = prepare_matrix(adata.X)
-    v = X.data if sp.issparse(X) else X
-    if v.size and (not np.isfinite(v).all() or v.min() < 0):
-        raise InputError("factorize needs finite, non-negative adata.X; run the preprocess stage first")
+                 max_iter=max_iter, tol=tol, shape=adata.shape, check_every=check_every, random_state=random_state,
+                 max_memory_gb=max_memory_gb, dask=dask)
+    from .chunked import check_memory, dask_scheduler, is_dask
 
     k, R = int(n_components), int(n_replicates)
-    seeds = derive_seeds(random_state, R)
-    t0 = time.perf_counter()
-    if solver in ("hals", "mu"):
-        results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
-                            check_every=check_every, progress=progress, desc="factorize")
-    else:
-        results = _fit_cd(X, k, seeds, max_iter, tol)
-    elapsed = time.perf_counter() - t0
+    chunked = is_dask(adata.X)
+    if chunked and solver == "cd":
+        raise ConfigError("factorize.solver=cd needs X in memory; use solver=hals or mu with data.backend=dask")
+    check_memory(max_memory_gb, n_spots=adata.n_obs, n_genes=adata.n_vars, n_columns=k * R, solver=solver,
+                 chunked=chunked, nnz=adata.X.nnz if sp.issparse(adata.X) else None)
+    adata = adata.copy() if copy else adata
+    with dask_scheduler((dask or {}).get("scheduler")):
+        X = prepare_matrix(adata.X)
+        if getattr(X, "is_chunked", False):  # from the pass over the chunks made by prepare_matrix
+            bad = X.nnz and (not X.finite_ or X.min_ < 0)
+        else:
+            v = X.data if sp.issparse(X) else X
+            bad = v.size and (not np.isfinite(v).all() or v.min() < 0)
+        if bad:
+            raise InputError("factorize needs finite, non-negative adata.X; run the preprocess stage first")
+
+        seeds = derive_seeds(random_state, R)
+        t0 = time.perf_counter()
+        if solver in ("hals", "mu"):
+            results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
+                                check_every=check_every, progress=progress, desc="factorize")
+        else:
+            results = _fit_cd(X, k, seeds, max_iter, tol)
+        elapsed = time.perf_counter() - t0
 
     errors = np.array([r.error for r in results])
     best = int(np.argmin(errors))
