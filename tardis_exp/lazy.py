@@ -144,3 +144,111 @@ def convert(src, dst, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
     write_zarr_chunks(tmp, blocks(), a.obs, a.var, dict(a.obsm), dict(a.uns))
     tmp.rename(dst)
     return dst
+
+
+_MAX_NONFINITE_PER_CHUNK = 10_000
+
+
+def _chunk_summary(b):
+    v = b.data if sp.issparse(b) else np.asarray(b).ravel()
+    fin = np.isfinite(v) if v.dtype.kind == "f" else np.ones(v.shape, bool)
+    out = [v[fin].min(), v[fin].max()] if fin.any() else []
+    # a zero not stored in a CSR chunk still counts (min over the matrix)
+    if sp.issparse(b) and b.nnz < b.shape[0] * b.shape[1]:
+        out.append(0)
+    bad = v[~fin][:_MAX_NONFINITE_PER_CHUNK]
+    return np.concatenate([np.asarray(out, dtype=v.dtype), bad]) if len(out) or bad.size \
+        else np.zeros(0, v.dtype)
+
+
+def value_summary(X) -> np.ndarray:
+    """Every chunk's min and max (finite values) and its non-finite values (up to 10,000 a chunk),
+    in X's dtype: min, max, finiteness and dtype of this small array are those of X.
+    One pass over the chunks."""
+    import dask
+
+    parts = dask.compute(*[dask.delayed(_chunk_summary)(b) for b in X.to_delayed().ravel()])
+    return np.concatenate(parts) if parts else np.zeros(0, X.dtype)
+
+
+class _Spill:
+    """A scratch folder of one matrix's chunks as raw ``.npy`` files, removed when the last
+    Dask graph reading it is garbage-collected (or at exit)."""
+
+    def __init__(self, dir=None):
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="tardis-exp-chunks-", dir=dir)
+        self.path = self._tmp.name
+
+    def __reduce__(self):  # a process-pool worker gets the path, not the folder's ownership
+        return (_SpillPath, (self.path,))
+
+
+class _SpillPath:
+    def __init__(self, path):
+        self.path = path
+
+
+def _save_chunk(b, spill, i):
+    import os
+
+    from .chunked import _block
+
+    b = _block(b)
+    base = os.path.join(spill.path, f"{i:06d}")
+    if sp.issparse(b):
+        for name in ("data", "indices", "indptr"):
+            np.save(f"{base}.{name}.npy", getattr(b, name))
+    else:
+        np.save(f"{base}.npy", b)
+    return b.shape[0]
+
+
+def _load_chunk(spill, i, shape, sparse):
+    import os
+
+    base = os.path.join(spill.path, f"{i:06d}")
+    if sparse:
+        parts = [np.load(f"{base}.{name}.npy") for name in ("data", "indices", "indptr")]
+        return sp.csr_matrix(tuple(parts), shape=shape)
+    return np.load(f"{base}.npy")
+
+
+def spill(X, dir=None):
+    """Compute a lazy (e.g. preprocessed) Dask matrix once and return one that reads its chunks back.
+
+    The factorization makes two passes over ``X`` per iteration; without this every pass
+    would redo the reading, normalization and gene selection of each chunk. With a
+    ``dask.distributed`` client the chunks are persisted in the workers' memory (the
+    cluster's memory is what it is for); otherwise each chunk is written once, uncompressed,
+    to a scratch folder under ``dir`` (default: the system's temporary folder, ``TMPDIR``),
+    removed when the returned array is no longer referenced.
+    """
+    import dask
+    import dask.array as da
+
+    try:
+        from distributed import get_client
+
+        get_client()
+        distributed = True
+    except (ImportError, ValueError):
+        distributed = False
+    if distributed:
+        X = X.persist()
+        from distributed import wait
+
+        wait(X)
+        return X
+    sparse = sp.issparse(X._meta)
+    store = _Spill(dir)
+    blocks = X.to_delayed().ravel()
+    wave = 8
+    for a in range(0, len(blocks), wave):
+        dask.compute(*[dask.delayed(_save_chunk)(blocks[i], store, i) for i in range(a, min(a + wave, len(blocks)))])
+    meta = sp.csr_matrix((0, 0), dtype=np.float32) if sparse else np.empty((0, 0), np.float32)
+    m = X.shape[1]
+    parts = [da.from_delayed(dask.delayed(_load_chunk, pure=True)(store, i, (r, m), sparse), shape=(r, m),
+                             dtype=np.float32, meta=meta) for i, r in enumerate(X.chunks[0])]
+    return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
