@@ -91,7 +91,8 @@ def write_zarr_chunks(path, blocks: Iterable, obs: pd.DataFrame, var: pd.DataFra
     """Write an AnnData zarr store whose ``X`` (CSR) arrives as row blocks, never whole in memory.
 
     The first block is written as a CSR element and the rest appended with
-    :func:`anndata.experimental.sparse_dataset` (the store grows along the rows).
+    :func:`anndata.experimental.sparse_dataset` (the store grows along the rows). ``obs``,
+    ``var``, ``obsm`` and ``uns`` may be callables, called after the last block.
     """
     import zarr
     from anndata.experimental import sparse_dataset
@@ -108,6 +109,9 @@ def write_zarr_chunks(path, blocks: Iterable, obs: pd.DataFrame, var: pd.DataFra
         b = sp.csr_matrix(b, dtype=np.float32)
         X.append(b)
         n += b.shape[0]
+    # obs, var, obsm, uns may be callables, made once the blocks are written (a generator
+    # that learns them as it goes)
+    obs, var, obsm, uns = (v() if callable(v) else v for v in (obs, var, obsm, uns))
     if n != len(obs):
         raise ValueError(f"blocks gave {n} rows but obs has {len(obs)}")
     write_elem(g, "obs", obs)
