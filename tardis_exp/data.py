@@ -6,6 +6,8 @@ Sources (``data.source``, chosen with ``data=<name>`` on the command line):
     :func:`tardis_exp.synthetic.make_synthetic` (the default; ground truth inside).
 ``h5ad``
     Any AnnData file (``anndata.read_h5ad``).
+``zarr``
+    An AnnData zarr store (folder), e.g. from ``python -m tardis_exp.convert in.h5ad out.zarr``.
 ``tenx_h5``
     A 10x Genomics ``filtered_feature_bc_matrix.h5`` (``scanpy.read_10x_h5``).
 ``tenx_mtx``
@@ -21,6 +23,9 @@ Sources (``data.source``, chosen with ``data=<name>`` on the command line):
 ``dataset``
     A benchmark set with a published answer (``data.dataset``, :mod:`tardis_exp.datasets`):
     Brunet et al.'s leukemia and medulloblastoma sets (shipped), Monti et al.'s simulations.
+
+``data.backend=dask`` (``h5ad`` and ``zarr``) leaves ``X`` on disk as a row-chunked Dask
+array of ``data.chunk_rows`` spots (:func:`tardis_exp.lazy.read_lazy`, docs/large-data.md).
 
 Every failure to read is an :class:`~tardis_exp.errors.InputError` naming ``data.path``
 and the file.
