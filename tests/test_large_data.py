@@ -128,3 +128,21 @@ def test_cli_refuses_bad_dask_settings_early(tmp_path):
     assert not list(tmp_path.glob("outputs/runs/*/metrics.yaml"))
     p = _cli(tmp_path, "data=h5ad", f"data.path={src}", "data.backend=dask", "factorize.dask.scheduler=warp")
     assert p.returncode == 2 and "factorize.dask.scheduler='warp'" in p.stderr
+
+
+def test_cli_on_a_local_cluster(tmp_path):
+    """factorize.dask.scheduler=tcp://...: the run's passes go to the cluster's workers."""
+    distributed = pytest.importorskip("distributed")
+    src, _ = _h5ad(tmp_path)
+    # workers as threads of this process, reached over TCP by the CLI's process
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        p = _cli(tmp_path, "data=h5ad", f"data.path={src}", "data.backend=dask", "data.chunk_rows=128",
+                 "preprocess.n_top_genes=200", f"factorize.dask.scheduler={cluster.scheduler_address}")
+        assert p.returncode == 0, p.stderr[-3000:]
+        # the preprocessed chunks were persisted on the workers and the products ran there
+        tasks = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert {"xtw", "xht"} <= set(tasks), tasks  # task prefixes: dask drops the leading "_"
+    m, _ = _metrics(tmp_path)
+    assert m["best_k"] == 3 and m["program_recovery"] > 0.9
