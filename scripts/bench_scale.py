@@ -133,6 +133,14 @@ def _scale_blocks(n_spots, n_genes, n_programs, n_markers, library, seed, chunk,
 
 
 def _rss_mb():
+    """This process's peak RSS (MB): VmHWM, which starts afresh at exec. ru_maxrss does not on
+    Linux: a worker started by a parent that had generated the data would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
