@@ -207,6 +207,8 @@ def _run_worker(data: Path, res_file: Path, replicates: int, overrides, cluster=
 
 
 def _blas() -> str:
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_info
 
     return "BLAS: " + json.dumps([{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")}
