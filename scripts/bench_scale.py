@@ -17,6 +17,15 @@ Usage::
 With ``--solvers`` the pipeline runs once per solver (each in its own subprocess, in the
 order given, BLAS threads as the environment sets them) and the report adds one row per
 solver and the time and peak-RSS ratios against the first.
+
+Out of core (issue 15; docs/large-data.md): ``--backend dask`` writes the data as a zarr
+store block by block (never whole in memory) and runs the pipeline with
+``data=zarr data.backend=dask``; with ``--baseline-spots N`` the same run first makes the
+in-memory baseline (``data.backend=memory``) on N spots of the same generator and reports
+wall time per spot and peak RSS of both, side by side. ``--cluster`` runs the dask side on
+a 2-worker ``distributed.LocalCluster`` (``factorize.dask.scheduler=tcp://...``)::
+
+    python scripts/bench_scale.py --backend dask --spots 2000000 --baseline-spots 200000
 """
 
 from __future__ import annotations
@@ -43,6 +52,57 @@ def make_scale_data(path: Path, n_spots: int, n_genes: int, n_programs: int = 6,
     """
     import anndata as ad
     import numpy as np
+    import scipy.sparse as sp
+
+    blocks, domains = [], []
+    meta = {}
+    for X, d in _scale_blocks(n_spots, n_genes, n_programs, n_markers, library, seed, chunk, meta):
+        blocks.append(X)
+        domains.append(d)
+    X = sp.vstack(blocks, format="csr")
+    adata = ad.AnnData(X, obs=_scale_obs(n_spots, np.concatenate(domains), meta["labels"]), var=meta["var"])
+    adata.obsm["spatial"] = meta["spatial"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.h5ad")
+    adata.write_h5ad(tmp)
+    os.replace(tmp, path)
+
+
+def _scale_obs(n_spots, domains, labels):
+    import pandas as pd
+
+    obs = pd.DataFrame(index=[f"spot{i}" for i in range(n_spots)])
+    obs["true_domain"] = pd.Categorical.from_codes(domains, categories=labels)
+    return obs
+
+
+def make_scale_zarr(path: Path, n_spots: int, n_genes: int, n_programs: int = 6, n_markers: int = 60,
+                    library: float = 220.0, seed: int = 0, chunk: int = 20_000) -> None:
+    """The same data as :func:`make_scale_data`, written as a zarr AnnData store one block at a time."""
+    import shutil
+
+    import numpy as np
+
+    from tardis_exp.lazy import write_zarr_chunks
+
+    meta, domains = {}, []
+
+    def blocks():
+        for X, d in _scale_blocks(n_spots, n_genes, n_programs, n_markers, library, seed, chunk, meta):
+            domains.append(d.astype(np.int8))
+            yield X
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # obs (the domains) is known once every block is made: passed as callables
+    write_zarr_chunks(tmp, blocks(), obs=lambda: _scale_obs(n_spots, np.concatenate(domains), meta["labels"]),
+                      var=lambda: meta["var"], obsm=lambda: {"spatial": meta["spatial"]})
+    os.replace(tmp, path)
+
+
+def _scale_blocks(n_spots, n_genes, n_programs, n_markers, library, seed, chunk, meta):
+    """Row blocks (CSR counts, argmax domain) of the planted data; ``meta`` gets var, labels, spatial."""
+    import numpy as np
     import pandas as pd
     import scipy.sparse as sp
 
@@ -61,7 +121,11 @@ def make_scale_data(path: Path, n_spots: int, n_genes: int, n_programs: int = 6,
         marker_of[g] = p
         programs[g, p] = np.median(base) * 8 * rng.lognormal(0.0, 0.3, len(g))
     programs /= programs.sum(0, keepdims=True)
-    blocks, domains = [], []
+    labels = [f"P{p}" for p in range(n_programs)]
+    var = pd.DataFrame(index=[f"gene{g}" for g in range(n_genes)])
+    var["true_program"] = pd.Categorical([labels[m] if m >= 0 else "none" for m in marker_of],
+                                         categories=labels + ["none"])
+    meta.update(labels=labels, var=var, spatial=(ij * 100).astype(np.float32))
     for a in range(0, n_spots, chunk):
         c = coords[a:a + chunk]
         d2 = ((c[:, None, :] - centers[None]) ** 2).sum(-1)
@@ -70,27 +134,22 @@ def make_scale_data(path: Path, n_spots: int, n_genes: int, n_programs: int = 6,
         u /= u.sum(1, keepdims=True)
         lib = library * rng.lognormal(0.0, 0.3, len(c))
         counts = rng.poisson(lib[:, None] * (u @ programs.T)).astype(np.float32)
-        blocks.append(sp.csr_matrix(counts))
-        domains.append(u.argmax(1))
-    X = sp.vstack(blocks, format="csr")
-    labels = [f"P{p}" for p in range(n_programs)]
-    adata = ad.AnnData(X, obs=pd.DataFrame(index=[f"spot{i}" for i in range(n_spots)]),
-                       var=pd.DataFrame(index=[f"gene{g}" for g in range(n_genes)]))
-    adata.obs["true_domain"] = pd.Categorical.from_codes(np.concatenate(domains), categories=labels)
-    adata.obsm["spatial"] = (ij * 100).astype(np.float32)
-    adata.var["true_program"] = pd.Categorical([labels[m] if m >= 0 else "none" for m in marker_of],
-                                               categories=labels + ["none"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.h5ad")
-    adata.write_h5ad(tmp)
-    os.replace(tmp, path)
+        yield sp.csr_matrix(counts), u.argmax(1)
 
 
 def _rss_mb():
+    """This process's peak RSS (MB): VmHWM, which starts afresh at exec. ru_maxrss does not on
+    Linux: a worker started by a parent that had generated the data would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(data: Path, out: Path, replicates: int, extra: list[str]) -> None:
+def worker(data: Path, out: Path, replicates: int, extra: list[str], cluster: bool = False) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -111,10 +170,17 @@ def worker(data: Path, out: Path, replicates: int, extra: list[str]) -> None:
     for name in ("load_data", "preprocess", "factorize", "consensus", "score", "_write_outputs"):
         if hasattr(pipeline, name):  # per-stage timing, benchmark instrumentation only
             setattr(pipeline, name, timer(getattr(pipeline, name), name))
-    root = out.parent / "pipeline"
+    root = out.parent / f"pipeline_{out.stem}"
+    source = "zarr" if data.suffix == ".zarr" else "h5ad"
+    lc = None
+    if cluster:  # a 2-worker LocalCluster in child processes; the pipeline connects to its address
+        from distributed import LocalCluster
+
+        lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        extra = [*extra, f"factorize.dask.scheduler={lc.scheduler_address}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            f"paths.root_dir={root}", f"paths.run_dir={root}/run", "data=h5ad", f"data.path={data}",
+            f"paths.root_dir={root}", f"paths.run_dir={root}/run", f"data={source}", f"data.path={data}",
             "tracking.enabled=false", "tracking.log_plots=false", f"factorize.n_replicates={replicates}", *extra])
     cfg = OmegaConf.to_container(cfg, resolve=True)
     t0 = time.perf_counter()
@@ -123,16 +189,99 @@ def worker(data: Path, out: Path, replicates: int, extra: list[str]) -> None:
     from threadpoolctl import threadpool_info
 
     threads = [{k: d.get(k) for k in ("internal_api", "num_threads", "version")} for d in threadpool_info()]
+    workers_mb = None
+    if lc is not None:
+        import psutil
+
+        # the workers' own high-water marks (each a child process of this one)
+        workers_mb = [psutil.Process(p.pid).memory_info().rss / 2**20 for p in
+                      (w.process.process for w in lc.workers.values())]
+        lc.close()
     out.write_text(json.dumps({"seconds": dt, "peak_rss_mb": _rss_mb(), "stages": stages, "threads": threads,
+                               "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                               "workers_rss_mb_at_end": workers_mb,
                                "metrics": {k: v for k, v in metrics.items() if k != "mlflow_run_id"}},
                               indent=1, default=float))
 
 
+def _run_worker(data: Path, res_file: Path, replicates: int, overrides, cluster=False) -> dict | None:
+    env = dict(os.environ, TARDIS_EXP_PROGRESS="0", MPLBACKEND="Agg")
+    r = subprocess.run([sys.executable, __file__, "--worker", str(res_file), "--data", str(data),
+                        "--replicates", str(replicates), *(["--cluster"] if cluster else []), *overrides], env=env)
+    if r.returncode != 0:
+        print(f"pipeline failed (exit {r.returncode}) on {data}", file=sys.stderr)
+        return None
+    return json.loads(res_file.read_text())
+
+
+def _blas() -> str:
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import threadpool_info
+
+    return "BLAS: " + json.dumps([{k: d.get(k) for k in ("internal_api", "num_threads", "architecture")}
+                                  for d in threadpool_info()])
+
+
+def main_dask(a) -> int:
+    """Dask backend at --spots, side by side with the in-memory baseline at --baseline-spots."""
+    wd = a.workdir.resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    rows = []
+    plan = []
+    if a.baseline_spots:
+        plan.append(("memory", a.baseline_spots, ["data.backend=memory"], False))
+    plan.append(("dask" + (" (LocalCluster 2 workers)" if a.cluster else ""), a.n_spots,
+                 ["data.backend=dask", f"data.chunk_rows={a.chunk_rows}"], a.cluster))
+    load0 = os.getloadavg()[0]
+    for name, n, ov, cluster in plan:
+        data = wd / f"scale_{n}x{a.n_genes}.zarr"
+        if not data.exists():
+            t = time.perf_counter()
+            make_scale_zarr(data, n, a.n_genes)
+            print(f"made {data} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+        tag = f"{name.split()[0]}{'_cluster' if cluster else ''}_{n}"
+        res = _run_worker(data, wd / f"result_{tag}.json", a.replicates, [*ov, *a.overrides], cluster)
+        if res is None:
+            return 1
+        rows.append((name, n, res))
+    lines = [f"Scale run, data.backend=dask: {a.n_genes:,} genes, ~10% non-zero CSR in zarr, {a.replicates} "
+             f"replicates, overrides {a.overrides or '[]'}, load average {load0:.2f} at start", "",
+             "| backend | spots | seconds | s per 1,000 spots | peak RSS (MB) | best K | program recovery |",
+             "|---|---|---|---|---|---|---|"]
+    for name, n, res in rows:
+        m = res["metrics"]
+        rss = res["peak_rss_mb"]
+        if res.get("workers_rss_mb_at_end"):
+            rss_txt = f"{rss:.0f} driver + workers {res['children_peak_rss_mb']:.0f} peak"
+        else:
+            rss_txt = f"{rss:.0f}"
+        lines.append(f"| {name} | {n:,} | {res['seconds']:.1f} | {1000 * res['seconds'] / n:.3f} | {rss_txt} | "
+                     f"{m.get('best_k', float('nan')):.0f} | {m.get('program_recovery', float('nan')):.3f} |")
+    if len(rows) == 2:
+        (_, n0, r0), (_, n1, r1) = rows
+        lines.append("")
+        lines.append(f"time per spot, dask / in-memory: {(r1['seconds'] / n1) / (r0['seconds'] / n0):.2f}; "
+                     f"peak RSS, dask / in-memory: {r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f} "
+                     f"(at {n1 / n0:.1f}x the spots)")
+    for name, n, res in rows:
+        lines.append(f"stages ({name}, {n:,}): " + ", ".join(f"{s['stage']} {s['seconds']:.1f}s/{s['peak_rss_mb']:.0f}MB"
+                                                           for s in res["stages"]))
+    lines.append(_blas())
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-spots", type=int, default=200_000)
+    ap.add_argument("--n-spots", "--spots", type=int, default=200_000)
     ap.add_argument("--n-genes", type=int, default=2_000)
     ap.add_argument("--replicates", type=int, default=10)
+    ap.add_argument("--backend", choices=("memory", "dask"), default="memory")
+    ap.add_argument("--baseline-spots", type=int, default=0,
+                    help="with --backend dask: first run the in-memory path on this many spots")
+    ap.add_argument("--chunk-rows", type=int, default=50_000, help="data.chunk_rows for --backend dask")
+    ap.add_argument("--cluster", action="store_true", help="dask side on a 2-worker LocalCluster")
     ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_scale")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -141,8 +290,10 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the pipeline")
     a = ap.parse_args(argv)
     if a.worker:
-        worker(a.data, a.worker, a.replicates, a.overrides)
+        worker(a.data, a.worker, a.replicates, a.overrides, a.cluster)
         return 0
+    if a.backend == "dask":
+        return main_dask(a)
     from threadpoolctl import threadpool_info
 
     wd = a.workdir.resolve()

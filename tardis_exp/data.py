@@ -6,6 +6,8 @@ Sources (``data.source``, chosen with ``data=<name>`` on the command line):
     :func:`tardis_exp.synthetic.make_synthetic` (the default; ground truth inside).
 ``h5ad``
     Any AnnData file (``anndata.read_h5ad``).
+``zarr``
+    An AnnData zarr store (folder), e.g. from ``python -m tardis_exp.convert in.h5ad out.zarr``.
 ``tenx_h5``
     A 10x Genomics ``filtered_feature_bc_matrix.h5`` (``scanpy.read_10x_h5``).
 ``tenx_mtx``
@@ -21,6 +23,9 @@ Sources (``data.source``, chosen with ``data=<name>`` on the command line):
 ``dataset``
     A benchmark set with a published answer (``data.dataset``, :mod:`tardis_exp.datasets`):
     Brunet et al.'s leukemia and medulloblastoma sets (shipped), Monti et al.'s simulations.
+
+``data.backend=dask`` (``h5ad`` and ``zarr``) leaves ``X`` on disk as a row-chunked Dask
+array of ``data.chunk_rows`` spots (:func:`tardis_exp.lazy.read_lazy`, docs/large-data.md).
 
 Every failure to read is an :class:`~tardis_exp.errors.InputError` naming ``data.path``
 and the file.
@@ -41,8 +46,12 @@ import scipy.sparse as sp
 from .errors import ConfigError, InputError, TardisError, check_choice, check_int
 from .tracking import redact
 
-SOURCES = ("synthetic", "h5ad", "tenx_h5", "tenx_mtx", "visium", "pbmc68k", "dataset")
-_FOLDER_SOURCES = ("tenx_mtx", "visium")
+SOURCES = ("synthetic", "h5ad", "tenx_h5", "tenx_mtx", "visium", "pbmc68k", "dataset", "zarr")
+_FOLDER_SOURCES = ("tenx_mtx", "visium", "zarr")
+# data.backend: memory (read X whole) | dask (X stays on disk as a row-chunked Dask array:
+# tardis_exp.lazy, docs/large-data.md); dask reads the AnnData stores only
+BACKENDS = ("memory", "dask")
+_LAZY_SOURCES = ("h5ad", "zarr")
 _SYNTHETIC_KEYS = ("n_spots", "n_genes", "n_programs", "n_markers", "seed")
 # Space Ranger's tissue positions (10x documentation order)
 _POSITION_COLUMNS = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
@@ -51,6 +60,12 @@ _POSITION_COLUMNS = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres"
 def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
     """Validate a ``data`` config without reading any data (cheap; runs first)."""
     source = check_choice(cfg.get("source"), "data.source", SOURCES)
+    backend = check_choice(cfg.get("backend") or "memory", "data.backend", BACKENDS)
+    if backend == "dask":
+        if source not in _LAZY_SOURCES:
+            raise ConfigError(f"data.backend=dask reads h5ad and zarr stores only, not data={source}; "
+                              "convert the data to zarr first (python -m tardis_exp.convert)")
+        check_int(cfg.get("chunk_rows") or 1, "data.chunk_rows", minimum=1)
     if source == "synthetic":
         for k in _SYNTHETIC_KEYS:
             if cfg.get(k) is not None:
@@ -212,7 +227,13 @@ def load_data(cfg) -> ad.AnnData:
 
     p = _need_path(cfg)
     try:
-        if source == "h5ad":
+        if (cfg.get("backend") or "memory") == "dask":
+            from .lazy import DEFAULT_CHUNK_ROWS, read_lazy
+
+            adata = read_lazy(p, chunk_rows=cfg.get("chunk_rows") or DEFAULT_CHUNK_ROWS)
+        elif source == "zarr":
+            adata = ad.read_zarr(p)
+        elif source == "h5ad":
             adata = ad.read_h5ad(p)
         elif source == "tenx_h5":
             adata = sc.read_10x_h5(p, genome=cfg.get("genome"))
@@ -237,8 +258,21 @@ def digest(adata: ad.AnnData) -> str:
     h = hashlib.sha256()
     h.update(repr(adata.shape).encode())
     X = adata.X
+    from .chunked import is_dask
+
     if X is None:
         pass
+    elif is_dask(X):  # chunk by chunk; the same bytes as the in-memory CSR / dense path
+        import dask
+
+        for b in X.to_delayed().ravel():
+            blk = dask.compute(b)[0]
+            if sp.issparse(blk):
+                blk = sp.csr_matrix(blk)
+                for arr in (blk.indptr - blk.indptr[0], blk.indices, blk.data):
+                    h.update(np.ascontiguousarray(arr).tobytes())
+            else:
+                h.update(np.ascontiguousarray(blk).tobytes())
     elif sp.issparse(X):
         X = sp.csr_matrix(X)
         for arr in (X.indptr, X.indices, X.data):

@@ -26,10 +26,12 @@ from .errors import ConfigError, InputError
 from .outputs import Metric, Output, StageSpec
 from .params import LOSSES, SOLVERS  # noqa: F401 -- re-exported
 from .params import FactorizeParams as _P
-from .params import check
+from .params import check, defaults
 from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
 
 log = logging.getLogger(__name__)
+
+_DEFAULTS = defaults(_P)  # for fields whose default is a mapping (no class attribute)
 
 
 def _components_fit(adata, out) -> str | None:
@@ -100,6 +102,8 @@ def factorize(
     beta_loss: str = _P.beta_loss,
     check_every: int = _P.check_every,
     store_usages: bool = _P.store_usages,
+    max_memory_gb: float | None = _P.max_memory_gb,
+    dask: dict | None = _DEFAULTS["dask"],  # read, never modified
     progress: bool | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -131,27 +135,47 @@ def factorize(
         ``'frobenius'`` or ``'kullback-leibler'`` (``mu`` only).
     store_usages
         Keep every replicate's W in ``obsm['X_nmf_replicates']``.
+    max_memory_gb
+        Refuse, before any fit, when the memory model of the factorization
+        (:func:`tardis_exp.chunked.estimate_factorize_gb`) exceeds this (``None``: no limit).
+    dask
+        ``{'scheduler': ...}``: the Dask scheduler the chunked products run on when
+        ``adata.X`` is a Dask array (``data.backend=dask``): ``None`` (the active one),
+        ``'threads'``, ``'processes'``, ``'synchronous'`` or a ``dask.distributed``
+        scheduler address ``'tcp://host:port'``; see :func:`tardis_exp.chunked.dask_scheduler`.
     copy
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(n_components=n_components, n_replicates=n_replicates, random_state=random_state, max_iter=max_iter,
                  tol=tol, solver=solver, beta_loss=beta_loss, check_every=check_every, store_usages=store_usages,
-                 shape=adata.shape)
-    adata = adata.copy() if copy else adata
-    X = prepare_matrix(adata.X)
-    v = X.data if sp.issparse(X) else X
-    if v.size and (not np.isfinite(v).all() or v.min() < 0):
-        raise InputError("factorize needs finite, non-negative adata.X; run the preprocess stage first")
+                 max_memory_gb=max_memory_gb, dask=dask, shape=adata.shape)
+    from .chunked import check_memory, dask_scheduler, is_dask
 
     k, R = int(n_components), int(n_replicates)
-    seeds = derive_seeds(random_state, R)
-    t0 = time.perf_counter()
-    if solver in ("hals", "mu"):
-        results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
-                            check_every=check_every, progress=progress, desc="factorize")
-    else:
-        results = _fit_cd(X, k, seeds, max_iter, tol)
-    elapsed = time.perf_counter() - t0
+    chunked = is_dask(adata.X)
+    if chunked and solver == "cd":
+        raise ConfigError("factorize.solver=cd needs X in memory; use solver=hals or mu with data.backend=dask")
+    check_memory(max_memory_gb, n_spots=adata.n_obs, n_genes=adata.n_vars, n_columns=k * R, solver=solver,
+                 chunked=chunked, nnz=adata.X.nnz if sp.issparse(adata.X) else None)
+    adata = adata.copy() if copy else adata
+    with dask_scheduler((dask or {}).get("scheduler")):
+        X = prepare_matrix(adata.X)
+        if getattr(X, "is_chunked", False):  # from the pass over the chunks made by prepare_matrix
+            bad = X.nnz and (not X.finite_ or X.min_ < 0)
+        else:
+            v = X.data if sp.issparse(X) else X
+            bad = v.size and (not np.isfinite(v).all() or v.min() < 0)
+        if bad:
+            raise InputError("factorize needs finite, non-negative adata.X; run the preprocess stage first")
+
+        seeds = derive_seeds(random_state, R)
+        t0 = time.perf_counter()
+        if solver in ("hals", "mu"):
+            results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
+                                check_every=check_every, progress=progress, desc="factorize")
+        else:
+            results = _fit_cd(X, k, seeds, max_iter, tol)
+        elapsed = time.perf_counter() - t0
 
     errors = np.array([r.error for r in results])
     best = int(np.argmin(errors))

@@ -88,7 +88,16 @@ class NMFResult:
 
 
 def prepare_matrix(X, dtype=np.float32):
-    """Float32 CSR or C-contiguous dense, never densifying a sparse input."""
+    """Float32 CSR or C-contiguous dense, never densifying a sparse input; a Dask array
+    becomes a :class:`tardis_exp.chunked.ChunkedMatrix` (read chunk by chunk, never whole)."""
+    if getattr(X, "is_chunked", False):
+        return X
+    from .chunked import is_dask
+
+    if is_dask(X):
+        from .chunked import ChunkedMatrix
+
+        return ChunkedMatrix(X)
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=dtype)
         X.sum_duplicates()
@@ -103,6 +112,11 @@ class _Products:
     :class:`tardis_exp._kernels.SparseProducts` (parallel CSR kernel or sgemm on densified
     row chunks; scipy's sparse @ dense is single-threaded).
     """
+
+    def __new__(cls, X, sparse_method: str = "auto"):
+        if getattr(X, "is_chunked", False):  # out of core: one pass over X's chunks per product
+            return X.products()
+        return super().__new__(cls)
 
     def __init__(self, X, sparse_method: str = "auto"):
         self.X = X
@@ -371,8 +385,11 @@ def _mu_step_kl(X, Ws, Hs, items, update_H=True, want_error=False, rows=None):
 
 def _random_init(X, rank, seed, mask, n, m):
     rng = np.random.default_rng(seed)
-    Xs = X[mask] if mask is not None else X
-    mean = float(Xs.mean()) if Xs.shape[0] else 0.0
+    if getattr(X, "is_chunked", False):
+        mean = X.mean(mask)
+    else:
+        Xs = X[mask] if mask is not None else X
+        mean = float(Xs.mean()) if Xs.shape[0] else 0.0
     avg = np.sqrt(max(mean, 0.0) / rank)
     # scikit-learn's 'random' init: |N(0,1)| scaled by sqrt(mean(X) / rank)
     H = (avg * np.abs(rng.standard_normal((rank, m)))).astype(np.float32)
@@ -479,7 +496,11 @@ def fit_batch(
         else:
             Ws[i], Hs[i] = _random_init(X, ranks[i], seeds[i], masks[i], n, m)
 
-    if sp.issparse(X):
+    if getattr(X, "is_chunked", False):
+        row_sq = X.row_sq()
+        if beta_loss != "frobenius":
+            raise ValueError("a chunked (Dask) X supports only beta_loss='frobenius'")
+    elif sp.issparse(X):
         row_sq = np.asarray(X.multiply(X).sum(1), dtype=np.float64).ravel()
     else:
         row_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
@@ -494,7 +515,7 @@ def fit_batch(
     n_iter = [max_iter] * F
     converged = [False] * F
     traces = [[] if trace else None for _ in range(F)]
-    nnz = X.nnz if sp.issparse(X) else n * m
+    nnz = X.nnz if sp.issparse(X) or getattr(X, "is_chunked", False) else n * m
 
     def stack():
         if kl:

@@ -151,6 +151,13 @@ class PreprocessParams:
                                   "(pip install scikit-misc); or choose seurat or cell_ranger")
 
 
+def _dask(value, key):
+    from .chunked import check_dask_config  # numpy/scipy only; not at import time (this module stays light)
+
+    check_dask_config(value, key)
+    return value
+
+
 @dataclass
 class FactorizeParams:
     """Parameters of :func:`tardis_exp.factorize.factorize` (config group ``factorize``)."""
@@ -167,6 +174,11 @@ class FactorizeParams:
     beta_loss: Any = choice("frobenius", "frobenius | kullback-leibler (mu only)", LOSSES)
     check_every: Any = integer(10, "iterations between convergence checks", minimum=1)
     store_usages: Any = boolean(True, "keep every replicate's W in obsm['X_nmf_replicates']")
+    max_memory_gb: Any = number(None, "refuse before any fit when the factorization's memory model exceeds "
+                                "this (GB; null = no limit)", low=0, low_open=True, allow_none=True)
+    dask: Any = other({"scheduler": None}, "with data.backend=dask: the Dask scheduler of the chunked products; "
+                      "scheduler null = the active one (local threads), threads | processes | synchronous, or "
+                      "tcp://host:port (dask.distributed)", _dask)
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:

@@ -7,6 +7,7 @@ and to the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -68,6 +69,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_cache(cfg.get("cache"))
     check_data(cfg["data"])
     result_mode(cfg)
+    if cfg["data"].get("backend") == "dask" and (cfg.get("cache") or {}).get("enabled"):
+        raise ConfigError("cache.enabled=true keeps stage results as in-memory h5ad files, which "
+                          "data.backend=dask exists to avoid; set cache.enabled=false")
 
 
 def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:
@@ -163,8 +167,18 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
     ``cfg`` is the resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
     """
     validate(cfg)
-    with _sigterm_as_interrupt():
+    # factorize.dask.scheduler: every stage's passes over a chunked X (data.backend=dask) run there
+    scheduler = (cfg["factorize"].get("dask") or {}).get("scheduler")
+    with _sigterm_as_interrupt(), _dask_scheduler(scheduler):
         return _run(cfg, Path(run_dir), overrides)
+
+
+def _dask_scheduler(scheduler):
+    if scheduler in (None, ""):
+        return contextlib.nullcontext()
+    from .chunked import dask_scheduler
+
+    return dask_scheduler(scheduler)
 
 
 def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:

@@ -313,6 +313,15 @@ def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
             genes[str(p)] = top
     if not genes:
         raise ValueError("no top gene of uns['nmf_programs'] is in var_names")
+    from .chunked import is_dask
+
+    if is_dask(adata.X):  # data.backend=dask: read only the plotted genes' columns
+        import anndata as ad
+
+        cols = [g for gs in genes.values() for g in gs]
+        sub = adata[:, cols]
+        X = sub.X.compute()
+        adata = ad.AnnData(X=X, obs=adata.obs, var=sub.var)
     dp = sc.pl.dotplot(adata, var_names=genes, groupby=_label_key(adata) or "nmf_cluster", show=False, return_fig=True,
                        title="top genes per program")
     dp.make_figure()

@@ -56,7 +56,17 @@ SPEC = StageSpec(
 
 
 def _values(M):
+    if _is_dask(M):  # data.backend=dask: a summary of the chunks, X never whole in memory
+        from .lazy import value_summary
+
+        return value_summary(M)
     return M.data if sp.issparse(M) else np.asarray(M)
+
+
+def _is_dask(M) -> bool:
+    from .chunked import is_dask
+
+    return is_dask(M)
 
 
 # Counts beyond this are not counts: float32 arithmetic downstream (normalization, the NMF
@@ -75,7 +85,7 @@ def validate_counts(M, where: str = "adata.X") -> None:
     """
     if M is None:
         raise InputError(f"{where} is empty (None); the file holds no matrix there")
-    if not (sp.issparse(M) or isinstance(M, np.ndarray)):
+    if not (sp.issparse(M) or isinstance(M, np.ndarray) or _is_dask(M)):
         try:
             M = np.asarray(M)
         except Exception as e:  # e.g. a backed or awkward array
@@ -107,6 +117,11 @@ def validate_counts(M, where: str = "adata.X") -> None:
 
 def _to_float32(M):
     # Integer counts are cast once here: sums over uint8/int16 inputs would overflow.
+    if _is_dask(M):  # lazily, chunk by chunk
+        from .chunked import _block
+
+        meta = sp.csr_matrix((0, 0), dtype=np.float32) if sp.issparse(M._meta) else np.empty((0, 0), np.float32)
+        return M.map_blocks(_block, dtype=np.float32, meta=meta)
     if sp.issparse(M):
         M = sp.csr_matrix(M, dtype=np.float32)
         M.sum_duplicates()  # COO input may hold repeated (i, j) entries
@@ -336,6 +351,10 @@ def preprocess(
         sd[sd == 0] = 1
         out.X = sp.csr_matrix(X.multiply(1 / sd[None, :])) if sp.issparse(X) else X / sd
     out.X = _to_float32(out.X)
+    if _is_dask(out.X):  # read, normalize and select once, not on every pass of the factorization
+        from .lazy import spill
+
+        out.X = spill(out.X)
 
     out.uns["preprocess"] = {
         "source": src,

@@ -41,6 +41,7 @@ from .params import check
 # rank_genes and RANKINGS live in metrics (pure NumPy) so that program_recovery does not need
 # this module (scanpy); imported here, they stay part of this module's names
 from .metrics import RANKINGS, program_recovery, rank_genes, spatial_graph  # noqa: F401
+from .nmf import prepare_matrix
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,20 @@ def _gene_means(X) -> np.ndarray:
     # what sc.tl.score_genes bins genes by: float64 sums for sparse X (the same scipy call),
     # X's own dtype for dense X (np.nanmean there; np.mean gives the same for finite X,
     # checked before this is called, without nanmean's full-size copy)
+    if getattr(X, "is_chunked", False):
+        return X.col_sums() / X.shape[0]
     if sp.issparse(X):
         return np.asarray(X.sum(axis=0, dtype="float64")).ravel() / X.shape[0]
     return np.mean(X, axis=0)
+
+
+def _chunked(X):
+    """A :class:`~tardis_exp.chunked.ChunkedMatrix` over a Dask ``X``, else None."""
+    from .chunked import is_dask
+
+    if getattr(X, "is_chunked", False):
+        return X
+    return prepare_matrix(X) if is_dask(X) else None
 
 
 def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins: int = 25,
@@ -120,7 +132,11 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
     ``chunk_spots`` rows are converted to float64 at a time (default: about 64 MB of them).
     """
     X = adata.X
-    if sp.issparse(X):
+    chunked = _chunked(X)
+    if chunked is not None:  # data.backend=dask: passes over the chunks, X never whole in memory
+        X = chunked
+        finite = chunked.finite_
+    elif sp.issparse(X):
         finite = bool(np.isfinite(X.data).all())
     else:  # row blocks: no boolean copy of a large dense X
         step = max(1, _CHUNK_BYTES // max(X.shape[1], 1))
@@ -167,6 +183,9 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
         if state is not None:
             np.random.set_state(state)
 
+    if getattr(X, "is_chunked", False):
+        means = X.matmul64(W)
+        return means[:, :len(gene_sets)] - means[:, len(gene_sets):]
     if chunk_spots is None:
         per_row = 12 * (X.nnz / max(X.shape[0], 1)) if sp.issparse(X) else 8 * X.shape[1]
         chunk_spots = max(1, int(_CHUNK_BYTES // max(per_row, 1)))

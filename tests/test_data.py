@@ -226,8 +226,8 @@ def test_pbmc68k_is_bundled_and_non_negative():
 
 
 def test_check_data_config():
-    with pytest.raises(ConfigError, match=r"data.source='zarr' is unknown"):
-        check_data({"source": "zarr"})
+    with pytest.raises(ConfigError, match=r"data.source='loom' is unknown"):
+        check_data({"source": "loom"})
     with pytest.raises(ConfigError, match="data.path is required for data=visium"):
         check_data({"source": "visium", "path": "???"})
     with pytest.raises(ConfigError, match="data.n_programs"):
