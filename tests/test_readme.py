@@ -113,6 +113,14 @@ def _run_folders(root: Path) -> set[Path]:
     return set((root / "outputs" / "runs").glob("*")) if (root / "outputs" / "runs").exists() else set()
 
 
+def _n_pipelines(work: Path) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("tardis-exp")
+    return len(client.search_runs([exp.experiment_id], "tags.mlflow.source.name = 'tardis-exp'"))
+
+
 def test_readme_commands_run_as_written(tmp_path: Path):
     """Every command after the first block, in order, in one empty folder (as a new user would)."""
     blocks = readme_blocks()[1:]
@@ -131,7 +139,7 @@ def test_readme_commands_run_as_written(tmp_path: Path):
             p = subprocess.run([str(BIN / "python"), "-c", body], cwd=work, env=env, capture_output=True,
                                text=True, timeout=300)
             assert p.returncode == 0, f"README python block failed:\n{body}\n{p.stderr[-3000:]}"
-            ran.append((body, set(), p.stdout))
+            ran.append((body, set(), (p.stdout, _n_pipelines(work))))  # the runs made before it
             continue
         for cmd in commands(body):
             before, t0 = _run_folders(work), time.perf_counter()
@@ -180,10 +188,10 @@ def test_readme_commands_run_as_written(tmp_path: Path):
         assert len(study.trials) == n and all(t.state.name == "COMPLETE" for t in study.trials)
     # the python block printed the runs it found
     printed = [out for cmd, _, out in ran if cmd.lstrip().startswith("import mlflow")]
-    for out in printed:
-        # one line per pipeline run (single runs and sweep trials) under the header
-        assert "program_recovery" in out and len(out.strip().splitlines()) == 1 + len(pipelines)
-    assert set(os.listdir(work)) <= {"x.h5ad", "outputs", "mlruns", ".cache"}
+    for out, n_before in printed:
+        # one line per pipeline run made before it (single runs and sweep trials) under the header
+        assert "program_recovery" in out and len(out.strip().splitlines()) == 1 + n_before
+    assert set(os.listdir(work)) <= {"x.h5ad", "x.zarr", "outputs", "mlruns", ".cache"}
 
 
 def _clone_like_copy(dst: Path) -> None:
