@@ -281,11 +281,14 @@ def dask_scheduler(scheduler: str | None = None):
         connect a ``distributed.Client`` to that scheduler for the block; e.g. one started by
         dask-jobqueue on SLURM.
     """
-    import dask
-
-    if scheduler in (None, "", "null"):
+    if scheduler in (None, "", "null"):  # nothing to set: no Dask needed (a plain install has none)
         yield
         return
+    try:
+        import dask
+    except ImportError:
+        raise ConfigError(f"factorize.dask.scheduler={scheduler} needs Dask; pip install 'dask[array]' distributed") \
+            from None
     s = str(scheduler)
     check_dask_config({"scheduler": s})
     if "://" in s:
@@ -301,7 +304,7 @@ def dask_scheduler(scheduler: str | None = None):
             from distributed import Client
         except ImportError:
             raise ConfigError("factorize.dask.scheduler is an address but dask.distributed is not installed; "
-                              "pip install 'tardis-exp[dask]'") from None
+                              "pip install 'dask[array]' distributed") from None
         try:
             client = Client(s, timeout="20s", set_as_default=False)
         except OSError as e:

@@ -66,6 +66,10 @@ def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
             raise ConfigError(f"data.backend=dask reads h5ad and zarr stores only, not data={source}; "
                               "convert the data to zarr first (python -m tardis_exp.convert)")
         check_int(cfg.get("chunk_rows") or 1, "data.chunk_rows", minimum=1)
+        import importlib.util
+
+        if importlib.util.find_spec("dask") is None:  # an optional extra: say so before reading anything
+            raise ConfigError("data.backend=dask needs Dask, which is not installed; pip install 'dask[array]' distributed")
     if source == "synthetic":
         for k in _SYNTHETIC_KEYS:
             if cfg.get(k) is not None:

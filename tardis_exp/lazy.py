@@ -34,7 +34,7 @@ def _need_dask():
     try:
         import dask.array  # noqa: F401
     except ImportError:
-        raise ConfigError("data.backend=dask needs dask: pip install 'tardis-exp[dask]'") from None
+        raise ConfigError("data.backend=dask needs dask: pip install 'dask[array]' distributed") from None
 
 
 def _open_store(path: Path):
