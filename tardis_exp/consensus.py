@@ -745,16 +745,6 @@ def _k_cophenetic(U, comps, item_labels, k: int) -> float:
     return float(cluster_consensus(consensus_from_labels(labels), k)[1])
 
 
-def k_evidence_metrics(c) -> dict:
-    """Headline metrics of the K decision (MLflow, sweep objectives)."""
-    out = {"runner_up_k": float(c["runner_up_k"]), "consensus.k_margin": float(c["k_margin"])}
-    for key in ("stability", "spot_cophenetic", "rank_cophenetic", "cophenetic_drop", "k_cophenetic",
-                "reproducibility"):
-        if key in c:
-            out[f"consensus.{key}"] = float(c[key])
-    return out
-
-
 def _per_k_result(ks, best, spectra, stats, cdfs, mats, spread, info) -> dict:
     """The entries of ``uns['nmf_consensus']`` both methods share."""
     return {
