@@ -37,6 +37,13 @@ factorization: that time divided by the number of factorizations. GFLOP/s counts
 products only (``2 * nnz(X) * K`` per product for the batched solvers on CSR X,
 ``2 * n * m * k`` for scikit-learn's dense products).
 
+``--solvers`` restricts the timed rounds to some of the four (batched HALS always runs, the
+reference of the ratios). The stopping rule of :func:`tardis_exp.nmf.fit_batch` is replayed
+on full traces (no ``stop_at``) of batched HALS (the reference run) and, with
+``--replay-mu N``, of a batched-MU run of ``N`` iterations: for ``tol`` in 1e-4, 1e-5,
+1e-6, the iteration where each factorization would stop and its loss's gap to the best
+loss any solver reached from its start.
+
 ``--pipeline`` also runs the default pipeline (tracking off) once per batched solver and
 reports best K and program recovery against the planted programs.
 
@@ -83,12 +90,30 @@ def first_reach(trace, target):
     return None
 
 
-def simulate_stop(trace, tol, check_every=10):
-    """Iteration and loss where the stopping rule with ``tol`` would stop on this trace."""
+def simulate_stop(trace, tol, check_every=10, rule="change"):
+    """Iteration and loss where a stopping rule with ``tol`` would stop on this trace.
+
+    ``'change'``: :func:`tardis_exp.nmf.fit_batch`'s rule, the loss improved by less than
+    ``tol`` (relative) over the last ``check_every`` iterations. ``'extrapolated'``: the
+    last window's improvement ``d2`` extrapolated as a geometric series with the ratio
+    ``q = d2 / d1`` of the last two windows -- the estimated distance to the limit
+    ``d2 / (1 - q)`` -- below ``tol`` (never earlier than ``'change'``)."""
     errs = {it: e for it, _, e in trace}
     last = max(errs)
-    for it in range(check_every, last + 1, check_every):
-        if it - check_every in errs and it in errs and (errs[it - check_every] - errs[it]) < tol * errs[it]:
+    c = check_every
+    for it in range(c, last + 1, c):
+        if it - c not in errs or it not in errs:
+            continue
+        d2 = errs[it - c] - errs[it]
+        if rule == "change":
+            gap = d2
+        else:
+            if it - 2 * c not in errs:
+                continue
+            d1 = errs[it - 2 * c] - errs[it - c]
+            q = d2 / d1 if d1 > 0 else 0.0
+            gap = d2 / (1 - q) if q < 1 else float("inf")
+        if gap < tol * errs[it]:
             return it, errs[it]
     return None, errs[last]
 
@@ -179,6 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sklearn-fits", type=int, default=2)
     ap.add_argument("--sklearn-max-iter", type=int, default=2000)
     ap.add_argument("--sklearn-chunk", type=int, default=10)
+    ap.add_argument("--solvers", nargs="+", default=list(SOLVERS), metavar="SOLVER",
+                    help=f"timed solvers, of {SOLVERS} (quote each; batched hals always runs)")
+    ap.add_argument("--replay-mu", type=int, default=0, metavar="N",
+                    help="also run batched MU for N iterations without a target and replay the stopping rule on it")
     ap.add_argument("--pipeline", action="store_true")
     ap.add_argument("--aggregate-only", action="store_true",
                     help="do not run: aggregate the outputs a run with the same settings kept in --workdir")
@@ -186,6 +215,10 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    bad = [s for s in a.solvers if s not in SOLVERS]
+    if bad:
+        ap.error(f"--solvers: unknown {bad}; choose from {SOLVERS}")
+    timed = tuple(s for s in SOLVERS if s in a.solvers or s == "batched hals")
     if a.worker:
         a.out.write_text(json.dumps(worker(json.loads(a.worker.read_text()))))
         return 0
@@ -221,9 +254,14 @@ def main(argv=None) -> int:
     log(f"reference batched hals: {a.hals_iter} iterations in {ref['seconds']:.1f}s")
     best = {i: min(e for _, _, e in ref["traces"][str(i)]) for i in range(F)}
     stop = [best[i] * (1 + TARGET_REL) for i in range(F)]
+    mu_ref = None
+    if a.replay_mu:
+        mu_ref = run_job({**base, "solver": "batched mu", "max_iter": a.replay_mu}, wd, "reference_mu", reuse)
+        log(f"reference batched mu: {a.replay_mu} iterations in {mu_ref['seconds']:.1f}s")
     rounds = []
     for r in range(a.repeats):
-        order = SOLVERS[r % 4:] + SOLVERS[:r % 4]
+        nt = len(timed)
+        order = timed[r % nt:] + timed[:r % nt]
         rnd = {}
         for s in order:
             spec = {**base, "solver": s, "max_iter": iters[s], "stop_at": stop, "fits": sk_fits,
@@ -233,7 +271,7 @@ def main(argv=None) -> int:
         rounds.append(rnd)
     wall = None if reuse else time.perf_counter() - t
     # final targets: the lowest loss any run reached from each starting point
-    for rnd in rounds + [{"reference": ref}]:
+    for rnd in rounds + [{"reference": ref, "reference_mu": mu_ref or {"traces": {}}}]:
         for out in rnd.values():
             for i, tr in out["traces"].items():
                 best[int(i)] = min(best[int(i)], min(e for _, _, e in tr))
@@ -269,14 +307,14 @@ def main(argv=None) -> int:
                       "threads": out["threads"], "numba_threads": out["numba_threads"]}
         h = row["batched hals"]["seconds_to_target_per_factorization"]
         row["ratios"], row["ratio_lower_bounds"] = {}, {}
-        for s in SOLVERS[1:]:
+        for s in timed[1:]:
             o = row[s]["seconds_to_target_per_factorization"]
             lo = row[s]["seconds_to_target_per_factorization_lower_bound"]
             row["ratios"][f"{s} / batched hals"] = o / h if h and o else None
             row["ratio_lower_bounds"][f"{s} / batched hals"] = lo / h if h and lo else None
         res["rounds"].append(row)
     med = lambda v: float(np.median(v)) if v and all(x is not None for x in v) else None  # noqa: E731
-    for s in SOLVERS:
+    for s in timed:
         rs = [rw[s] for rw in res["rounds"]]
         res["solvers"][s] = {"reached": [x["reached"] for x in rs],
                              "seconds_to_target_per_factorization": med([x["seconds_to_target_per_factorization"]
@@ -288,13 +326,18 @@ def main(argv=None) -> int:
     res["ratios_per_round"] = [rw["ratios"] for rw in res["rounds"]]
     res["ratio_lower_bounds_per_round"] = [rw["ratio_lower_bounds"] for rw in res["rounds"]]
     # the stopping rule replayed on the reference HALS run's full traces
-    res["stop_rule_hals"] = {}
-    for tol in (1e-4, 1e-5, 1e-6):
-        stops = [simulate_stop(ref["traces"][str(i)], tol) for i in range(F)]
-        gaps = [e / best[i] - 1 for i, (_, e) in enumerate(stops)]
-        res["stop_rule_hals"][f"{tol:g}"] = {
-            "mean_iterations": float(np.mean([it if it else np.nan for it, _ in stops])),
-            "max_gap_to_best": float(max(gaps))}
+    res["stop_rule"] = {}
+    for name, run in (("batched hals", ref), ("batched mu", mu_ref)):
+        if run is None:
+            continue
+        res["stop_rule"][name] = {"iterations_run": max(it for it, _, _ in run["traces"]["0"])}
+        for rule, tol in [(r, t) for r in ("change", "extrapolated") for t in (1e-4, 1e-5, 1e-6)]:
+            stops = [simulate_stop(run["traces"][str(i)], tol, rule=rule) for i in range(F)]
+            gaps = [e / best[i] - 1 for i, (_, e) in enumerate(stops)]
+            res["stop_rule"][name][f"{rule} {tol:g}"] = {
+                "stopped": sum(it is not None for it, _ in stops),
+                "mean_iterations": float(np.mean([it for it, _ in stops if it] or [np.nan])),
+                "median_gap_to_best": float(np.median(gaps)), "max_gap_to_best": float(max(gaps))}
     if a.pipeline:
         res["pipeline"] = {s: pipeline_quality(s) for s in ("hals", "mu")}
     out = wd / f"result_{a.data}.json"
@@ -346,9 +389,12 @@ def report(res, argv) -> str:
         if lows:
             lines.append(f"- {k}: not every factorization reached its target within max_iter in "
                          f"{len(lows)} round(s); the ratio is at least {', '.join(f(x, '.1f') for x in lows)}x there")
-    lines.append("- batched HALS, stopping rule (check_every=10) replayed on the reference run: " + "; ".join(
-        f"tol={t}: {v['mean_iterations']:.0f} it, gap to best max {v['max_gap_to_best']:.1e}"
-        for t, v in res["stop_rule_hals"].items()))
+    for name, rule in res["stop_rule"].items():
+        lines.append(f"- {name}, stopping rule (check_every=10) replayed on a run of {rule['iterations_run']} "
+                     "iterations without target: " + "; ".join(
+                         f"{t}: {v['stopped']}/{res['n_factorizations']} stopped, mean {v['mean_iterations']:.0f} "
+                         f"it, gap to best median {v['median_gap_to_best']:.1e}, max {v['max_gap_to_best']:.1e}"
+                         for t, v in rule.items() if t != "iterations_run"))
     if "pipeline" in res:
         for s, p in res["pipeline"].items():
             lines.append(f"- default pipeline, factorize.solver={s}: {p['seconds']:.1f} s, best K {p['best_k']}, "

@@ -101,6 +101,7 @@ def factorize(
     solver: str = _P.solver,
     beta_loss: str = _P.beta_loss,
     check_every: int = _P.check_every,
+    stop_rule: str = _P.stop_rule,
     store_usages: bool = _P.store_usages,
     max_memory_gb: float | None = _P.max_memory_gb,
     dask: dict | None = _DEFAULTS["dask"],  # read, never modified
@@ -125,6 +126,10 @@ def factorize(
         (see :mod:`tardis_exp.nmf`); a replicate that hits ``max_iter`` is recorded with
         ``converged=False`` and raises a ``ConvergenceWarning``. ``cd`` keeps
         scikit-learn's own rule.
+    stop_rule
+        ``'change'`` (the rule above) or ``'extrapolated'`` (the last window's
+        improvement extrapolated to the converged loss must be below ``tol``; never
+        earlier than ``'change'``): see :func:`tardis_exp.nmf.fit_batch` and docs/solver.md.
     solver
         ``'mu'``: batched Lee-Seung multiplicative updates (the seed's formula; the
         default, chosen by measurement, see docs/solver.md); ``'hals'``: batched
@@ -147,8 +152,8 @@ def factorize(
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(n_components=n_components, n_replicates=n_replicates, random_state=random_state, max_iter=max_iter,
-                 tol=tol, solver=solver, beta_loss=beta_loss, check_every=check_every, store_usages=store_usages,
-                 max_memory_gb=max_memory_gb, dask=dask, shape=adata.shape)
+                 tol=tol, solver=solver, beta_loss=beta_loss, check_every=check_every, stop_rule=stop_rule,
+                 store_usages=store_usages, max_memory_gb=max_memory_gb, dask=dask, shape=adata.shape)
     from .chunked import check_memory, dask_scheduler, is_dask
 
     k, R = int(n_components), int(n_replicates)
@@ -172,7 +177,7 @@ def factorize(
         t0 = time.perf_counter()
         if solver in ("hals", "mu"):
             results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
-                                check_every=check_every, progress=progress, desc="factorize")
+                                check_every=check_every, stop_rule=stop_rule, progress=progress, desc="factorize")
         else:
             results = _fit_cd(X, k, seeds, max_iter, tol)
         elapsed = time.perf_counter() - t0
@@ -192,6 +197,7 @@ def factorize(
         "best_replicate": best,
         "params": {"n_components": k, "n_replicates": R, "solver": solver, "beta_loss": beta_loss,
                    "max_iter": max_iter, "tol": tol, "check_every": check_every,
+                   "stop_rule": stop_rule,
                    "random_state": -1 if random_state is None else int(random_state)},
         "fit_seconds": elapsed,
     }

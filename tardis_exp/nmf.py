@@ -27,7 +27,10 @@ Two solvers share this design (``solver``):
 
 Stopping rule (every solver, each factorization on its own): every ``check_every``
 iterations, stop when the loss improved by less than ``tol`` relative to the current
-loss over those iterations, ``(loss[t - check_every] - loss[t]) / loss[t] < tol``.
+loss over those iterations, ``(loss[t - check_every] - loss[t]) / loss[t] < tol``
+(``stop_rule='change'``), or when that improvement continued as a geometric series --
+an estimate of the distance to the converged loss -- is below ``tol``
+(``stop_rule='extrapolated'``: for ``mu``, whose loss creeps, see docs/solver.md).
 Unlike scikit-learn's rule, which divides by the loss at the random start (several
 times the final loss), this one does not stop a slow solver early because its start
 was bad. A factorization that reaches ``max_iter`` first is reported with
@@ -67,7 +70,7 @@ HALS_DELTA = 0.1
 # time to the converged loss (3x faster than alpha = 0.5 unscaled, 2.8x than one sweep).
 HALS_SWEEP_COST = 25.0
 
-__all__ = ["NMFResult", "fit_batch", "fit_rank_ladder", "warm_start_init", "refit_usage", "BatchedNMF",
+__all__ = ["NMFResult", "STOP_RULES", "fit_batch", "fit_rank_ladder", "warm_start_init", "refit_usage", "BatchedNMF",
            "prepare_matrix"]
 
 
@@ -399,6 +402,23 @@ def _random_init(X, rank, seed, mask, n, m):
     return W, H
 
 
+STOP_RULES = ("change", "extrapolated")
+
+
+def _converged(e_2, e_1, e, tol, rule):
+    """The stopping rule on the losses at the last three checks (``e_2`` None at the first)."""
+    d2 = e_1 - e  # improvement over the last check_every iterations
+    if rule == "extrapolated":
+        if e_2 is None:
+            return False  # needs two windows
+        d1 = e_2 - e_1
+        q = d2 / d1 if d1 > 0 else 0.0
+        if q >= 1:
+            return False  # not slowing down: no estimate of the limit yet
+        d2 = d2 / (1 - q)  # d2 + d2 q + d2 q^2 + ...: estimated distance to the converged loss
+    return d2 < tol * max(e, np.finfo(np.float64).tiny)
+
+
 def fit_batch(
     X,
     ranks: Sequence[int],
@@ -420,6 +440,7 @@ def fit_batch(
     trace: bool = False,
     warn: bool = True,
     stop_at: Sequence[float] | None = None,
+    stop_rule: str = "change",
 ) -> list[NMFResult]:
     """Fit many NMFs of one matrix together.
 
@@ -442,6 +463,14 @@ def fit_batch(
         Stopping rule, applied to each factorization on its own: stop when the loss
         improved by less than ``tol`` (relative to the current loss) over the last
         ``check_every`` iterations. ``tol=0`` runs ``max_iter`` iterations.
+    stop_rule
+        ``'change'`` (the rule above) or ``'extrapolated'``: the last window's
+        improvement ``d2`` continued as a geometric series with the ratio ``q = d2 / d1``
+        of the last two windows, ``d2 / (1 - q)`` -- an estimate of the distance to the
+        converged loss -- must be below ``tol`` (relative). Never stops earlier than
+        ``'change'``; a slowly converging solver (``mu``: ``q`` near 1) runs on until it
+        is near its limit instead of stopping where one window's change first looks small
+        (docs/solver.md, "Stopping rule").
     init
         Optional ``(W, H)`` starting points instead of random ones.
     update_H
@@ -480,6 +509,8 @@ def fit_batch(
         raise ValueError(f"unknown solver {solver!r}; use one of {SOLVERS}")
     if solver == "hals" and beta_loss != "frobenius":
         raise ValueError("solver='hals' supports only beta_loss='frobenius'; use solver='mu'")
+    if stop_rule not in STOP_RULES:
+        raise ValueError(f"unknown stop_rule {stop_rule!r}; use one of {STOP_RULES}")
     seeds = list(seeds) if seeds is not None else [None] * F
     masks = list(row_masks) if row_masks is not None else [None] * F
     masks = [None if mk is None else np.asarray(mk, dtype=bool) for mk in masks]
@@ -545,6 +576,7 @@ def fit_batch(
                 e2 += float(np.vdot(WtW[j].astype(np.float64), HHt[j]))
                 err0[i] = np.sqrt(max(e2, 0.0))
     prev = dict(err0)
+    prev2: dict[int, float] = {}  # the loss one check before prev ('extrapolated')
     if trace:
         for i in active:
             traces[i].append((0, 0.0, float(err0[i])))
@@ -567,13 +599,12 @@ def fit_batch(
             final_err[i] = e
             if trace:
                 traces[i].append((it, now, float(e)))
-            # relative improvement over the last check_every iterations, relative to the current loss
-            if (tol > 0 and (prev[i] - e) < tol * max(e, np.finfo(np.float64).tiny)) or \
+            if (tol > 0 and _converged(prev2.get(i), prev[i], e, tol, stop_rule)) or \
                     (stop_at is not None and e <= stop_at[i]):
                 done.append(i)
                 converged[i] = True
                 n_iter[i] = it
-            prev[i] = e
+            prev2[i], prev[i] = prev[i], e
         if done:
             if not kl:
                 state.unstack(Ws, Hs)
@@ -635,7 +666,7 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
         Independent restarts per rank; seeds are derived from ``random_state``.
     solver
         ``'hals'`` (accelerated HALS, Frobenius only) or ``'mu'`` (multiplicative updates).
-    beta_loss, max_iter, tol, check_every
+    beta_loss, max_iter, tol, check_every, stop_rule
         See :func:`fit_batch`.
     random_state
         Seed of the seed sequence that gives every replicate its own seed.
@@ -653,7 +684,7 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, n_components=10, *, n_replicates=1, solver="hals", beta_loss="frobenius", max_iter=1000,
-                 tol=1e-4, check_every=10, random_state=None, verbose=0):
+                 tol=1e-4, check_every=10, stop_rule="change", random_state=None, verbose=0):
         self.n_components = n_components
         self.n_replicates = n_replicates
         self.solver = solver
@@ -661,6 +692,7 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
         self.check_every = check_every
+        self.stop_rule = stop_rule
         self.random_state = random_state
         self.verbose = verbose
 
@@ -691,7 +723,7 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
         seeds = derive_seeds(self.random_state, len(specs))
         self.results_ = fit_batch(
             X, specs, seeds, solver=self.solver, beta_loss=self.beta_loss, max_iter=self.max_iter, tol=self.tol,
-            check_every=self.check_every, progress=bool(self.verbose) or None,
+            check_every=self.check_every, stop_rule=self.stop_rule, progress=bool(self.verbose) or None,
         )
         first = self.results_[: self.n_replicates]
         best = min(first, key=lambda r: r.error)

@@ -40,6 +40,7 @@ NORMALIZATIONS = ("log1p", "total", "none")
 HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
 SOLVERS = ("hals", "mu", "cd")
 LOSSES = ("frobenius", "kullback-leibler")
+STOP_RULES = ("change", "extrapolated")  # tardis_exp.nmf.STOP_RULES
 METHODS = ("components", "spots")
 K_RULES = ("pac", "cophenetic", "brunet", "delta_area", "silhouette")
 AGGREGATIONS = ("median", "mean")
@@ -173,6 +174,9 @@ class FactorizeParams:
                          "(frobenius only) | cd: scikit-learn, one replicate at a time", SOLVERS)
     beta_loss: Any = choice("frobenius", "frobenius | kullback-leibler (mu only)", LOSSES)
     check_every: Any = integer(10, "iterations between convergence checks", minimum=1)
+    stop_rule: Any = choice("change", "change: stop when one check_every window improved the loss by < tol | "
+                            "extrapolated: when the improvement continued as a geometric series (the ratio of the "
+                            "last two windows) sums to < tol (docs/solver.md; not for solver=cd)", STOP_RULES)
     store_usages: Any = boolean(True, "keep every replicate's W in obsm['X_nmf_replicates']")
     max_memory_gb: Any = number(None, "refuse before any fit when the factorization's memory model exceeds "
                                 "this (GB; null = no limit)", low=0, low_open=True, allow_none=True)

@@ -255,6 +255,13 @@ def test_factorize_stage_with_hals(synthetic_small):
     assert np.linalg.norm(a.X.toarray() - W @ H) == pytest.approx(nmf["errors"].min(), rel=1e-4)
     with pytest.raises(ConfigError, match="factorize.solver=hals supports only"):
         check_params(n_components=3, solver="hals", beta_loss="kullback-leibler")
+    # factorize.stop_rule reaches fit_batch: the extrapolated rule runs the same replicates further
+    b = preprocess(synthetic_small, n_top_genes=300)
+    factorize(b, n_components=4, n_replicates=3, random_state=0, solver="hals", stop_rule="extrapolated")
+    assert b.uns["nmf"]["params"]["stop_rule"] == "extrapolated"
+    assert (b.uns["nmf"]["n_iter"] >= nmf["n_iter"]).all() and (b.uns["nmf"]["errors"] <= nmf["errors"] * (1 + 1e-6)).all()
+    with pytest.raises(ConfigError, match="factorize.stop_rule"):
+        check_params(n_components=3, stop_rule="window")
 
 
 def test_stop_at_target_loss():
@@ -302,3 +309,45 @@ def test_rank_ladder_warm_start_fewer_iterations_same_loss():
         assert w.error == pytest.approx(c.error, rel=1e-4)
     its = lambda fits: sum(f.n_iter for k in (5, 6) for f in fits[k])  # noqa: E731
     assert its(warm) < 0.8 * its(cold)
+
+
+def test_extrapolated_stop_rule_on_a_geometric_loss():
+    # a loss converging geometrically to 100 (rate 0.99 per iteration): one window's change
+    # looks small long before the loss is near its limit; the extrapolated rule knows the rest
+    from tardis_exp.nmf import _converged
+
+    loss = lambda t: 100.0 * (1 + 0.01 * 0.99**t)  # noqa: E731
+    c, tol = 10, 1e-4
+
+    def stop(rule):
+        for t in range(2 * c, 5000, c):
+            if _converged(loss(t - 2 * c), loss(t - c), loss(t), tol, rule):
+                return t, loss(t) / 100 - 1
+
+    (t_change, gap_change), (t_extra, gap_extra) = stop("change"), stop("extrapolated")
+    assert gap_change > 5 * tol  # the change rule stops far from the limit
+    assert gap_extra < tol and t_extra > t_change
+    assert not _converged(None, 101.0, 100.9999, tol, "extrapolated")  # needs two windows
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_extrapolated_stop_rule_stops_nearer_the_converged_loss(solver):
+    X = prepare_matrix(_data(seed=6))
+    seeds = [11, 12, 13]
+    kw = dict(solver=solver, check_every=10, max_iter=5000, warn=False)
+    long = fit_batch(X, [4] * 3, seeds, tol=1e-9, **kw)  # converged reference
+    change = fit_batch(X, [4] * 3, seeds, tol=1e-4, **kw)
+    extra = fit_batch(X, [4] * 3, seeds, tol=1e-4, stop_rule="extrapolated", **kw)
+    for lo, c, e in zip(long, change, extra):
+        # the same iterates: the extrapolated rule only stops later, never earlier
+        assert e.n_iter >= c.n_iter and e.error <= c.error * (1 + 1e-6)
+        gap_c, gap_e = c.error / lo.error - 1, e.error / lo.error - 1
+        if solver == "mu":  # creeps: 'change' stops 8-36x tol above the limit here
+            assert gap_c > 3e-4 and gap_e < 0.5 * gap_c
+        else:  # within tol of the converged loss
+            assert gap_e < 1e-4
+
+
+def test_stop_rule_is_checked():
+    with pytest.raises(ValueError, match="stop_rule"):
+        fit_batch(_data(), [3], [0], stop_rule="window")
