@@ -361,3 +361,14 @@ def test_random_init_sparse_equals_dense():
     Wd, Hd = _random_init(prepare_matrix(X.toarray()), 4, 9, None, *X.shape)
     np.testing.assert_allclose(Ws, Wd, rtol=1e-6)
     np.testing.assert_allclose(Hs, Hd, rtol=1e-6)
+
+
+def test_estimator_passes_the_stop_rule():
+    X = _data(seed=8)
+    kw = dict(n_replicates=2, solver="mu", tol=1e-4, random_state=0, max_iter=3000)
+    change = BatchedNMF(3, **kw).fit(X)
+    extra = BatchedNMF(3, stop_rule="extrapolated", **kw).fit(X)
+    it_c, it_e = [r.n_iter for r in change.results_], [r.n_iter for r in extra.results_]
+    assert all(e >= c for c, e in zip(it_c, it_e)) and sum(it_e) > sum(it_c)
+    with pytest.raises(ValueError, match="stop_rule"):
+        BatchedNMF(3, stop_rule="window").fit(X)
