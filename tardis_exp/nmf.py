@@ -196,7 +196,7 @@ def _mu_step_frobenius(P, W_all, H_all, groups, update_H=True, want_error=False,
         den = W3 @ HHt
         den[den == 0] = EPS
         num = XHt[:, g.cols].reshape(XHt.shape[0], len(g.idx), g.rank).transpose(1, 0, 2)
-        W3 *= num / den
+        W3 *= np.divide(num, den, out=den)  # in place: no third n x K temporary (peak RSS)
     if not update_H and not want_error:
         return None
     XtW = P.xtw(W_all)  # the second fat pass
