@@ -12,4 +12,7 @@ if [ -x scripts/start_postgres.sh ] && [ -z "${TARDIS_TEST_POSTGRES_URL:-}" ]; t
   TARDIS_TEST_POSTGRES_URL="$(bash scripts/start_postgres.sh)" || TARDIS_TEST_POSTGRES_URL=""
   export TARDIS_TEST_POSTGRES_URL
 fi
-python -m pytest -q -p no:cacheprovider "$@"
+# pytest-xdist: one worker per core (at most 8; each runs whole pipelines), tests that share a
+# module's expensive fixture kept on one worker (tests/conftest.py, docs/testing.md)
+workers="$(python -c 'import os; print(max(1, min(8, len(os.sched_getaffinity(0)))))')"
+python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadgroup "$@"
