@@ -193,7 +193,9 @@ def _mu_step_frobenius(P, W_all, H_all, groups, update_H=True, want_error=False,
         den = W3 @ HHt
         den[den == 0] = EPS
         num = XHt[:, g.cols].reshape(XHt.shape[0], len(g.idx), g.rank).transpose(1, 0, 2)
-        W3 *= num / den
+        np.divide(num, den, out=den)  # in place: no third spots x K temporary
+        W3 *= den
+        del den
     if not update_H and not want_error:
         return None
     XtW = P.xtw(W_all)  # the second fat pass
@@ -524,7 +526,18 @@ def fit_batch(
             return _HALSState(active, ranks, Ws, Hs, masks, nnz, (n, m), hals_alpha, hals_delta)
         return _MUState(active, ranks, Ws, Hs)
 
+    def release(state):
+        # the stack holds the running factorizations' factors; their separate copies are
+        # rebuilt by unstack() before they are read again (spots x K float32 less at peak)
+        if state is not None:
+            for i in state_items(state):
+                Ws[i] = None
+
+    def state_items(state):
+        return [i for g in state.groups for i in g.idx]
+
     state = stack()
+    release(state)
     t0 = time.perf_counter()
     # error at the starting point
     if kl:
@@ -577,10 +590,12 @@ def fit_batch(
         if done:
             if not kl:
                 state.unstack(Ws, Hs)
+                state = None  # the old stack goes before the new one is made
             active = [i for i in active if i not in set(done)]
             if not active:
                 break
             state = stack()
+            release(state)
         bar.set_postfix(active=len(active))
     bar.close()
     if not kl and active:
