@@ -177,3 +177,22 @@ def test_cli_on_a_local_cluster(tmp_path):
     assert {"xtw", "xht"} <= set(tasks), tasks  # task prefixes: dask drops the leading "_"
     m, _ = _metrics(tmp_path)
     assert m["best_k"] == 3 and m["program_recovery"] > 0.9
+
+
+def test_result_with_dask_x_written_straight_to_disk(tmp_path, monkeypatch):
+    """write_h5ad's path straight to the file (taken for a Dask X, written one chunk at a time,
+    and for arrays past DIRECT_WRITE_BYTES) writes files that read back equal."""
+    from tardis_exp import store
+
+    src, a = _h5ad(tmp_path)
+    L = read_lazy(src, chunk_rows=64)
+    L.obsm["W"] = np.arange(L.n_obs * 3, dtype=np.float32).reshape(-1, 3)
+    store.write_h5ad(L, tmp_path / "lazy.h5ad", compression="gzip")
+    b = ad.read_h5ad(tmp_path / "lazy.h5ad")
+    assert sp.issparse(b.X) and (sp.csr_matrix(b.X) != a.X).nnz == 0
+    np.testing.assert_array_equal(b.obsm["W"], L.obsm["W"])
+    monkeypatch.setattr(store, "DIRECT_WRITE_BYTES", 16)
+    assert store._nbytes(a) > 16 and not store._has_dask(a)
+    store.write_h5ad(a, tmp_path / "big.h5ad")
+    c = ad.read_h5ad(tmp_path / "big.h5ad")
+    assert (sp.csr_matrix(c.X) != a.X).nnz == 0 and list(c.obs_names) == list(a.obs_names)
