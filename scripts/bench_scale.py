@@ -149,6 +149,29 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _hwm_mb(pid: int) -> float:
+    """Peak RSS (VmHWM, MB) of a live process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _descendants_hwm_mb() -> dict[int, float]:
+    """Peak RSS of every live descendant process (Dask workers of a LocalCluster and their
+    helpers), read before they end: a LocalCluster's workers are separate processes whose
+    memory the driver's VmHWM does not include."""
+    import psutil
+
+    out = {}
+    for c in psutil.Process().children(recursive=True):
+        try:
+            out[c.pid] = _hwm_mb(c.pid)
+        except OSError:
+            pass
+    return out
+
+
 def worker(data: Path, out: Path, replicates: int, extra: list[str], cluster: bool = False) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -189,17 +212,16 @@ def worker(data: Path, out: Path, replicates: int, extra: list[str], cluster: bo
     from threadpoolctl import threadpool_info
 
     threads = [{k: d.get(k) for k in ("internal_api", "num_threads", "version")} for d in threadpool_info()]
-    workers_mb = None
+    # every live child's own high-water mark (a LocalCluster's worker processes), read before
+    # the cluster closes; the reported total is the sum of the driver's and theirs: an upper
+    # bound of the peak of the process tree (the peaks need not coincide)
+    children = _descendants_hwm_mb()
     if lc is not None:
-        import psutil
-
-        # the workers' own high-water marks (each a child process of this one)
-        workers_mb = [psutil.Process(p.pid).memory_info().rss / 2**20 for p in
-                      (w.process.process for w in lc.workers.values())]
         lc.close()
-    out.write_text(json.dumps({"seconds": dt, "peak_rss_mb": _rss_mb(), "stages": stages, "threads": threads,
-                               "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                               "workers_rss_mb_at_end": workers_mb,
+    driver = _rss_mb()
+    out.write_text(json.dumps({"seconds": dt, "peak_rss_mb": driver + sum(children.values()),
+                               "driver_peak_rss_mb": driver, "stages": stages, "threads": threads,
+                               "children_peak_rss_mb": sorted(children.values(), reverse=True),
                                "metrics": {k: v for k, v in metrics.items() if k != "mlflow_run_id"}},
                               indent=1, default=float))
 
@@ -252,8 +274,10 @@ def main_dask(a) -> int:
     for name, n, res in rows:
         m = res["metrics"]
         rss = res["peak_rss_mb"]
-        if res.get("workers_rss_mb_at_end"):
-            rss_txt = f"{rss:.0f} driver + workers {res['children_peak_rss_mb']:.0f} peak"
+        kids = [c for c in res.get("children_peak_rss_mb") or [] if c > 1]
+        if kids:
+            rss_txt = (f"{rss:.0f} (sum of peaks: driver {res['driver_peak_rss_mb']:.0f} + "
+                       f"{len(kids)} child processes {' + '.join(f'{c:.0f}' for c in kids)})")
         else:
             rss_txt = f"{rss:.0f}"
         lines.append(f"| {name} | {n:,} | {res['seconds']:.1f} | {1000 * res['seconds'] / n:.3f} | {rss_txt} | "

@@ -345,28 +345,34 @@ def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: st
     """Resident memory (GB) a factorization needs: a model, not a measurement.
 
     ``n_columns`` is the total rank of the batch (rank x replicates). The solver keeps
-    ``W_all`` (spots x K) and one spots x K product; multiplicative updates make two more
-    spots x K temporaries (numerator and denominator), HALS none. In memory, ``X`` itself
+    ``W_all`` (spots x K) and one spots x K product; multiplicative updates make one more
+    spots x K temporary (the denominator, which then takes the ratio in place), HALS none.
+    After the fit, the replicates' ``W`` and ``obsm['X_nmf_replicates']`` are two copies,
+    no more than the fit held. In memory, ``X`` itself
     (CSR: 8 bytes per stored entry, dense: 4 per entry) adds to that; chunked, only a few
     chunks are resident and are not counted here.
     """
     per = 4 * n_spots * n_columns
-    model = per * (2 if solver == "hals" else 4) + 4 * n_genes * n_columns * 4
+    model = per * (2 if solver == "hals" else 3) + 4 * n_genes * n_columns * 4
     if not chunked:
         model += 8 * nnz if nnz is not None else 4 * n_spots * n_genes
     return model / 1e9
 
 
 def check_memory(max_memory_gb, *, n_spots, n_genes, n_columns, solver, chunked, nnz=None,
-                 key="factorize.max_memory_gb") -> float:
-    """Refuse, before any fit, a factorization whose memory model exceeds ``max_memory_gb``."""
+                 key="factorize.max_memory_gb", where=None) -> float:
+    """Refuse, before any fit, a factorization whose memory model exceeds ``max_memory_gb``.
+
+    ``where``: what the shape was read from, named in the message (e.g. the input file, for
+    the check made before loading)."""
     need = estimate_factorize_gb(n_spots, n_genes, n_columns, solver, chunked, nnz)
     if max_memory_gb is not None and need > float(max_memory_gb):
         hint = "" if chunked else "; data.backend=dask keeps X out of memory"
-        hint += "; factorize.solver=hals needs half the memory of mu" if solver != "hals" else ""
+        hint += "; factorize.solver=hals needs less memory than mu" if solver != "hals" else ""
+        src = f" (from {where})" if where else ""
         raise ConfigError(
-            f"{key}={max_memory_gb:g}: factorizing {n_spots} spots x {n_genes} genes with {n_columns} factor "
-            f"columns ({solver}{', chunked' if chunked else ', in memory'}) needs about {need:.2f} GB; "
+            f"{key}={max_memory_gb:g}: factorizing {n_spots} spots x {n_genes} genes{src} with {n_columns} factor "
+            f"columns ({solver}{', chunked' if chunked else ', in memory'}) needs about {need:.3g} GB; "
             f"raise {key}, lower factorize.n_replicates or factorize.n_components{hint}"
         )
     return need

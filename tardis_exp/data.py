@@ -86,6 +86,43 @@ def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
         _need_path(cfg)
 
 
+def peek_shape(cfg: Mapping[str, Any]) -> tuple[int, int, int | None] | None:
+    """``(spots, genes, stored entries)`` of the input, read from the file's metadata only
+    (``X``'s shape and the length of its CSR ``data``; ``None`` entries for a dense ``X``),
+    or from the config for ``data=synthetic``; ``None`` where it is not known without
+    reading the data (10x formats, bundled sets). Nothing is loaded."""
+    source = cfg.get("source")
+    if source == "synthetic":
+        from .synthetic import make_synthetic
+        import inspect
+
+        d = inspect.signature(make_synthetic).parameters
+        n = cfg.get("n_spots") or d["n_spots"].default
+        m = cfg.get("n_genes") or d["n_genes"].default
+        return int(n), int(m), None
+    if source not in _LAZY_SOURCES or cfg.get("path") in (None, "", "???"):
+        return None
+    from .lazy import _open_store, _shape
+
+    try:
+        root = _open_store(Path(str(cfg["path"])).expanduser())
+    except InputError:
+        return None  # the loader says what is wrong with the file
+    try:
+        if "X" not in root:
+            return None
+        X = root["X"]
+        n, m = _shape(X)
+        nnz = int(X["data"].shape[0]) if hasattr(X, "keys") and "data" in X else None
+        return n, m, nnz
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
+    finally:
+        close = getattr(root, "close", None)
+        if close is not None:
+            close()
+
+
 def _need_path(cfg) -> Path:
     source = cfg["source"]
     path = cfg.get("path")

@@ -175,6 +175,14 @@ def value_summary(X) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, X.dtype)
 
 
+def _workers_here(client) -> bool:
+    """Whether every worker of ``client`` runs on this machine (same host name)."""
+    import socket
+
+    hosts = client.run(socket.gethostname)
+    return bool(hosts) and set(hosts.values()) == {socket.gethostname()}
+
+
 class _Spill:
     """A scratch folder of one matrix's chunks as raw ``.npy`` files, removed when the last
     Dask graph reading it is garbage-collected (or at exit)."""
@@ -223,11 +231,13 @@ def spill(X, dir=None):
     """Compute a lazy (e.g. preprocessed) Dask matrix once and return one that reads its chunks back.
 
     The factorization makes two passes over ``X`` per iteration; without this every pass
-    would redo the reading, normalization and gene selection of each chunk. With a
-    ``dask.distributed`` client the chunks are persisted in the workers' memory (the
-    cluster's memory is what it is for); otherwise each chunk is written once, uncompressed,
-    to a scratch folder under ``dir`` (default: the system's temporary folder, ``TMPDIR``),
-    removed when the returned array is no longer referenced.
+    would redo the reading, normalization and gene selection of each chunk. Each chunk is
+    written once, uncompressed, to a scratch folder under ``dir`` (default: the system's
+    temporary folder, ``TMPDIR``), removed when the returned array is no longer referenced.
+    With a ``dask.distributed`` client whose workers run on other machines the chunks are
+    persisted in the workers' memory instead (the cluster's memory is what it is for; a
+    scratch folder here is not theirs); workers on this machine (a ``LocalCluster``) share
+    its memory with the run, so they use the scratch folder too.
     """
     import dask
     import dask.array as da
@@ -235,11 +245,10 @@ def spill(X, dir=None):
     try:
         from distributed import get_client
 
-        get_client()
-        distributed = True
+        client = get_client()
     except (ImportError, ValueError):
-        distributed = False
-    if distributed:
+        client = None
+    if client is not None and not _workers_here(client):
         X = X.persist()
         from distributed import wait
 

@@ -558,7 +558,18 @@ def fit_batch(
             return _HALSState(active, ranks, Ws, Hs, masks, nnz, (n, m), hals_alpha, hals_delta)
         return _MUState(active, ranks, Ws, Hs)
 
+    def release(state):
+        # the stack holds the running factorizations' factors; their separate copies are
+        # rebuilt by unstack() before they are read again (spots x K float32 less at peak)
+        if state is not None:
+            for i in state_items(state):
+                Ws[i] = None
+
+    def state_items(state):
+        return [i for g in state.groups for i in g.idx]
+
     state = stack()
+    release(state)
     t0 = time.perf_counter()
     # error at the starting point
     if kl:
@@ -611,10 +622,12 @@ def fit_batch(
         if done:
             if not kl:
                 state.unstack(Ws, Hs)
+                state = None  # the old stack goes before the new one is made
             active = [i for i in active if i not in set(done)]
             if not active:
                 break
             state = stack()
+            release(state)
         bar.set_postfix(active=len(active))
     bar.close()
     if not kl and active:

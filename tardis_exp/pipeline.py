@@ -72,6 +72,36 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if cfg["data"].get("backend") == "dask" and (cfg.get("cache") or {}).get("enabled"):
         raise ConfigError("cache.enabled=true keeps stage results as in-memory h5ad files, which "
                           "data.backend=dask exists to avoid; set cache.enabled=false")
+    check_memory_early(cfg)
+
+
+def check_memory_early(cfg: Mapping[str, Any]) -> None:
+    """``factorize.max_memory_gb`` against the input's shape from the file's metadata, before
+    anything is loaded or preprocessed. Preprocessing only removes spots and genes, so the
+    model at the input's spots and ``min(preprocess.n_top_genes, genes)`` genes bounds the
+    factorization's; a setting refused here cannot fit later. (The check is made again on
+    the preprocessed shape before the fit.)"""
+    limit = cfg["factorize"].get("max_memory_gb")
+    if limit is None:
+        return
+    from .chunked import check_memory
+    from .data import peek_shape
+
+    shape = peek_shape(cfg["data"])
+    if shape is None:
+        return
+    n, m, nnz = shape
+    top = cfg["preprocess"].get("n_top_genes")
+    genes = min(m, int(top)) if top else m
+    f = cfg["factorize"]
+    from .params import FactorizeParams as _P
+
+    k = int(f.get("n_components", _P.n_components))
+    r = int(f.get("n_replicates", _P.n_replicates))
+    chunked = cfg["data"].get("backend") == "dask"
+    check_memory(limit, n_spots=n, n_genes=genes, n_columns=k * r, solver=f.get("solver", _P.solver),
+                 chunked=chunked, nnz=nnz, where=f"data.path={redact(str(cfg['data'].get('path') or cfg['data'].get('source')))}, "
+                       "before loading")
 
 
 def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:

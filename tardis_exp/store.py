@@ -41,6 +41,7 @@ from typing import Any, Mapping
 
 import anndata as ad
 import numpy as np
+import scipy.sparse as sp
 
 log = logging.getLogger("tardis_exp.cache")
 
@@ -60,7 +61,11 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     ``write_elem``) and then written with one plain ``write``: a full disk is an
     ``OSError`` (``ENOSPC``) like any other, not an HDF5 error stack of hundreds of lines
     followed by a segmentation fault when h5py's half-written objects are freed at exit.
-    Costs one compressed copy of the file in memory while writing.
+    Costs one compressed copy of the file in memory while writing. An AnnData whose ``X``
+    or a layer is a Dask array (``data.backend=dask``), or whose arrays hold more than
+    ``DIRECT_WRITE_BYTES``, is written straight to ``path`` instead (Dask arrays one chunk
+    at a time): its file can be larger than the memory the run may use. A full disk is
+    then HDF5's error; the caller writes to a temporary name, so no half file is kept.
     """
     import io
 
@@ -75,14 +80,43 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     adata.strings_to_categoricals()
     if adata.raw is not None:
         adata.strings_to_categoricals(adata.raw.var)
-    buf = io.BytesIO()
     kwargs = {"compression": compression} if compression else {}
+    if _has_dask(adata) or _nbytes(adata) > DIRECT_WRITE_BYTES:
+        with h5py.File(path, "w") as f:
+            write_elem(f, "/", adata, dataset_kwargs=kwargs)
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        return
+    buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         write_elem(f, "/", adata, dataset_kwargs=kwargs)
     with open(path, "wb") as fh:
         fh.write(buf.getbuffer())
         fh.flush()
         os.fsync(fh.fileno())
+
+
+# above this many bytes of arrays, write_h5ad does not build the file in memory first
+DIRECT_WRITE_BYTES = 512 * 2**20
+
+
+def _nbytes(adata) -> int:
+    """Bytes of X, the layers, obsm and varm (what dominates an h5ad file)."""
+    n = 0
+    for M in [adata.X, *adata.layers.values(), *adata.obsm.values(), *adata.varm.values()]:
+        if M is None:
+            continue
+        if sp.issparse(M):
+            n += M.data.nbytes + M.indices.nbytes + M.indptr.nbytes
+        else:
+            n += int(getattr(M, "nbytes", 0) or 0)
+    return n
+
+
+def _has_dask(adata) -> bool:
+    from .chunked import is_dask
+
+    return is_dask(adata.X) or any(is_dask(v) for v in adata.layers.values())
 
 
 def _glob(folder: Path, pattern: str) -> list[Path]:

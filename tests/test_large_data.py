@@ -130,6 +130,37 @@ def test_cli_refuses_bad_dask_settings_early(tmp_path):
     assert p.returncode == 2 and "factorize.dask.scheduler='warp'" in p.stderr
 
 
+def test_max_memory_checked_before_loading(tmp_path):
+    """factorize.max_memory_gb is checked against the shape in the file's metadata, before the data
+    are read: on a store whose X cannot be read, the limit is what the run reports."""
+    src, a = _h5ad(tmp_path)
+    dst = tmp_path / "s.zarr"
+    assert _convert(src, dst).returncode == 0
+    # the values of X are unreadable (every chunk file garbage); its metadata (shape, number of
+    # stored entries) stays
+    chunks = [f for f in (dst / "X" / "data").rglob("*") if f.is_file() and f.name not in ("zarr.json", ".zarray")]
+    assert chunks
+    for f in chunks:
+        f.write_bytes(b"not a chunk")
+    nnz = a.X.nnz
+    for backend in ("memory", "dask"):
+        p = _cli(tmp_path, "data=zarr", f"data.path={dst}", f"data.backend={backend}", "factorize.max_memory_gb=0.0001")
+        assert p.returncode == 2, p.stderr
+        msg = p.stderr.strip().splitlines()[-1]
+        assert "factorize.max_memory_gb=0.0001" in msg and "before loading" in msg
+        # the shape read from the metadata: every spot, min(n_top_genes=2000, genes) genes
+        assert f"{SMALL['n_spots']} spots x {SMALL['n_genes']} genes" in msg
+        # the model's figure: in memory it counts the stored entries read from the metadata (8 bytes each)
+        from tardis_exp.chunked import estimate_factorize_gb
+
+        need = estimate_factorize_gb(SMALL["n_spots"], SMALL["n_genes"], 15, "mu", backend == "dask",
+                                     nnz if backend == "memory" else None)
+        assert f"needs about {need:.3g} GB" in msg
+    # without the limit the same run gets as far as reading X, and fails there
+    p = _cli(tmp_path, "data=zarr", f"data.path={dst}")
+    assert p.returncode != 0 and "max_memory_gb" not in p.stderr and "data.path" in p.stderr
+
+
 def test_cli_on_a_local_cluster(tmp_path):
     """factorize.dask.scheduler=tcp://...: the run's passes go to the cluster's workers."""
     distributed = pytest.importorskip("distributed")
@@ -146,3 +177,22 @@ def test_cli_on_a_local_cluster(tmp_path):
     assert {"xtw", "xht"} <= set(tasks), tasks  # task prefixes: dask drops the leading "_"
     m, _ = _metrics(tmp_path)
     assert m["best_k"] == 3 and m["program_recovery"] > 0.9
+
+
+def test_result_with_dask_x_written_straight_to_disk(tmp_path, monkeypatch):
+    """write_h5ad's path straight to the file (taken for a Dask X, written one chunk at a time,
+    and for arrays past DIRECT_WRITE_BYTES) writes files that read back equal."""
+    from tardis_exp import store
+
+    src, a = _h5ad(tmp_path)
+    L = read_lazy(src, chunk_rows=64)
+    L.obsm["W"] = np.arange(L.n_obs * 3, dtype=np.float32).reshape(-1, 3)
+    store.write_h5ad(L, tmp_path / "lazy.h5ad", compression="gzip")
+    b = ad.read_h5ad(tmp_path / "lazy.h5ad")
+    assert sp.issparse(b.X) and (sp.csr_matrix(b.X) != a.X).nnz == 0
+    np.testing.assert_array_equal(b.obsm["W"], L.obsm["W"])
+    monkeypatch.setattr(store, "DIRECT_WRITE_BYTES", 16)
+    assert store._nbytes(a) > 16 and not store._has_dask(a)
+    store.write_h5ad(a, tmp_path / "big.h5ad")
+    c = ad.read_h5ad(tmp_path / "big.h5ad")
+    assert (sp.csr_matrix(c.X) != a.X).nnz == 0 and list(c.obs_names) == list(a.obs_names)
