@@ -271,12 +271,34 @@ def test_consensus_reports_runner_up_and_evidence_metrics(fitted):
     assert np.isfinite(c["k_margin"])
     assert c["pac_se"].shape == c["pac"].shape and (c["pac_se"] >= 0).all()
     m = {x.key: x.value(a) for x in SPEC.metrics if x.step == "none"}  # what the stage logs to MLflow
-    assert set(m) >= {"runner_up_k", "consensus.k_margin", "consensus.stability", "consensus.spot_cophenetic"}
+    assert set(m) >= {"runner_up_k", "consensus.k_margin", "consensus.stability", "consensus.spot_cophenetic",
+                      "consensus.recurrence"}
+    assert m["consensus.recurrence"] == c["recurrence"][list(c["k_values"]).index(c["best_k"])] > 0.5
     assert 0 < m["consensus.stability"] <= 1 and 0 < m["consensus.spot_cophenetic"] <= 1
     # the sweep objective: the mean of the silhouette and the spot cophenetic at the chosen K
     i = list(c["k_values"]).index(c["best_k"])
     assert 0.9 < m["consensus.k_cophenetic"] <= 1
     assert m["consensus.reproducibility"] == pytest.approx((c["silhouette"][i] + m["consensus.k_cophenetic"]) / 2)
+
+
+@pytest.mark.slow
+def test_default_k_rule_finds_montis_six_classes():
+    """Monti et al. (2003)'s 6-class simulation (unequal classes, noisy): the default K rule on
+    the default factorization (10 replicates of rank 10) finds the 6 planted classes. The old
+    default (largest K whose PAC is within its noise of the best, clusters bounded to half the
+    replicates) chose 5 here: the outlier filter leaves one class with components of only 4
+    replicates, and the hard bound ruled K = 6 out."""
+    from tardis_exp.datasets import monti_simulated
+    from tardis_exp.factorize import factorize
+    from tardis_exp.preprocess import preprocess
+
+    a = preprocess(monti_simulated("simulated6", seed=0), normalize="none", n_top_genes=None, min_cells=0)
+    factorize(a, progress=False)
+    consensus(a, min_clusters=2, max_clusters=9, progress=False)
+    c = a.uns["nmf_consensus"]
+    assert c["k_selection"] == "recurrence" and c["best_k"] == 6
+    prog = a.obsm["X_nmf_consensus"].argmax(1)
+    assert adjusted_rand_score(a.obs["class"], prog) >= 0.9
 
 
 def test_nmf_program_is_the_argmax_of_the_consensus_usages(fitted):
