@@ -44,7 +44,7 @@ def heldout_sets():
     """Sets no rule was tuned on: other seeds of the Monti generator, the simulator at other
     seeds, depths, domain sharpness and marker strength (make_synthetic called directly)."""
     out = [(f"Monti {n} seed {s}", ["data=brunet_leukemia", f"data.dataset={n}", f"data.name={n}",
-                                    f"data.seed={s}", *NORM_NONE], (k,))
+                                    f"+data.seed={s}", *NORM_NONE], (k,))
            for n, k in (("gaussian3", 3), ("simulated4", 4), ("simulated6", 6)) for s in (3, 11)]
     syn = [("sim 5 programs seed 7", dict(n_programs=5, seed=7)),
            ("sim 7 programs shallow (lib 800)", dict(n_programs=7, mean_library_size=800.0, seed=3)),
