@@ -21,8 +21,11 @@ Per K: the consensus matrix, its CDF, the area under the CDF and its relative in
 (delta-area, Monti), PAC (proportion of ambiguous clustering, Senbabaoglu et al. 2014),
 the cophenetic correlation (Brunet) and the mean cluster consensus, each with its standard
 error measured from random halves of the resamples (``pac_se``, ``cophenetic_se``, ...,
-:func:`half_spread`). The best K follows ``k_selection`` with that measured tolerance
-(see :func:`select_k`); ``runner_up_k`` and ``k_margin`` say how clearly it won (a margin
+:func:`half_spread`); for ``method=components`` also the replicate recurrence (how close
+the clusters come to one component of every replicate each, :func:`replicate_recurrence`,
+with its error over halves of the replicates). The best K follows ``k_selection`` with that
+measured tolerance (see :func:`select_k`; the default ``auto`` reads the recurrence with
+``method=components``, PAC with ``method=spots``); ``runner_up_k`` and ``k_margin`` say how clearly it won (a margin
 below 1 is logged as a warning: the data do not separate the two K). The statistics of
 the rank itself (``stability``, ``spot_cophenetic``, ``rank_cophenetic``,
 ``cophenetic_drop``; :func:`rank_evidence`) let a sweep compare runs across
@@ -73,6 +76,13 @@ def _at_best(key):
     return value
 
 
+def _at_best_if(key):
+    """:func:`_at_best` where the method measured ``key``, else None."""
+    def value(adata):
+        return _at_best(key)(adata) if key in adata.uns["nmf_consensus"] else None
+    return value
+
+
 def _entry(key):
     def value(adata):
         c = adata.uns["nmf_consensus"]
@@ -104,6 +114,9 @@ SPEC = StageSpec(
                headline=True),
         *(Metric(f"consensus.{k}", f"consensus {k.replace('_', ' ')} at the chosen K", _at_best(k), headline=True)
           for k in ("pac", "cophenetic", "delta_area", "mean_cluster_consensus", "silhouette")),
+        Metric("consensus.recurrence", "replicate recurrence at the chosen K (method=components): fraction of "
+               "(meta-program, replicate) pairs holding exactly one component", _at_best_if("recurrence"),
+               headline=True),
         Metric("runner_up_k", "the second-best K under consensus.k_selection", _entry("runner_up_k"),
                headline=True),
         Metric("consensus.k_margin", "how far the chosen K beats the runner-up, in measured standard errors "
@@ -263,7 +276,7 @@ def cluster_consensus(M: np.ndarray, k: int, method: str = "average"):
 def _oriented(rule, stats):
     """The statistic a rule reads, oriented so that higher is better."""
     key = {"pac": "pac", "cophenetic": "cophenetic", "brunet": "cophenetic", "delta_area": "delta_area",
-           "silhouette": "silhouette"}[rule]
+           "silhouette": "silhouette", "recurrence": "recurrence"}[rule]
     sign = -1.0 if rule == "pac" else 1.0
     v = np.asarray(stats[key], dtype=np.float64)
     return key, sign * np.nan_to_num(v, nan=-np.inf if sign > 0 else np.inf)
@@ -293,6 +306,17 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
         significantly above 0 (the next K adds no consensus).
     ``silhouette``
         The K with the best silhouette of the items in their own distance.
+    ``recurrence`` (``auto`` with ``method=components``, the default)
+        The K whose clusters of components come closest to one component of every
+        replicate each (:func:`replicate_recurrence`): a program the data hold is found
+        once by every restart. Below the true K programs merge (two components per
+        replicate in a cluster), above it clusters are splinters or noise (no component
+        from most replicates): the statistic falls on both sides, so the rule takes its
+        best value -- it neither stops at the first stable merge nor drifts to the largest
+        stable K. Its tolerance is measured over random halves of the replicates
+        (:func:`recurrence_spread`); K within it are told apart by the silhouette.
+    ``auto``
+        ``recurrence`` where ``stats`` has it (``method=components``), else ``pac``.
 
     For the three "last K before a change" rules a curve that never changes significantly
     gives the K with the best value; K within the tolerance of it are told apart by the
@@ -316,6 +340,8 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
     ks = np.asarray(ks)
     if rule not in K_RULES:
         raise ConfigError(f"consensus.k_selection={rule!r} is unknown; choose one of {K_RULES}")
+    if rule == "auto":
+        rule = "recurrence" if "recurrence" in stats else "pac"
     adm = np.ones(len(ks), bool) if admissible is None else np.asarray(admissible, bool).copy()
     if not adm.any():
         warnings.warn("no K in the range gives clusters that recur in enough replicates "
@@ -350,7 +376,7 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
 
     # evidence per K of the change that decides it, in units of the tolerance
     ev = np.zeros(len(ks))
-    if rule == "silhouette":
+    if rule in ("silhouette", "recurrence"):
         best, runner, margin = pick_by_value()
     elif rule == "delta_area":
         # K_i gains consensus over K_i - 1 when delta(K_i) exceeds the tolerance; the first
@@ -502,6 +528,46 @@ def _per_k_stats(ks, label_sets, item_dist=None, store_idx=None):
     return out, cdfs, final_labels, mats
 
 
+def replicate_recurrence(labels, item_replicate, n_replicates: int, k: int) -> float:
+    """Fraction of (meta-program, replicate) pairs in which the replicate has exactly one component.
+
+    A program the data hold is found once by every restart: its cluster of components
+    draws one member from each replicate. Below the true K two programs merge into one
+    cluster (two members per replicate), above it a cluster is noise or a splinter of a
+    program (no member from most replicates): both lower the fraction. ``labels``: cluster
+    of each item (-1 = not sampled / outlier).
+    """
+    return float(np.mean(_members_per_replicate(labels, item_replicate, n_replicates, k) == 1))
+
+
+def _members_per_replicate(labels, item_replicate, n_replicates, k):
+    labels = np.asarray(labels)
+    ok = labels >= 0
+    n = np.zeros((k, n_replicates))
+    np.add.at(n, (labels[ok], np.asarray(item_replicate)[ok]), 1)
+    return n
+
+
+def recurrence_spread(ks, final_labels, item_replicate, n_replicates: int, n_splits: int = 4, rng=None):
+    """Standard error of :func:`replicate_recurrence` per K, from random halves of the replicates.
+
+    The uncertainty that matters is which restarts were run: the replicates are split at
+    random into halves ``n_splits`` times and the recurrence of each half (over its own
+    replicates, the clusters fixed) is measured; the standard error of the full estimate
+    is the standard deviation of the halves over sqrt(2). Zeros with fewer than 4 replicates.
+    """
+    rng = np.random.default_rng(rng)
+    if n_replicates < 4 or n_splits < 1:
+        return np.zeros(len(ks))
+    ones = [_members_per_replicate(final_labels[kk], item_replicate, n_replicates, kk) == 1 for kk in ks]
+    est = np.zeros((2 * n_splits, len(ks)))
+    for s in range(n_splits):
+        perm = rng.permutation(n_replicates)
+        for h, half in enumerate((perm[: n_replicates // 2], perm[n_replicates // 2:])):
+            est[2 * s + h] = [o[:, half].mean() for o in ones]
+    return est.std(0, ddof=1) / np.sqrt(2)
+
+
 def _l2rows(A):
     n = np.linalg.norm(A, axis=1, keepdims=True)
     n[n == 0] = 1
@@ -578,7 +644,8 @@ def consensus(
     random_state
         Root seed of the resampling (and of the spots method's factorizations).
     k_selection, k_tolerance, k_z, k_spread_splits
-        Rule choosing the best K, see :func:`select_k`: two K are told apart when their
+        Rule choosing the best K, see :func:`select_k` (``auto``: ``recurrence`` with
+        ``method=components``, ``pac`` with ``method=spots``): two K are told apart when their
         statistics differ by more than ``k_z`` standard errors, measured from
         ``k_spread_splits`` random splits of the resamples into halves
         (:func:`half_spread`); ``k_tolerance`` is a floor on that tolerance.
@@ -610,6 +677,7 @@ def consensus(
     adata = adata.copy() if copy else adata
     t0 = time.perf_counter()
     rng = np.random.default_rng(random_state)
+    k_selection = resolve_k_rule(k_selection, method)
     if method == "components":
         res = _components(adata, rng, min_clusters, max_clusters, n_resamples, resample_frac, k_selection,
                           k_tolerance, outlier_threshold, outlier_neighbors_frac, spectra_agg,
@@ -633,6 +701,17 @@ def consensus(
 
 
 _EVIDENCE_SPOTS = 1000
+
+
+def resolve_k_rule(k_selection: str, method: str) -> str:
+    """``auto``: ``recurrence`` for ``method=components``, ``pac`` for ``method=spots``."""
+    if k_selection == "auto":
+        return "recurrence" if method == "components" else "pac"
+    if k_selection == "recurrence" and method != "components":
+        raise ConfigError("consensus.k_selection=recurrence needs consensus.method=components (it counts the "
+                          "components of each replicate in a meta-program); use auto, pac, brunet, delta_area "
+                          "or silhouette with method=spots")
+    return k_selection
 
 
 def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict:
@@ -822,10 +901,19 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     reps_per_cluster = {kk: np.array([len(np.unique(replicate[items[final_labels[kk] == c]]))
                                       for c in range(kk)]) for kk in ks}
     admissible = np.array([reps_per_cluster[kk].min() >= need for kk in ks])
+    # the default rule's statistic: how close the clusters at K come to one component of
+    # every replicate each (a program every restart finds once)
+    stats["recurrence"] = [replicate_recurrence(final_labels[kk], replicate[items], R, kk) for kk in ks]
     spread = half_spread(ks, label_sets, n_splits=spread_splits, rng=rng, item_dist=D)
+    spread["recurrence"] = recurrence_spread(ks, final_labels, replicate[items], R, spread_splits, rng)
     best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
                           largest_stable=rule in ("pac", "brunet", "cophenetic"))
     _report_k(best, info, rule, ks)
+    if best == k and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9:
+        # every component of the factorization recurs: the rank, not the data, bounds K
+        log.warning("consensus: K=%d = factorize.n_components and every component recurs in the replicates; the "
+                    "data may hold more programs than the rank -- raise factorize.n_components or sweep it "
+                    "(sweep=k_range)", best)
 
     # average linkage can return fewer than K clusters (ties); keep the clusters that exist
     present, labels = np.unique(final_labels[best], return_inverse=True)

@@ -42,7 +42,7 @@ SOLVERS = ("hals", "mu", "cd")
 LOSSES = ("frobenius", "kullback-leibler")
 STOP_RULES = ("change", "extrapolated")  # tardis_exp.nmf.STOP_RULES
 METHODS = ("components", "spots")
-K_RULES = ("pac", "cophenetic", "brunet", "delta_area", "silhouette")
+K_RULES = ("auto", "recurrence", "pac", "cophenetic", "brunet", "delta_area", "silhouette")
 AGGREGATIONS = ("median", "mean")
 RANKINGS = ("specific", "loading")
 
@@ -211,8 +211,9 @@ class ConsensusParams:
     resample_frac: Any = number(0.8, "fraction of the items (components or spots) in each resample", low=0,
                                 high=1, low_open=True)
     random_state: Any = integer(42, "root seed of the resampling", minimum=0, allow_none=True)
-    k_selection: Any = choice("pac", "rule choosing K: pac | brunet (= cophenetic) | delta_area | silhouette "
-                              "(docs/validation.md, 'K selection')", K_RULES)
+    k_selection: Any = choice("auto", "rule choosing K: auto (recurrence with method=components, pac with "
+                              "method=spots) | recurrence | pac | brunet (= cophenetic) | delta_area | "
+                              "silhouette (docs/validation.md, 'K selection')", K_RULES)
     k_tolerance: Any = number(1e-4, "floor of the measured tolerance between two K", low=0)
     k_z: Any = number(2.0, "two K differ when their statistics differ by more than k_z standard errors",
                       low=0)
@@ -222,8 +223,9 @@ class ConsensusParams:
                                     "(2 disables)", low=0)
     outlier_neighbors_frac: Any = number(0.3, "neighbours of the outlier filter, as a fraction of the "
                                          "replicates", low=0, low_open=True)
-    min_cluster_replicates: Any = number(0.5, "a meta-program must draw components from this fraction of "
-                                         "replicates", low=0, high=1)
+    min_cluster_replicates: Any = number(0.0, "components method: a K is admissible only if each cluster draws "
+                                         "components from this fraction of replicates (0: no hard bound; the "
+                                         "default recurrence rule weighs it)", low=0, high=1)
     spectra_agg: Any = choice("median", "median | mean of the members' loadings", AGGREGATIONS)
     refit_max_iter: Any = integer(200, "iterations of the usage refit on the consensus spectra", minimum=1)
     max_spots: Any = integer(2000, "spots method: spots in the n x n consensus matrix", minimum=2)
@@ -233,6 +235,9 @@ class ConsensusParams:
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:
+        if v.get("k_selection") == "recurrence" and v.get("method") == "spots":
+            raise ConfigError("consensus.k_selection=recurrence needs consensus.method=components (it counts the "
+                              "components of each replicate in a meta-program); use auto or pac with method=spots")
         if v["max_clusters"] < v["min_clusters"]:
             raise ConfigError(f"consensus.max_clusters={v['max_clusters']} must be an integer >= "
                               f"consensus.min_clusters={v['min_clusters']}")

@@ -120,13 +120,18 @@ def consensus_cdf(adata, path: Path) -> Path:
 
 
 def k_selection(adata, path: Path) -> Path:
-    """PAC, cophenetic correlation and delta area against K, the chosen K marked."""
+    """Replicate recurrence (method=components), PAC, cophenetic correlation and delta area
+    against K, with their measured standard errors; the chosen K marked."""
     c = adata.uns["nmf_consensus"]
     ks = np.asarray(c["k_values"])
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ("pac", "cophenetic", "delta_area"),
-                              ("PAC (lower is better)", "cophenetic correlation", "delta area")):
-        ax.plot(ks, c[key], "o-")
+    panels = [("pac", "PAC (lower is better)"), ("cophenetic", "cophenetic correlation"),
+              ("delta_area", "delta area")]
+    if "recurrence" in c:
+        panels.insert(0, ("recurrence", "replicate recurrence"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.2))
+    for ax, (key, label) in zip(axes, panels):
+        se = c.get(f"{key}_se")
+        ax.errorbar(ks, c[key], yerr=None if se is None else 2 * np.asarray(se), fmt="o-", capsize=2)
         ax.axvline(c["best_k"], color="crimson", ls="--", label=f"chosen K = {c['best_k']}")
         ax.set_xlabel("K")
         ax.set_xticks(ks)

@@ -77,6 +77,88 @@ def test_components_take_the_largest_stable_admissible_k():
     assert select_k(ks, pac, "pac", spread=se, largest_stable=True) == 6
 
 
+def _replicate_items(programs_per_replicate, noise_per_replicate, R):
+    """Item -> (replicate, true program or -1 for a noise component), as a factorization makes them."""
+    rep, prog = [], []
+    for r in range(R):
+        for p in range(programs_per_replicate):
+            rep.append(r)
+            prog.append(p)
+        for _ in range(noise_per_replicate):
+            rep.append(r)
+            prog.append(-1)
+    return np.array(rep), np.array(prog)
+
+
+def test_replicate_recurrence_peaks_where_clusters_are_one_component_per_replicate():
+    from tardis_exp.consensus import replicate_recurrence
+
+    R, P = 10, 6
+    rep, prog = _replicate_items(P, 0, R)
+    # the true K: every cluster one component of every replicate
+    assert replicate_recurrence(prog, rep, R, P) == 1.0
+    # below it two programs merge: their cluster holds two components per replicate
+    merged = np.where(prog == 5, 4, prog)
+    assert replicate_recurrence(merged, rep, R, P - 1) == pytest.approx(4 / 5)
+    # above it one program splits between two clusters by replicate: each misses half of them
+    split = np.where((prog == 5) & (rep < 5), 6, prog)
+    assert replicate_recurrence(split, rep, R, P + 1) == pytest.approx((5 + 0.5 + 0.5) / 7)
+    # a cluster of noise components from three replicates
+    rep_n, prog_n = _replicate_items(P, 1, R)
+    noise = np.where(prog_n == -1, -1, prog_n)
+    noise[np.flatnonzero(prog_n == -1)[:3]] = P
+    assert replicate_recurrence(noise, rep_n, R, P + 1) == pytest.approx((6 + 0.3) / 7)
+    # outliers (-1) count as absent
+    assert replicate_recurrence(np.full(len(prog), -1), rep, R, P) == 0.0
+
+
+def test_recurrence_rule_takes_the_k_whose_clusters_recur_not_the_largest_stable_one():
+    """The case the old components rule (largest K whose PAC is within its noise of the best)
+    gets wrong: PAC 0 from K = 6 to 8 (the planted 6, and two more clusters the resampling
+    always reproduces: splinters of programs), the largest such K = 8 admissible."""
+    from tardis_exp.consensus import recurrence_spread, replicate_recurrence
+
+    R, P = 10, 6
+    rep, prog = _replicate_items(P, 0, R)
+    labels = {6: prog.copy()}
+    # K = 7, 8: programs 4, 5 split by replicate halves (stable splinters, every cluster
+    # still drawing from half the replicates, so admissible)
+    labels[7] = np.where((prog == 5) & (rep < 5), 6, prog)
+    labels[8] = np.where((prog == 4) & (rep < 5), 7, labels[7])
+    labels[5] = np.where(prog == 5, 4, prog)
+    labels[4] = np.unique(np.where(prog == 3, 2, labels[5]), return_inverse=True)[1]
+    ks = [4, 5, 6, 7, 8]
+    stats = {"pac": [0.1, 0.05, 0.0, 0.0, 0.0],
+             "recurrence": [replicate_recurrence(labels[k], rep, R, k) for k in ks]}
+    spread = {"pac": [0.01] * 5, "recurrence": recurrence_spread(ks, labels, rep, R, rng=0)}
+    assert select_k(ks, stats, "pac", spread=spread, largest_stable=True) == 8  # the old default
+    k, info = select_k(ks, stats, "recurrence", spread=spread, return_info=True)
+    assert k == 6 and info["runner_up_k"] in (5, 7) and info["margin"] > 1
+    # "auto" reads recurrence where the stage measured it (method=components), else PAC
+    assert select_k(ks, stats, "auto", spread=spread) == 6
+    assert select_k(ks, {"pac": stats["pac"]}, "auto", spread=spread) == 6  # PAC's first rise: none -> best
+
+
+def test_recurrence_spread_measures_how_much_the_replicates_disagree():
+    from tardis_exp.consensus import recurrence_spread
+
+    R, P = 10, 4
+    rep, prog = _replicate_items(P, 0, R)
+    assert recurrence_spread([4], {4: prog}, rep, R, rng=0)[0] == 0  # every replicate alike
+    noisy = prog.copy()
+    noisy[(rep < 3) & (prog == 3)] = 2  # three replicates merge two programs
+    assert recurrence_spread([4], {4: noisy}, rep, R, rng=0)[0] > 0
+    assert recurrence_spread([4], {4: noisy}, rep[:30], 3)[0] == 0  # under 4 replicates: nothing to split
+
+
+def test_recurrence_needs_the_components_method():
+    from tardis_exp.params import check
+
+    with pytest.raises(ConfigError, match="k_selection=recurrence needs consensus.method=components"):
+        check("consensus", {"method": "spots", "k_selection": "recurrence"}, known_only=True)
+    assert check("consensus", {"method": "spots"}, known_only=True)["k_selection"] == "auto"
+
+
 def test_pac_rule_last_k_before_pac_rises():
     ks = [4, 5, 6, 7, 8, 9, 10]
     pac = {"pac": [0.198, 0.073, 0.0, 0.0053, 0.0064, 0.0088, 0.0193]}
@@ -189,12 +271,34 @@ def test_consensus_reports_runner_up_and_evidence_metrics(fitted):
     assert np.isfinite(c["k_margin"])
     assert c["pac_se"].shape == c["pac"].shape and (c["pac_se"] >= 0).all()
     m = {x.key: x.value(a) for x in SPEC.metrics if x.step == "none"}  # what the stage logs to MLflow
-    assert set(m) >= {"runner_up_k", "consensus.k_margin", "consensus.stability", "consensus.spot_cophenetic"}
+    assert set(m) >= {"runner_up_k", "consensus.k_margin", "consensus.stability", "consensus.spot_cophenetic",
+                      "consensus.recurrence"}
+    assert m["consensus.recurrence"] == c["recurrence"][list(c["k_values"]).index(c["best_k"])] > 0.5
     assert 0 < m["consensus.stability"] <= 1 and 0 < m["consensus.spot_cophenetic"] <= 1
     # the sweep objective: the mean of the silhouette and the spot cophenetic at the chosen K
     i = list(c["k_values"]).index(c["best_k"])
     assert 0.9 < m["consensus.k_cophenetic"] <= 1
     assert m["consensus.reproducibility"] == pytest.approx((c["silhouette"][i] + m["consensus.k_cophenetic"]) / 2)
+
+
+@pytest.mark.slow
+def test_default_k_rule_finds_montis_six_classes():
+    """Monti et al. (2003)'s 6-class simulation (unequal classes, noisy): the default K rule on
+    the default factorization (10 replicates of rank 10) finds the 6 planted classes. The old
+    default (largest K whose PAC is within its noise of the best, clusters bounded to half the
+    replicates) chose 5 here: the outlier filter leaves one class with components of only 4
+    replicates, and the hard bound ruled K = 6 out."""
+    from tardis_exp.datasets import monti_simulated
+    from tardis_exp.factorize import factorize
+    from tardis_exp.preprocess import preprocess
+
+    a = preprocess(monti_simulated("simulated6", seed=0), normalize="none", n_top_genes=None, min_cells=0)
+    factorize(a, progress=False)
+    consensus(a, min_clusters=2, max_clusters=9, progress=False)
+    c = a.uns["nmf_consensus"]
+    assert c["k_selection"] == "recurrence" and c["best_k"] == 6
+    prog = a.obsm["X_nmf_consensus"].argmax(1)
+    assert adjusted_rand_score(a.obs["class"], prog) >= 0.9
 
 
 def test_nmf_program_is_the_argmax_of_the_consensus_usages(fitted):
