@@ -99,9 +99,10 @@ def check_memory_early(cfg: Mapping[str, Any]) -> None:
     k = int(f.get("n_components", _P.n_components))
     r = int(f.get("n_replicates", _P.n_replicates))
     chunked = cfg["data"].get("backend") == "dask"
+    path = cfg["data"].get("path")
+    src = f"data.path={redact(str(path))}" if path not in (None, "", "???") else f"data={cfg['data'].get('source')}"
     check_memory(limit, n_spots=n, n_genes=genes, n_columns=k * r, solver=f.get("solver", _P.solver),
-                 chunked=chunked, nnz=nnz, where=f"data.path={redact(str(cfg['data'].get('path') or cfg['data'].get('source')))}, "
-                       "before loading")
+                 chunked=chunked, nnz=nnz, where=f"{src}, before loading")
 
 
 def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:
