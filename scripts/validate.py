@@ -1,14 +1,15 @@
 """Validation against published and planted answers: K chosen, sweep objectives, label ARI.
 
-One command runs every set and writes the table into ``docs/validation.md`` (and prints it)::
+One command runs every set and writes the tables into ``docs/validation.md``, the main table
+also into ``README.md`` (and prints them)::
 
-    python scripts/validate.py            # full run (~15 min on 2 cores)
+    python scripts/validate.py            # full run (about 80 min of CPU, 2 processes: docs/validation.md)
     python scripts/validate.py --quick    # small versions of the sets (the tests run this)
 
 For every set (data with a published K and labels, or simulated with a planted one):
 
 ``defaults``
-    The default configuration (components consensus, PAC rule with measured tolerance),
+    The default configuration (components consensus, the replicate-recurrence K rule),
     its cluster range widened to start at 2 where the answer is below the default 4.
 ``brunet``
     ``experiment=brunet`` (Brunet et al. 2004: restarts on all samples, K where the
@@ -37,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "docs" / "validation.md"
+README = ROOT / "README.md"
 sys.path.insert(0, str(ROOT))
 
 OBJECTIVES = {
@@ -319,7 +322,7 @@ def table(rows, preset_objective, blas, cmd):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small versions of three sets (tests)")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "validation.md",
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="markdown file whose table section is (re)written")
     ap.add_argument("--only", nargs="*", help="run only the sets whose name contains one of these")
     ap.add_argument("--override", nargs="*", default=[],
@@ -388,15 +391,27 @@ def write(a, rows, objective, blas, final):
     if not final:
         text += "\n\n(partial: the run was still going when this was written)"
     if a.out:
-        begin, end = "<!-- validate.py:begin -->", "<!-- validate.py:end -->"
-        old = a.out.read_text() if a.out.exists() else f"# Validation\n\n{begin}\n{end}\n"
-        if begin not in old:
-            old += f"\n{begin}\n{end}\n"
-        head, rest = old.split(begin, 1)
-        tail = rest.split(end, 1)[1] if end in rest else ""
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+        _replace_section(a.out, "validate.py", text, create=True)
+        # the README carries the main table (not the objective study) when it has the markers
+        if final and not a.quick and a.out.resolve() == DEFAULT_OUT.resolve() and README.exists():
+            main_table = text.split("\n## Objectives", 1)[0].rstrip()
+            made_by = text.rsplit("\n", 1)[-1]
+            _replace_section(README, "validate.py:table", f"{main_table}\n\n{made_by}", create=False)
     return text
+
+
+def _replace_section(path: Path, name: str, text: str, create: bool) -> None:
+    """Rewrite what lies between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in ``path``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = path.read_text() if path.exists() else f"# Validation\n\n{begin}\n{end}\n"
+    if begin not in old:
+        if not create:
+            return
+        old += f"\n{begin}\n{end}\n"
+    head, rest = old.split(begin, 1)
+    tail = rest.split(end, 1)[1] if end in rest else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":
