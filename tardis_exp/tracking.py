@@ -726,8 +726,8 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, start_time=start_ms, run_name=name, tags=all_tags)
         return run.info.run_id
 
-    def _end(self, st: StageRun, status: str) -> None:
-        end_ms = _now_ms()
+    def _end(self, st: StageRun, status: str, end_ms: int | None = None) -> None:
+        end_ms = _now_ms() if end_ms is None else end_ms
         self._submit(st, f"mark run {status}",
                      lambda rid: self.client.set_terminated(rid, status=status, end_time=end_ms), always=True)
 
@@ -833,16 +833,19 @@ class Tracker:
         try:
             yield st
         except BaseException as e:
+            # the run ends when the stage did, not when the store thread caught up (flush)
+            end_ms = _now_ms()
             st.log_metric("duration_s", time.perf_counter() - t0)
             st.flush()
-            self._fail(st, e)
+            self._fail(st, e, end_ms)
             raise
         else:
+            end_ms = _now_ms()
             st.log_metric("duration_s", time.perf_counter() - t0)
             st.flush()
-            self._end(st, "FINISHED")
+            self._end(st, "FINISHED", end_ms)
 
-    def _fail(self, st: StageRun, exc: BaseException) -> None:
+    def _fail(self, st: StageRun, exc: BaseException, end_ms: int | None = None) -> None:
         """Traceback as an artifact (and in the run directory), error tag, FAILED/KILLED."""
         tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         if self.local_dir is not None:
@@ -852,7 +855,7 @@ class Tracker:
                 pass
         self._text(st, tb, "traceback.txt")
         self._tags(st, {"error": f"{type(exc).__name__}: {exc}"})
-        self._end(st, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        self._end(st, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", end_ms)
 
     # -- logging primitives (queued for the store thread) --------------------------
     def _metric_batch(self, st: StageRun, items) -> None:
