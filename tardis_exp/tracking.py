@@ -816,9 +816,12 @@ class Tracker:
         A child that cannot be created (store gone) leaves the stage untracked, with a
         warning; the stage itself always runs.
         """
+        # one clock for the run's start, end and duration_s: the run lasts what the stage measured,
+        # however late the store thread (or a loaded machine) gets to it
+        start_wall, t0 = time.time(), time.perf_counter()
         st = StageRun(self, self.enabled and self._pool is not None)
         if st.active:
-            start_ms, parent = _now_ms(), self.parent
+            start_ms, parent = int(start_wall * 1000), self.parent
 
             def create():
                 if parent is None or parent._id is None:
@@ -829,21 +832,20 @@ class Tracker:
             self._pool.submit(create)
         if params:
             st.log_params({name: dict(params)})  # prefixed: factorize.random_state, not random_state
-        t0 = time.perf_counter()
+
+        def finish():
+            dur = time.perf_counter() - t0
+            st.log_metric("duration_s", dur)
+            st.flush()
+            return int((start_wall + dur) * 1000)
+
         try:
             yield st
         except BaseException as e:
-            # the run ends when the stage did, not when the store thread caught up (flush)
-            end_ms = _now_ms()
-            st.log_metric("duration_s", time.perf_counter() - t0)
-            st.flush()
-            self._fail(st, e, end_ms)
+            self._fail(st, e, finish())
             raise
         else:
-            end_ms = _now_ms()
-            st.log_metric("duration_s", time.perf_counter() - t0)
-            st.flush()
-            self._end(st, "FINISHED", end_ms)
+            self._end(st, "FINISHED", finish())
 
     def _fail(self, st: StageRun, exc: BaseException, end_ms: int | None = None) -> None:
         """Traceback as an artifact (and in the run directory), error tag, FAILED/KILLED."""
