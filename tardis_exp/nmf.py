@@ -57,6 +57,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
+from .params import STOP_RULES  # declared once, with the config key
 from .progress import progress_bar
 
 EPS = np.finfo(np.float32).eps
@@ -405,7 +406,6 @@ def _random_init(X, rank, seed, mask, n, m):
     return W, H
 
 
-STOP_RULES = ("change", "extrapolated")
 
 
 def _converged(e_2, e_1, e, tol, rule):

@@ -40,7 +40,7 @@ NORMALIZATIONS = ("log1p", "total", "none")
 HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
 SOLVERS = ("hals", "mu", "cd")
 LOSSES = ("frobenius", "kullback-leibler")
-STOP_RULES = ("change", "extrapolated")  # tardis_exp.nmf.STOP_RULES
+STOP_RULES = ("change", "extrapolated")  # fit_batch(stop_rule=...); re-exported by tardis_exp.nmf
 METHODS = ("components", "spots")
 K_RULES = ("auto", "recurrence", "pac", "cophenetic", "brunet", "delta_area", "silhouette")
 AGGREGATIONS = ("median", "mean")
