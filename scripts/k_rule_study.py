@@ -7,7 +7,9 @@ for K in 2..10 and each candidate rule reads the same per-K statistics::
     python scripts/k_rule_study.py --solvers mu hals             # the tuning sets
     python scripts/k_rule_study.py --heldout --solvers mu hals   # sets no rule was tuned on
 
-Prints one line per set and solver: the planted/published K and every rule's K.
+Prints one line per set and solver: the planted/published K and every rule's K (with the
+background programs left out of it, and the two smallest usage-CV ratios of the first pass:
+docs/method.md, "The shared background").
 """
 
 from __future__ import annotations
@@ -102,7 +104,11 @@ def evaluate(a, truth_k, rules, max_k=10):
                       **({"outlier_threshold": float(thr)} if thr else {}),
                       **({"min_cluster_replicates": float(reps)} if reps else {}))
         c = b.uns["nmf_consensus"]
-        r = {"k": int(c["best_k"]), "runner": int(c["runner_up_k"]), "margin": float(c["k_margin"])}
+        r = {"k": int(c["best_k"]), "runner": int(c["runner_up_k"]), "margin": float(c["k_margin"]),
+             "background": int(c.get("n_background", 0))}
+        if "background_cv_ratio" in c:  # the first pass's programs: usage CV / the median (docs/method.md)
+            rel = np.sort(np.asarray(c["background_cv_ratio"], float))
+            r["bg_ratios"] = [round(float(x), 3) for x in rel[:2]]
         if "true_program" in b.var:
             from tardis_exp.metrics import program_recovery
 
@@ -139,6 +145,8 @@ def main(argv=None):
             ad_ = fitted(name, spec, solver, a.cache)
             res = evaluate(ad_, truth, a.rules)
             cells = " ".join(f"{r}={v['k']}({v['runner']},{v['margin']:.1f})"
+                             + (f" +{v['background']} background" if v.get("background") else "")
+                             + (f" cv-ratio {v['bg_ratios'][0]:.2f}/{v['bg_ratios'][1]:.2f}" if "bg_ratios" in v else "")
                              + (f" rec {v['recovery']:.2f}" if "recovery" in v else "")
                              + (f" ari {v['ari']:.2f}" if "ari" in v else "")
                              for r, v in res.items() if not r.startswith("_"))

@@ -31,8 +31,15 @@ the rank itself (``stability``, ``spot_cophenetic``, ``rank_cophenetic``,
 ``cophenetic_drop``; :func:`rank_evidence`) let a sweep compare runs across
 ``n_components``.
 
+With ``method=components`` a meta-program used nearly uniformly by every spot is the shared
+background (a converged solver such as HALS gives it a component of its own in every
+restart, and the recurrence rule would count it): its components leave the clustering, K is
+chosen again over the others, and the background spectrum stays in the usage refit
+(``background_ratio``, :func:`background_programs`).
+
 Writes ``uns['nmf_consensus']`` (metrics per K, best K, spectra, item labels, consensus
-matrices), ``obsm['X_nmf_consensus']`` (refit usages, spots x best K) and, for
+matrices, ``background_spectra``), ``obsm['X_nmf_consensus']`` (refit usages, spots x best
+K), ``obsm['X_nmf_background']`` (when a background was found) and, for
 ``method='spots'``, ``obs['nmf_spot_consensus']`` (consensus cluster of the spots used
 for K selection).
 """
@@ -42,6 +49,7 @@ for K selection).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -105,6 +113,8 @@ SPEC = StageSpec(
         Output("uns", "nmf_consensus", "metrics per K, best K and its evidence, spectra, item labels, "
                "consensus matrices"),
         Output("obsm", "X_nmf_consensus", "usages refit on the consensus spectra, spots x best K"),
+        Output("obsm", "X_nmf_background", "usage of the shared background program(s), refit with the spectra",
+               when="a background program was found (method=components)"),
         Output("obs", "nmf_spot_consensus", "consensus cluster of the spots used for K selection",
                when="method=spots"),
     ),
@@ -117,6 +127,8 @@ SPEC = StageSpec(
         Metric("consensus.recurrence", "replicate recurrence at the chosen K (method=components): fraction of "
                "(meta-program, replicate) pairs holding exactly one component", _at_best_if("recurrence"),
                headline=True),
+        Metric("consensus.n_background", "background programs found (usage nearly uniform across spots; not "
+               "counted in best_k)", _entry("n_background"), headline=True),
         Metric("runner_up_k", "the second-best K under consensus.k_selection", _entry("runner_up_k"),
                headline=True),
         Metric("consensus.k_margin", "how far the chosen K beats the runner-up, in measured standard errors "
@@ -620,6 +632,7 @@ def consensus(
     outlier_threshold: float = _P.outlier_threshold,
     outlier_neighbors_frac: float = _P.outlier_neighbors_frac,
     min_cluster_replicates: float = _P.min_cluster_replicates,
+    background_ratio: float = _P.background_ratio,
     spectra_agg: str = _P.spectra_agg,
     refit_max_iter: int = _P.refit_max_iter,
     max_spots: int = _P.max_spots,
@@ -656,6 +669,14 @@ def consensus(
     min_cluster_replicates
         Components method: a K is admissible only if each of its clusters holds components
         of at least this fraction of the replicates (0 disables the rule).
+    background_ratio
+        Components method: a meta-program whose usage is nearly uniform across spots --
+        its coefficient of variation below ``background_ratio`` times the median over the
+        programs -- is the shared background profile (a converged solver such as HALS puts
+        it into a component of its own, which every restart finds). Its components leave
+        the clustering, K is chosen again over the others, and the background spectrum is
+        kept in the usage refit (``obsm['X_nmf_background']``) but counted neither in K
+        nor in ``nmf_program`` (:func:`background_programs`; 0 disables).
     spectra_agg
         ``'median'`` or ``'mean'`` of the members' loadings.
     refit_max_iter
@@ -671,27 +692,51 @@ def consensus(
                  resample_frac=resample_frac, random_state=random_state, k_selection=k_selection,
                  k_tolerance=k_tolerance, k_z=k_z, k_spread_splits=k_spread_splits,
                  outlier_threshold=outlier_threshold, outlier_neighbors_frac=outlier_neighbors_frac,
-                 min_cluster_replicates=min_cluster_replicates, spectra_agg=spectra_agg,
+                 min_cluster_replicates=min_cluster_replicates, background_ratio=background_ratio,
+                 spectra_agg=spectra_agg,
                  refit_max_iter=refit_max_iter, max_spots=max_spots, spots_max_iter=spots_max_iter,
                  store_matrix_items=store_matrix_items)
     adata = adata.copy() if copy else adata
     t0 = time.perf_counter()
     rng = np.random.default_rng(random_state)
     k_selection = resolve_k_rule(k_selection, method)
+    background = np.zeros((0, adata.n_vars))
     if method == "components":
-        res = _components(adata, rng, min_clusters, max_clusters, n_resamples, resample_frac, k_selection,
-                          k_tolerance, outlier_threshold, outlier_neighbors_frac, spectra_agg,
-                          store_matrix_items, progress, min_cluster_replicates, k_z, k_spread_splits)
+        # a partial, not a closure: the stage's warnings (stacklevel) still name the caller's line
+        run = functools.partial(_components, adata, rng, min_clusters, max_clusters, n_resamples, resample_frac,
+                                k_selection, k_tolerance, outlier_threshold, outlier_neighbors_frac, spectra_agg,
+                                store_matrix_items, progress, min_cluster_replicates, k_z, k_spread_splits)
+
+        res = run()
+        # its own stream: runs without a background draw exactly what they drew before
+        bg_rng = np.random.default_rng(None if random_state is None else [random_state, 1])
+        bg = _find_background(adata, res, background_ratio, bg_rng, refit_max_iter)
+        if bg is not None and bg["items"].any():
+            # K counts the programs that tell spots apart: choose it again without the background
+            first_k = res["best_k"]
+            res = run(exclude=bg["items"])
+            background = bg["spectra"]
+            res.update(k_with_background=first_k, background_items=np.flatnonzero(bg["items"]))
+            res["item_labels"][bg["items"]] = -2
+        if bg is not None:  # every first-pass program's ratio: how far the data are from the threshold
+            res["background_cv_ratio"] = bg["cv_ratio"]
     else:
         res = _spots(adata, rng, random_state, min_clusters, max_clusters, n_resamples, resample_frac,
                      k_selection, k_tolerance, spectra_agg, max_spots, spots_max_iter, store_matrix_items,
                      progress, k_z, k_spread_splits)
 
     spectra = res.pop("spectra")
-    W, err = refit_usage(adata.X, spectra, max_iter=refit_max_iter, progress=progress)
-    adata.obsm["X_nmf_consensus"] = W
+    K = len(spectra)
+    W, err = refit_usage(adata.X, np.vstack([spectra, background]) if len(background) else spectra,
+                         max_iter=refit_max_iter, progress=progress)
+    adata.obsm["X_nmf_consensus"] = W[:, :K] if len(background) else W
+    if len(background):
+        adata.obsm["X_nmf_background"] = W[:, K:]
+    elif "X_nmf_background" in adata.obsm:
+        del adata.obsm["X_nmf_background"]
     res.update(spectra=spectra.astype(np.float32), refit_error=float(err), method=method,
-               k_selection=k_selection)
+               k_selection=k_selection, n_background=len(background),
+               background_spectra=np.asarray(background, dtype=np.float32))
     res.update(rank_evidence(adata, res, rng))
     res["seconds"] = time.perf_counter() - t0
     adata.uns["nmf_consensus"] = res
@@ -701,6 +746,55 @@ def consensus(
 
 
 _EVIDENCE_SPOTS = 1000
+_BACKGROUND_SPOTS = 10_000
+
+
+def background_programs(usages, ratio: float = _P.background_ratio):
+    """Programs used nearly uniformly across spots: the shared background profile.
+
+    A program that tells spots apart is used strongly by some spots and little by others;
+    the background (expression every spot shares, which a converged solver such as HALS
+    puts into a component of its own) is used by every spot at a similar level. A program
+    is background when the coefficient of variation of its usage across spots is below
+    ``ratio`` times the median over the programs. Measured on 20 validation sets
+    (docs/validation.md, "The shared background"): the HALS background programs sit at 0.09-0.22
+    of the median, every other program of either solver at 0.49 or above. Needs 3
+    programs or more, and at least 2 that are not background; returns
+    ``(mask, cv / median)``.
+    """
+    U = np.asarray(usages, dtype=np.float64)
+    k = U.shape[1]
+    m = U.mean(0)
+    cv = np.where(m > 0, U.std(0) / np.where(m > 0, m, 1), np.inf)
+    med = float(np.median(cv))
+    rel = cv / med if np.isfinite(med) and med > 0 else np.full(k, np.inf)
+    bg = rel < ratio
+    if k < 3 or ratio <= 0 or (~bg).sum() < 2:
+        bg[:] = False
+    return bg, rel
+
+
+def _find_background(adata, res, ratio, rng, max_iter, max_spots: int = _BACKGROUND_SPOTS):
+    """Background meta-programs at the chosen K, from usages refit on a spot subsample.
+
+    ``None`` when switched off or fewer than 3 programs; else ``items`` (the background's
+    pooled components, a mask: empty when none is background), ``spectra``, ``cv_ratio``.
+    """
+    spectra = res["spectra"]
+    if ratio <= 0 or len(spectra) < 3:
+        return None
+    X = prepare_matrix(adata.X)
+    n = X.shape[0]
+    rows = np.sort(rng.choice(n, size=min(max_spots, n), replace=False))
+    U, _ = refit_usage(X[rows], spectra, max_iter=max_iter, progress=False)
+    bg, rel = background_programs(U, ratio)
+    which = np.flatnonzero(bg)
+    if not bg.any():
+        return {"items": np.zeros(len(res["item_labels"]), bool), "spectra": spectra[which], "cv_ratio": rel}
+    items = np.isin(res["item_labels"], which)
+    log.info("consensus: program(s) %s of K=%d are the shared background (usage CV %s of the median); K is "
+             "chosen again without them", which.tolist(), len(spectra), np.round(rel[which], 2).tolist())
+    return {"items": items, "spectra": spectra[which], "cv_ratio": rel}
 
 
 def resolve_k_rule(k_selection: str, method: str) -> str:
@@ -780,7 +874,8 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
         # the sweep objective: Brunet's statistic describes a trial's answer only when that
         # answer is the rank (K = n_components); a trial that chose fewer meta-programs
         # than its rank scores below every trial it does describe
-        out["rank_cophenetic"] = out["spot_cophenetic"] - (0.0 if int(c["best_k"]) == r else 1.0)
+        answer = int(c["best_k"]) + int(c.get("n_background", 0))  # the background is one of the rank's
+        out["rank_cophenetic"] = out["spot_cophenetic"] - (0.0 if answer == r else 1.0)
         if "item_labels" in c:
             out["k_cophenetic"] = _k_cophenetic(U, comps, np.asarray(c["item_labels"]), int(c["best_k"]))
             i_k = ks.index(c["best_k"])
@@ -847,7 +942,7 @@ def _aggregate(members: np.ndarray, how: str) -> np.ndarray:
 
 
 def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr, out_frac, agg,
-                store_items, progress, min_reps, k_z=2.0, spread_splits=4):
+                store_items, progress, min_reps, k_z=2.0, spread_splits=4, exclude=None):
     if "nmf" not in adata.uns and "X_nmf_components" not in adata.uns:
         raise InputError("consensus.method=components needs a factorization: run the factorize stage first "
                          "(uns['nmf'] or uns['X_nmf_components'] is missing)")
@@ -867,6 +962,12 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     replicate = np.repeat(np.arange(R), k)
 
     alive = spectra_all.sum(1) > 0
+    k_eff = k
+    if exclude is not None:  # the background's components (see _find_background)
+        exclude = np.asarray(exclude, bool)
+        alive &= ~exclude
+        k_eff = k - int(np.bincount(replicate[exclude], minlength=R).min())
+        min_k, max_k = min(min_k, k_eff), min(max_k, k_eff)
     keep = alive.copy()
     density = np.zeros(len(spectra_all))
     if R > 1 and out_thr < 2:
@@ -909,7 +1010,7 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
                           largest_stable=rule in ("pac", "brunet", "cophenetic"))
     _report_k(best, info, rule, ks)
-    if best == k and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9:
+    if best == k_eff and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9:
         # every component of the factorization recurs: the rank, not the data, bounds K
         log.warning("consensus: K=%d = factorize.n_components and every component recurs in the replicates; the "
                     "data may hold more programs than the rank -- raise factorize.n_components or sweep it "

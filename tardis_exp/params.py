@@ -226,6 +226,10 @@ class ConsensusParams:
     min_cluster_replicates: Any = number(0.0, "components method: a K is admissible only if each cluster draws "
                                          "components from this fraction of replicates (0: no hard bound; the "
                                          "default recurrence rule weighs it)", low=0, high=1)
+    background_ratio: Any = number(0.35, "components method: a meta-program whose usage varies across spots "
+                                   "(coefficient of variation) less than this fraction of the programs' median "
+                                   "is the shared background: kept in the refit (obsm['X_nmf_background']), not "
+                                   "counted in K nor in nmf_program (0 disables)", low=0, high=1)
     spectra_agg: Any = choice("median", "median | mean of the members' loadings", AGGREGATIONS)
     refit_max_iter: Any = integer(200, "iterations of the usage refit on the consensus spectra", minimum=1)
     max_spots: Any = integer(2000, "spots method: spots in the n x n consensus matrix", minimum=2)

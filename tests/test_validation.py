@@ -267,6 +267,7 @@ def test_consensus_reports_runner_up_and_evidence_metrics(fitted):
     consensus(a, min_clusters=2, max_clusters=6, n_resamples=30, outlier_threshold=0.35)
     c = a.uns["nmf_consensus"]
     assert c["best_k"] == 4  # the planted K
+    assert c["n_background"] == 0 and "X_nmf_background" not in a.obsm  # MU spreads the background
     assert c["runner_up_k"] in c["k_values"] and c["runner_up_k"] != c["best_k"]
     assert np.isfinite(c["k_margin"])
     assert c["pac_se"].shape == c["pac"].shape and (c["pac_se"] >= 0).all()
@@ -279,6 +280,56 @@ def test_consensus_reports_runner_up_and_evidence_metrics(fitted):
     i = list(c["k_values"]).index(c["best_k"])
     assert 0.9 < m["consensus.k_cophenetic"] <= 1
     assert m["consensus.reproducibility"] == pytest.approx((c["silhouette"][i] + m["consensus.k_cophenetic"]) / 2)
+
+
+def test_background_programs_are_the_ones_every_spot_uses_alike():
+    from tardis_exp.consensus import background_programs
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    domain = rng.integers(0, 4, n)
+    specific = np.eye(4)[domain] * rng.gamma(5, 1, (n, 1)) + 0.02 * rng.random((n, 4))
+    shared = rng.gamma(50, 0.02, (n, 1))  # every spot, about the same level: CV ~ 0.14
+    bg, rel = background_programs(np.hstack([specific, shared]), 0.35)
+    assert bg.tolist() == [False] * 4 + [True]
+    assert rel[4] < 0.35 < rel[:4].min()
+    # programs that all tell spots apart: none is background, whatever their spread
+    assert not background_programs(specific, 0.35)[0].any()
+    # 0 disables; fewer than 3 programs, or fewer than 2 left: nothing to tell apart
+    assert not background_programs(np.hstack([specific, shared]), 0.0)[0].any()
+    assert not background_programs(np.hstack([specific[:, :1], shared]), 0.35)[0].any()
+
+
+def test_hals_background_is_kept_out_of_k_and_of_the_program_labels():
+    """HALS converges to a factorization that gives the expression every spot shares a
+    component of its own (here two), which every restart finds: counted as programs they
+    made K too large and took the argmax of most spots. The planted K and domains are the
+    truth."""
+    from tardis_exp.factorize import factorize
+    from tardis_exp.preprocess import preprocess
+    from tardis_exp.score import score
+    from tardis_exp.synthetic import make_synthetic
+
+    a = preprocess(make_synthetic(n_spots=1600, n_genes=1200, n_programs=4, seed=21), n_top_genes=1000)
+    factorize(a, solver="hals", n_components=8, n_replicates=8, progress=False)
+    off = a.copy()
+    consensus(a, min_clusters=2, max_clusters=8, progress=False)
+    c = a.uns["nmf_consensus"]
+    assert c["n_background"] >= 1 and c["best_k"] == 4
+    assert c["k_with_background"] == 4 + c["n_background"]
+    assert a.obsm["X_nmf_consensus"].shape == (a.n_obs, 4)
+    assert a.obsm["X_nmf_background"].shape == (a.n_obs, c["n_background"])
+    assert (np.asarray(c["item_labels"])[c["background_items"]] == -2).all()
+    # the background spectrum loads the shared genes, not one program's markers
+    truth = a.var["true_program"].astype(str).to_numpy()
+    bg = np.asarray(c["background_spectra"]).sum(0)
+    assert bg[truth == "none"].mean() > bg[truth != "none"].mean()
+    score(a, n_cluster_genes=30)
+    assert adjusted_rand_score(a.obs["true_domain"], a.obs["nmf_program"]) >= 0.9
+    # switched off, the shared components are counted as programs
+    consensus(off, min_clusters=2, max_clusters=8, progress=False, background_ratio=0)
+    assert off.uns["nmf_consensus"]["n_background"] == 0 and "X_nmf_background" not in off.obsm
+    assert off.uns["nmf_consensus"]["best_k"] > 4
 
 
 @pytest.mark.slow
