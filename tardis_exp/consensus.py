@@ -483,12 +483,18 @@ def half_spread(ks, label_sets, n_splits: int = 4, rng=None, max_items: int = 30
     return {k: np.nan_to_num(np.nanstd(v, axis=0, ddof=1) / np.sqrt(2), nan=0.0) for k, v in est.items()}
 
 
-def _report_k(best, info, rule, ks):
-    """Say so when the evidence does not separate the chosen K from the runner-up."""
+def _report_k(best, info, rule, ks, rank_bound=False):
+    """Say so when the evidence does not separate the chosen K from the runner-up, and when
+    the rank rather than the data bounds it (``rank_bound``: K = n_components, every
+    component recurs)."""
     if info["runner_up_k"] != best and info["margin"] < 1:
         log.warning("consensus: the data do not separate K=%d from K=%d (rule %s, margin %.2f of the measured "
                     "tolerance); both are candidates -- look at k_selection.png", best, info["runner_up_k"],
                     rule, info["margin"])
+    if rank_bound:
+        log.warning("consensus: K=%d = factorize.n_components and every component recurs in the replicates; the "
+                    "data may hold more programs than the rank -- raise factorize.n_components or sweep it "
+                    "(sweep=k_range)", best)
 
 
 def _clip_range(min_k, max_k, n_items, n_sampled, what):
@@ -707,7 +713,7 @@ def consensus(
                                 k_selection, k_tolerance, outlier_threshold, outlier_neighbors_frac, spectra_agg,
                                 store_matrix_items, progress, min_cluster_replicates, k_z, k_spread_splits)
 
-        res = run()
+        res = run(report=False)  # said once, about the K that is kept
         # its own stream: runs without a background draw exactly what they drew before
         bg_rng = np.random.default_rng(None if random_state is None else [random_state, 1])
         bg = _find_background(adata, res, background_ratio, bg_rng, refit_max_iter)
@@ -718,6 +724,9 @@ def consensus(
             background = bg["spectra"]
             res.update(k_with_background=first_k, background_items=np.flatnonzero(bg["items"]))
             res["item_labels"][bg["items"]] = -2
+        else:
+            _report_k(res["best_k"], {"runner_up_k": res["runner_up_k"], "margin": res["k_margin"]}, k_selection,
+                      res["k_values"], res["k_bounded_by_rank"])
         if bg is not None:  # every first-pass program's ratio: how far the data are from the threshold
             res["background_cv_ratio"] = bg["cv_ratio"]
     else:
@@ -942,14 +951,14 @@ def _aggregate(members: np.ndarray, how: str) -> np.ndarray:
 
 
 def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr, out_frac, agg,
-                store_items, progress, min_reps, k_z=2.0, spread_splits=4, exclude=None):
+                store_items, progress, min_reps, k_z=2.0, spread_splits=4, exclude=None, report=True):
     if "nmf" not in adata.uns and "X_nmf_components" not in adata.uns:
         raise InputError("consensus.method=components needs a factorization: run the factorize stage first "
                          "(uns['nmf'] or uns['X_nmf_components'] is missing)")
     comps = np.asarray(adata.uns["nmf"]["components"] if "nmf" in adata.uns else
                        adata.uns["X_nmf_components"][None])
     R, k, m = comps.shape
-    if max_k > k:
+    if max_k > k and exclude is None:  # said by the first pass only
         # a meta-program is a cluster of components, one per replicate at most: more of
         # them than components in a factorization splits real programs or keeps noise
         new_min = min(min_k, k)
@@ -1009,12 +1018,10 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     spread["recurrence"] = recurrence_spread(ks, final_labels, replicate[items], R, spread_splits, rng)
     best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
                           largest_stable=rule in ("pac", "brunet", "cophenetic"))
-    _report_k(best, info, rule, ks)
-    if best == k_eff and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9:
-        # every component of the factorization recurs: the rank, not the data, bounds K
-        log.warning("consensus: K=%d = factorize.n_components and every component recurs in the replicates; the "
-                    "data may hold more programs than the rank -- raise factorize.n_components or sweep it "
-                    "(sweep=k_range)", best)
+    # every component of the factorization recurs: the rank, not the data, bounds K
+    rank_bound = bool(best == k_eff and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9)
+    if report:
+        _report_k(best, info, rule, ks, rank_bound)
 
     # average linkage can return fewer than K clusters (ties); keep the clusters that exist
     present, labels = np.unique(final_labels[best], return_inverse=True)
@@ -1028,6 +1035,7 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
         **_per_k_result(ks, best, spectra, stats, cdfs, mats, spread, info),
         "matrix_items": items if store_idx is None else items[store_idx],
         "item_labels": item_labels,  # cluster of each pooled component, -1 = outlier
+        "k_bounded_by_rank": rank_bound,
         "admissible": admissible,
         "min_replicates_per_cluster": np.array([reps_per_cluster[kk].min() for kk in ks]),
         "item_replicate": replicate,
