@@ -101,3 +101,28 @@ def test_bad_scheduler_and_memory_limit_refuse_early():
         check_memory(1, n_spots=2_000_000, n_genes=2000, n_columns=100, solver="mu", chunked=True)
     # HALS, chunked, 10 x k=6: fits in 4 GB
     assert check_memory(4, n_spots=2_000_000, n_genes=2000, n_columns=60, solver="hals", chunked=True) < 4
+
+
+def test_consensus_background_on_chunks_equals_in_memory():
+    """The background check refits on a spot subsample read from the chunks (``X[rows]``):
+    the same programs are marked, the same K kept, as with ``X`` in memory."""
+    import anndata as ad
+
+    from tardis_exp.consensus import consensus
+    from tardis_exp.factorize import factorize
+    from tardis_exp.preprocess import preprocess
+    from tardis_exp.synthetic import make_synthetic
+
+    a = preprocess(make_synthetic(n_spots=1600, n_genes=1200, n_programs=4, seed=21), n_top_genes=1000)
+    factorize(a, solver="hals", n_components=8, n_replicates=8, progress=False)
+    lazy = ad.AnnData(_chunked(sp.csr_matrix(a.X), rows=300), obs=a.obs.copy(), var=a.var.copy(),
+                      uns={"nmf": a.uns["nmf"]}, obsm={"X_nmf_replicates": a.obsm["X_nmf_replicates"]})
+    for b in (a, lazy):
+        consensus(b, min_clusters=2, max_clusters=8, progress=False)
+    c, d = a.uns["nmf_consensus"], lazy.uns["nmf_consensus"]
+    assert c["n_background"] >= 1 and d["n_background"] == c["n_background"] and d["best_k"] == c["best_k"]
+    np.testing.assert_array_equal(d["background_items"], c["background_items"])
+    np.testing.assert_array_equal(d["spectra"], c["spectra"])
+    assert lazy.obsm["X_nmf_background"].shape == a.obsm["X_nmf_background"].shape
+    agree = (lazy.obsm["X_nmf_consensus"].argmax(1) == a.obsm["X_nmf_consensus"].argmax(1)).mean()
+    assert agree >= 0.99
