@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -34,7 +35,7 @@ from .factorize import check_params as check_factorize
 from .factorize import factorize
 from .params import check as check_params
 from .preprocess import preprocess
-from .score import score
+from .score import score, top_genes_table
 from .stages import SPECS
 from .tracking import Tracker, redact, redact_tree, run_description, science_params
 from .tracking import check_config as check_tracking
@@ -297,10 +298,20 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     _atomic_write(run_dir / "programs.tsv", lambda tmp: table.to_csv(tmp, sep="\t", index=False))
     usages = pd.DataFrame(adata.obsm["X_nmf_consensus"], index=adata.obs_names,
                           columns=[f"program_{i}" for i in range(adata.obsm["X_nmf_consensus"].shape[1])])
+    background = adata.obsm.get("X_nmf_background")
+    if background is not None:  # the shared background (consensus.background_ratio), after the programs
+        usages = usages.join(pd.DataFrame(np.asarray(background), index=adata.obs_names,
+                                          columns=[f"background_{i}" for i in range(background.shape[1])]))
+        genes = top_genes_table(np.asarray(adata.uns["nmf_consensus"]["background_spectra"], dtype=np.float64),
+                                adata.var_names, 50, "loading")[["program", "rank", "gene", "loading"]]
+        genes = genes.rename(columns={"program": "background"})
+        _atomic_write(run_dir / "background.tsv", lambda tmp: genes.to_csv(tmp, sep="\t", index=False))
     _atomic_write(run_dir / "usages.tsv.gz",
                   lambda tmp: usages.to_csv(tmp, sep="\t", compression="gzip"))
     parent.log_artifact(run_dir / "programs.tsv")
     parent.log_artifact(run_dir / "usages.tsv.gz")
+    if background is not None:
+        parent.log_artifact(run_dir / "background.tsv")
     mode = result_mode(cfg)
     if mode != "none":
         saved = adata

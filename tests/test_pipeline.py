@@ -7,6 +7,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -105,3 +106,29 @@ def test_save_result_results_leaves_out_the_input_matrices(compose, tmp_path):
     assert back.X is None
     names = {p.name for p in make_plots(back, tmp_path / "plots2")}
     assert names == set(PLOTS) - {"top_genes_dotplot.png"}
+
+
+def test_hals_run_writes_the_background_beside_the_programs(compose, tmp_path):
+    """With a background program (HALS on the simulator), the run folder says what it is:
+    its usages after the programs' in usages.tsv.gz, its top genes in background.tsv --
+    the simulator's shared genes, not a program's markers."""
+    cfg = compose("data.n_spots=1600", "data.n_genes=1200", "data.n_programs=4", "data.seed=21",
+                  "preprocess.n_top_genes=1000", "factorize.solver=hals", "factorize.n_components=8",
+                  "factorize.n_replicates=8", "consensus.min_clusters=2", "consensus.max_clusters=8",
+                  "tracking.enabled=false", "save_result=results")
+    m = run(cfg, tmp_path / "run")
+    assert m["best_k"] == 4 and m["consensus.n_background"] >= 1
+    u = pd.read_csv(tmp_path / "run" / "usages.tsv.gz", sep="\t", index_col=0)
+    n_bg = int(m["consensus.n_background"])
+    assert list(u.columns) == [f"program_{i}" for i in range(4)] + [f"background_{i}" for i in range(n_bg)]
+    genes = pd.read_csv(tmp_path / "run" / "background.tsv", sep="\t")
+    assert list(genes.columns) == ["background", "rank", "gene", "loading"] and len(genes) == 50 * n_bg
+    var = ad.read_h5ad(tmp_path / "run" / "result.h5ad").var
+    genes["truth"] = var.loc[genes["gene"], "true_program"].astype(str).to_numpy()
+    for _, top in genes.groupby("background"):  # no program's markers: mostly shared genes, any
+        counts = top["truth"].value_counts()   # program's markers a small minority of its 50
+        assert counts.get("none", 0) > 25 and counts.drop("none", errors="ignore").max() <= 10
+    # while each program's top genes are its own markers
+    prog = pd.read_csv(tmp_path / "run" / "programs.tsv", sep="\t")
+    prog["truth"] = var.loc[prog["gene"], "true_program"].astype(str).to_numpy()
+    assert (prog.groupby("program")["truth"].agg(lambda t: t.value_counts().iloc[0] / len(t)) >= 0.9).all()
