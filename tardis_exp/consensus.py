@@ -798,22 +798,17 @@ def _find_background(adata, res, ratio, rng, max_iter, max_spots: int = _BACKGRO
     U, _ = refit_usage(X[rows], spectra, max_iter=max_iter, progress=False)
     bg, rel = background_programs(U, ratio)
     which = np.flatnonzero(bg)
-    if not bg.any():
-        return {"items": np.zeros(len(res["item_labels"]), bool), "spectra": spectra[which], "cv_ratio": rel}
-    items = np.isin(res["item_labels"], which)
-    log.info("consensus: program(s) %s of K=%d are the shared background (usage CV %s of the median); K is "
-             "chosen again without them", which.tolist(), len(spectra), np.round(rel[which], 2).tolist())
-    return {"items": items, "spectra": spectra[which], "cv_ratio": rel}
+    if bg.any():
+        log.info("consensus: program(s) %s of K=%d are the shared background (usage CV %s of the median); K is "
+                 "chosen again without them", which.tolist(), len(spectra), np.round(rel[which], 2).tolist())
+    return {"items": np.isin(res["item_labels"], which), "spectra": spectra[which], "cv_ratio": rel}
 
 
 def resolve_k_rule(k_selection: str, method: str) -> str:
-    """``auto``: ``recurrence`` for ``method=components``, ``pac`` for ``method=spots``."""
+    """``auto``: ``recurrence`` for ``method=components``, ``pac`` for ``method=spots``
+    (``recurrence`` with ``method=spots`` is refused by ``ConsensusParams.cross_check``)."""
     if k_selection == "auto":
         return "recurrence" if method == "components" else "pac"
-    if k_selection == "recurrence" and method != "components":
-        raise ConfigError("consensus.k_selection=recurrence needs consensus.method=components (it counts the "
-                          "components of each replicate in a meta-program); use auto, pac, brunet, delta_area "
-                          "or silhouette with method=spots")
     return k_selection
 
 

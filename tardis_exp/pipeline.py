@@ -303,7 +303,8 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
         usages = usages.join(pd.DataFrame(np.asarray(background), index=adata.obs_names,
                                           columns=[f"background_{i}" for i in range(background.shape[1])]))
         genes = top_genes_table(np.asarray(adata.uns["nmf_consensus"]["background_spectra"], dtype=np.float64),
-                                adata.var_names, 50, "loading")[["program", "rank", "gene", "loading"]]
+                                adata.var_names, cfg["score"]["n_cluster_genes"], "loading")
+        genes = genes[["program", "rank", "gene", "loading"]]
         genes = genes.rename(columns={"program": "background"})
         _atomic_write(run_dir / "background.tsv", lambda tmp: genes.to_csv(tmp, sep="\t", index=False))
     _atomic_write(run_dir / "usages.tsv.gz",
