@@ -57,7 +57,7 @@ def heldout_sets():
     return out
 
 
-def fitted(name, spec, solver, cache: Path):
+def fitted(name, spec, solver, cache: Path, overrides=()):
     """Preprocessed data (truth columns only) and the default factorization's components, cached."""
     import anndata as ad
 
@@ -70,7 +70,7 @@ def fitted(name, spec, solver, cache: Path):
     f = cache / f"{name.replace(' ', '_').replace('/', '_')}_{solver}.h5ad"
     if f.exists():
         return ad.read_h5ad(f)
-    cfg = compose([*(spec if isinstance(spec, list) else []), f"factorize.solver={solver}"])
+    cfg = compose([*(spec if isinstance(spec, list) else []), f"factorize.solver={solver}", *overrides])
     if isinstance(spec, dict):
         from tardis_exp.synthetic import make_synthetic
 
@@ -134,6 +134,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--cache", type=Path, default=ROOT / "outputs" / "k_rule_study")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--override", nargs="*", default=[],
+                    help="extra Hydra overrides for preprocess/factorize (use a separate --cache)")
     a = ap.parse_args(argv)
     a.cache.mkdir(parents=True, exist_ok=True)
     results = []
@@ -142,7 +144,7 @@ def main(argv=None):
             continue
         for solver in a.solvers:
             t0 = time.perf_counter()
-            ad_ = fitted(name, spec, solver, a.cache)
+            ad_ = fitted(name, spec, solver, a.cache, a.override)
             res = evaluate(ad_, truth, a.rules)
             cells = " ".join(f"{r}={v['k']}({v['runner']},{v['margin']:.1f})"
                              + (f" +{v['background']} background" if v.get("background") else "")

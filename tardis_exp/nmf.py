@@ -190,14 +190,23 @@ def _views(W_all, H_all, g: _Group):
 
 
 def _mu_step_frobenius(P, W_all, H_all, groups, update_H=True, want_error=False, sqnorms=None):
+    from ._kernels import mu_update
+
     XHt = P.xht(H_all)  # one fat pass over X for every factorization
+    # W's update fused in one pass over the rows (numba): numpy's batched small matmul, zero
+    # guard and elementwise passes over strided views took as long as the fat product
+    # itself at 200,000 spots (docs/solver.md, "200,000 spots")
+    starts = [g.start + j * g.rank for g in groups for j in range(len(g.idx))]
+    ranks = [g.rank for g in groups for _ in g.idx]
+    kmax = max(ranks)
+    G = np.zeros((len(starts), kmax, kmax), dtype=np.float32)
+    f = 0
     for g in groups:
-        W3, H3 = _views(W_all, H_all, g)
-        HHt = H3 @ H3.transpose(0, 2, 1)
-        den = W3 @ HHt
-        den[den == 0] = EPS
-        num = XHt[:, g.cols].reshape(XHt.shape[0], len(g.idx), g.rank).transpose(1, 0, 2)
-        W3 *= np.divide(num, den, out=den)  # in place: no third n x K temporary (peak RSS)
+        _, H3 = _views(W_all, H_all, g)
+        G[f:f + len(g.idx), :g.rank, :g.rank] = H3 @ H3.transpose(0, 2, 1)
+        f += len(g.idx)
+    mu_update(W_all, XHt, G, starts, ranks, EPS)
+    del XHt
     if not update_H and not want_error:
         return None
     XtW = P.xtw(W_all)  # the second fat pass

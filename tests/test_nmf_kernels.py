@@ -134,3 +134,42 @@ def test_fit_batch_csr_equals_dense(method):
         f32.assert_same_fit(s, d, Xd, mk, 200)
         if mk is not None:
             assert np.all(s.W[~mk] == 0)
+
+
+def test_mu_update_equals_the_rule_in_float64_and_ignores_thread_count():
+    import numba
+
+    from tardis_exp._kernels import HALS_PARALLEL_MIN_WORK, mu_update
+    from tardis_exp.nmf import EPS
+
+    rng = np.random.default_rng(3)
+    ranks = [3, 3, 5, 10]  # mixed ranks, as several rank groups stacked side by side
+    starts = np.concatenate([[0], np.cumsum(ranks)[:-1]])
+    n, K, kmax = 20_011, sum(ranks), max(ranks)  # rows not a multiple of the kernel's row block
+    assert n * sum(r * r for r in ranks) >= HALS_PARALLEL_MIN_WORK  # the parallel kernel runs
+    V = rng.random((n, K), dtype=np.float32)
+    V[[0, 77]] = 0  # rows outside a mask: zero denominators, must stay zero
+    A = rng.random((n, K), dtype=np.float32)
+    G = np.zeros((len(ranks), kmax, kmax), dtype=np.float32)
+    for f, (s, k) in enumerate(zip(starts, ranks)):
+        H = rng.random((k, 50), dtype=np.float32)
+        G[f, :k, :k] = H @ H.T
+    # the rule in float64 from the same float32 inputs
+    ref = V.astype(np.float64)
+    for f, (s, k) in enumerate(zip(starts, ranks)):
+        den = V[:, s:s + k].astype(np.float64) @ G[f, :k, :k].astype(np.float64)
+        den[den == 0] = EPS
+        ref[:, s:s + k] *= A[:, s:s + k] / den
+    out = V.copy()
+    mu_update(out, A, G, starts, ranks, EPS)
+    # a float32 dot product of k non-negative terms, one division and one product
+    np.testing.assert_allclose(out, ref, rtol=1.01 * f32.gamma(kmax + 3), atol=0)
+    assert np.all(out[[0, 77]] == 0)
+    nt = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        again = V.copy()
+        mu_update(again, A, G, starts, ranks, EPS)
+        np.testing.assert_array_equal(again, out)
+    finally:
+        numba.set_num_threads(nt)
