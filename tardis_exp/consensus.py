@@ -708,6 +708,7 @@ def consensus(
     k_selection = resolve_k_rule(k_selection, method)
     background = np.zeros((0, adata.n_vars))
     if method == "components":
+        _warn_converged_replicates(adata, k_selection)
         # a partial, not a closure: the stage's warnings (stacklevel) still name the caller's line
         run = functools.partial(_components, adata, rng, min_clusters, max_clusters, n_resamples, resample_frac,
                                 k_selection, k_tolerance, outlier_threshold, outlier_neighbors_frac, spectra_agg,
@@ -802,6 +803,28 @@ def _find_background(adata, res, ratio, rng, max_iter, max_spots: int = _BACKGRO
         log.info("consensus: program(s) %s of K=%d are the shared background (usage CV %s of the median); K is "
                  "chosen again without them", which.tolist(), len(spectra), np.round(rel[which], 2).tolist())
     return {"items": np.isin(res["item_labels"], which), "spectra": spectra[which], "cv_ratio": rel}
+
+
+def _warn_converged_replicates(adata, rule: str) -> None:
+    """The recurrence rule was validated on MU replicates stopped at ``tol=1e-4``; replicates run
+    to convergence (HALS, a smaller ``tol``, ``stop_rule=extrapolated``) keep surplus components
+    that recur, and it then chose K above the planted one on Monti's sets (docs/validation.md,
+    "Converged replicates and the K rule")."""
+    p = adata.uns.get("nmf", {}).get("params") if isinstance(adata.uns.get("nmf"), dict) else None
+    if rule != "recurrence" or not p:
+        return
+    solver, tol, stop = str(p.get("solver", "mu")), float(p.get("tol", 1e-4)), str(p.get("stop_rule", "change"))
+    if solver == "mu" and tol >= 1e-4 and stop == "change":
+        return
+    what = ", ".join(x for x, bad in ((f"factorize.solver={solver}", solver != "mu"),
+                                      (f"factorize.tol={tol:g}", tol < 1e-4),
+                                      (f"factorize.stop_rule={stop}", stop != "change")) if bad)
+    msg = (f"consensus: the replicates are run closer to convergence than the K rule was validated on ({what}); "
+           "on Monti's sample-class sets such replicates made k_selection=auto choose K above the planted one "
+           "(docs/validation.md, 'Converged replicates and the K rule'): check runner_up_k and k_selection.png, "
+           "or sweep factorize.n_components")
+    log.warning(msg)
+    warnings.warn(msg, UserWarning, stacklevel=4)
 
 
 def resolve_k_rule(k_selection: str, method: str) -> str:

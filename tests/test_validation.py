@@ -487,3 +487,29 @@ def test_validate_merge_orders_rows_and_counts_the_objectives(tmp_path):
     counts = dict(zip(V.winner(rows, ""), right.split("|")[2:-1]))
     assert counts["silhouette"].strip() == "2" and counts["reproducibility"].strip() == "1"
     assert "2 processes" in text and "<!-- validate.py:end -->" in text
+
+
+def test_converged_replicates_are_warned_about_and_overcount_montis_classes(recwarn):
+    """The recurrence rule was validated on MU replicates stopped at tol=1e-4. Run to
+    convergence, the surplus components of Monti's 3-class set recur as well, and the rule
+    counts more programs than classes: the stage says so (the finding of docs/validation.md,
+    "Converged replicates and the K rule"), and says nothing at the defaults."""
+    import warnings
+
+    from tardis_exp.datasets import monti_simulated
+    from tardis_exp.factorize import factorize
+    from tardis_exp.preprocess import preprocess
+
+    a = preprocess(monti_simulated("gaussian3", seed=0), normalize="none", n_top_genes=None, min_cells=0)
+    conv = a.copy()
+    factorize(a, progress=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        consensus(a, min_clusters=2, max_clusters=9, progress=False)
+    assert not [x for x in w if "closer to convergence" in str(x.message)]
+    assert a.uns["nmf_consensus"]["best_k"] == 3
+    factorize(conv, progress=False, tol=1e-6, max_iter=5000)
+    assert conv.uns["nmf"]["n_iter"].min() > 3 * a.uns["nmf"]["n_iter"].max()  # run much further
+    with pytest.warns(UserWarning, match=r"closer to convergence.*factorize\.tol=1e-06"):
+        consensus(conv, min_clusters=2, max_clusters=9, progress=False)
+    assert conv.uns["nmf_consensus"]["best_k"] > 3
