@@ -69,8 +69,18 @@ ENV_PINS = {"cnmf": ["cnmf==1.7.1"], "seed": ["tardis-spac", "consensusclusterin
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux; children count too (cNMF may fork)
-    s = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # This process's own high-water mark (VmHWM): ru_maxrss of RUSAGE_SELF keeps, across the
+    # fork and exec that started the worker, the RSS the *parent* had (Linux saves the old
+    # image's high-water mark in exec), so a parent that had loaded the data set floored every
+    # worker's figure at its own (all rows read 744 MB). Children count too (cNMF may fork).
+    hwm = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])  # KiB
+    except OSError:
+        pass
+    s = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     c = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(s, c) / 1024
 
@@ -426,7 +436,7 @@ def make_table(workdir: Path, res: dict) -> str:
         ratio = r["seconds"] / base if base else None
         rows.append(
             f"| {labels[name]} | {r['seconds']:.1f} | {_fmt(r.get('factorize_seconds'), '.1f')} | "
-            f"{r['peak_rss_mb']:.0f} | {_fmt(r.get('best_k'))} | {_fmt(rec)} | {_fmt(qq.get('recovery6'))} | "
+            f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {_fmt(r.get('best_k'))} | {_fmt(rec)} | {_fmt(qq.get('recovery6'))} | "
             f"{_fmt(ari)} | {_fmt(ratio, '.1f')}{'x' if ratio else ''} |")
     head = ("| tool | wall s | factorize s | peak RSS MB | best K | recovery (best K) | recovery (k=6) | ARI | "
             "time / tardis_exp on the same input |\n|---|---|---|---|---|---|---|---|---|")

@@ -176,37 +176,41 @@ if _HAVE_NUMBA:
         # Lee-Seung's rule for the stacked factors, fused: V <- V * (A / (V G)) per
         # factorization's columns, a zero denominator replaced by eps (as scikit-learn).
         # One pass over V and A instead of numpy's batched small matmul, mask and three
-        # elementwise passes over strided views. Row by row, float32 sums in a fixed order:
-        # the result does not depend on the thread count.
+        # elementwise passes over strided views. A block of rows at a time, its k columns
+        # copied out transposed, so the k x k products run along the rows (long, vectorized
+        # loops) instead of k-long loops per row. Every den[j, i] sums l = 0..k-1 in order,
+        # rows never mix: the result does not depend on the thread count.
         N = V.shape[0]
         F = starts.shape[0]
         kmax = G.shape[1]
         nblocks = (N + block - 1) // block
         for b in numba.prange(nblocks):
-            old = np.empty(kmax, dtype=V.dtype)
-            den = np.empty(kmax, dtype=V.dtype)
-            for i in range(b * block, min(N, (b + 1) * block)):
-                v = V[i]
-                a = A[i]
-                for f in range(F):
-                    s0 = starts[f]
-                    k = ranks[f]
-                    g = G[f]
-                    for j in range(k):
-                        old[j] = v[s0 + j]
-                        den[j] = 0.0
-                    # l outer, j inner: k independent sums (vectorized) instead of one
-                    # dependent chain per j; each den[j] still sums l = 0..k-1 in order
+            i0 = b * block
+            B = min(N, i0 + block) - i0
+            old = np.empty((kmax, block), dtype=V.dtype)
+            den = np.empty((kmax, block), dtype=V.dtype)
+            for f in range(F):
+                s0 = starts[f]
+                k = ranks[f]
+                g = G[f]
+                for i in range(B):
                     for l in range(k):
+                        old[l, i] = V[i0 + i, s0 + l]
+                for j in range(k):
+                    dj = den[j]
+                    for i in range(B):
+                        dj[i] = 0.0
+                    for l in range(k):
+                        glj = g[l, j]
                         ol = old[l]
-                        gl = g[l]
-                        for j in range(k):
-                            den[j] += ol * gl[j]
+                        for i in range(B):
+                            dj[i] += ol[i] * glj
+                for i in range(B):
                     for j in range(k):
-                        d = den[j]
+                        d = den[j, i]
                         if d == 0:
                             d = eps
-                        v[s0 + j] = old[j] * (a[s0 + j] / d)
+                        V[i0 + i, s0 + j] = old[j, i] * (A[i0 + i, s0 + j] / d)
 
     _mu_update_par = numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)(_mu_update_py)
     _mu_update_ser = numba.njit(parallel=False, fastmath=False, cache=True, nogil=True)(_mu_update_py)

@@ -824,7 +824,7 @@ def _warn_converged_replicates(adata, rule: str) -> None:
            "(docs/validation.md, 'Converged replicates and the K rule'): check runner_up_k and k_selection.png, "
            "or sweep factorize.n_components")
     log.warning(msg)
-    warnings.warn(msg, UserWarning, stacklevel=4)
+    warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def resolve_k_rule(k_selection: str, method: str) -> str:
