@@ -489,7 +489,7 @@ def test_validate_merge_orders_rows_and_counts_the_objectives(tmp_path):
     assert "2 processes" in text and "<!-- validate.py:end -->" in text
 
 
-def test_converged_replicates_are_warned_about_and_overcount_montis_classes(recwarn):
+def test_converged_replicates_are_warned_about_and_overcount_montis_classes():
     """The recurrence rule was validated on MU replicates stopped at tol=1e-4. Run to
     convergence, the surplus components of Monti's 3-class set recur as well, and the rule
     counts more programs than classes: the stage says so (the finding of docs/validation.md,
