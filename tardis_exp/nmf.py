@@ -189,22 +189,34 @@ def _views(W_all, H_all, g: _Group):
     return W3, H3
 
 
-def _mu_step_frobenius(P, W_all, H_all, groups, update_H=True, want_error=False, sqnorms=None):
+def _layout(groups):
+    """First column and rank of every factorization in the stack, in stack order."""
+    starts = np.array([g.start + j * g.rank for g in groups for j in range(len(g.idx))], np.int64)
+    ranks = np.array([g.rank for g in groups for _ in g.idx], np.int64)
+    return starts, ranks
+
+
+def _padded_grams(groups, F3s, kmax: int, transpose_first: bool) -> np.ndarray:
+    """Gram matrix of every factorization's factor, padded to (F, kmax, kmax): ``F.T F`` of
+    each (R, rows, k) view in ``F3s`` (``transpose_first``), else ``F F.T`` of (R, k, cols)."""
+    G = np.zeros((sum(len(g.idx) for g in groups), kmax, kmax), dtype=np.float32)
+    f = 0
+    for g, F3 in zip(groups, F3s):
+        R, k = len(g.idx), g.rank
+        G[f:f + R, :k, :k] = F3.transpose(0, 2, 1) @ F3 if transpose_first else F3 @ F3.transpose(0, 2, 1)
+        f += R
+    return G
+
+
+def _mu_step_frobenius(P, W_all, H_all, groups, update_H=True, want_error=False, sqnorms=None, layout=None):
     from ._kernels import mu_update
 
+    starts, ranks = layout if layout is not None else _layout(groups)
     XHt = P.xht(H_all)  # one fat pass over X for every factorization
     # W's update fused in one pass over the rows (numba): numpy's batched small matmul, zero
     # guard and elementwise passes over strided views took as long as the fat product
     # itself at 200,000 spots (docs/solver.md, "200,000 spots")
-    starts = [g.start + j * g.rank for g in groups for j in range(len(g.idx))]
-    ranks = [g.rank for g in groups for _ in g.idx]
-    kmax = max(ranks)
-    G = np.zeros((len(starts), kmax, kmax), dtype=np.float32)
-    f = 0
-    for g in groups:
-        _, H3 = _views(W_all, H_all, g)
-        G[f:f + len(g.idx), :g.rank, :g.rank] = H3 @ H3.transpose(0, 2, 1)
-        f += len(g.idx)
+    G = _padded_grams(groups, [_views(W_all, H_all, g)[1] for g in groups], int(ranks.max()), False)
     mu_update(W_all, XHt, G, starts, ranks, EPS)
     del XHt
     if not update_H and not want_error:
@@ -243,8 +255,7 @@ class _HALSState:
         self.W_all, self.Ht_all = W_all, np.ascontiguousarray(H_all.T)
         order = [i for g in self.groups for i in g.idx]  # position of each factorization in the stack
         self.order = order
-        self.starts = np.array([g.start + j * g.rank for g in self.groups for j in range(len(g.idx))], np.int64)
-        self.ranks = np.array([ranks[i] for i in order], np.int64)
+        self.starts, self.ranks = _layout(self.groups)
         self.kmax = int(self.ranks.max())
         self.mask = None
         if any(masks[i] is not None for i in order):
@@ -264,13 +275,7 @@ class _HALSState:
 
     def _grams(self, F3s):
         """Per-factorization Gram matrices ``F_f.T F_f``, padded to (F, kmax, kmax)."""
-        G = np.zeros((len(self.order), self.kmax, self.kmax), dtype=np.float32)
-        f = 0
-        for g, F3 in zip(self.groups, F3s):
-            R, k = len(g.idx), g.rank
-            G[f:f + R, :k, :k] = F3.transpose(0, 2, 1) @ F3
-            f += R
-        return G
+        return _padded_grams(self.groups, F3s, self.kmax, True)
 
     def _f3(self, M):
         """(R, rows, k) views of the stacked factor ``M`` (rows x K), one per group."""
@@ -325,9 +330,11 @@ class _MUState:
 
     def __init__(self, items, ranks, Ws, Hs):
         self.W_all, self.H_all, self.groups = _stack(items, ranks, Ws, Hs)
+        self.layout = _layout(self.groups)  # fixed while the stack lives
 
     def step(self, P, update_H, want_error, sqnorms):
-        return _mu_step_frobenius(P, self.W_all, self.H_all, self.groups, update_H, want_error, sqnorms)
+        return _mu_step_frobenius(P, self.W_all, self.H_all, self.groups, update_H, want_error, sqnorms,
+                                  self.layout)
 
     def unstack(self, Ws, Hs):
         _unstack(self.W_all, self.H_all, self.groups, Ws, Hs)

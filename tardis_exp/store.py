@@ -54,7 +54,7 @@ class CacheUnreadable(Exception):
     """An entry this user may not read (another user's, in a shared cache): skipped, kept."""
 
 
-def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | None = None) -> None:
+def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | int | None = None) -> None:
     """``adata.write_h5ad(path)``, with HDF5 never writing to the disk itself.
 
     The file is built in memory (h5py on a :class:`io.BytesIO`, anndata's own
@@ -66,6 +66,8 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     ``DIRECT_WRITE_BYTES``, is written straight to ``path`` instead (Dask arrays one chunk
     at a time): its file can be larger than the memory the run may use. A full disk is
     then HDF5's error; the caller writes to a temporary name, so no half file is kept.
+    ``compression`` is h5py's: ``'gzip'`` (level 4), ``'lzf'``, or an int 0-9 (gzip at
+    that level).
     """
     import io
 
@@ -80,7 +82,7 @@ def write_h5ad(adata: ad.AnnData, path: str | os.PathLike, compression: str | No
     adata.strings_to_categoricals()
     if adata.raw is not None:
         adata.strings_to_categoricals(adata.raw.var)
-    kwargs = {"compression": compression} if compression else {}
+    kwargs = {"compression": compression} if compression is not None else {}
     if _has_dask(adata) or _nbytes(adata) > DIRECT_WRITE_BYTES:
         with h5py.File(path, "w") as f:
             write_elem(f, "/", adata, dataset_kwargs=kwargs)

@@ -39,6 +39,19 @@ def test_default_cli_run_finds_six_programs(tmp_path):
     assert (tmp_path / "mlruns" / "mlflow.db").exists()
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["factorize"]["n_components"] == 10 and cfg["data"]["n_programs"] == 6
+    # the run folder's files at gzip level 1 (GZIP_LEVEL), read back by the usual readers
+    import gzip
+
+    import h5py
+
+    with h5py.File(run_dir / "result.h5ad", "r") as f:
+        assert (f["X/data"].compression, f["X/data"].compression_opts) == ("gzip", 1)
+        assert (f["obsm/X_nmf_consensus"].compression, f["obsm/X_nmf_consensus"].compression_opts) == ("gzip", 1)
+    head = (run_dir / "usages.tsv.gz").read_bytes()[:10]
+    assert head[:2] == b"\x1f\x8b" and head[8] == 4  # gzip; XFL 4: compressed at the fastest level
+    with gzip.open(run_dir / "usages.tsv.gz", "rt") as fh:
+        usages = pd.read_csv(fh, sep="\t", index_col=0)
+    np.testing.assert_allclose(usages.to_numpy(), a.obsm["X_nmf_consensus"], rtol=1e-6)
 
 
 @pytest.mark.slow
