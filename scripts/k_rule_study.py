@@ -85,7 +85,7 @@ def fitted(name, spec, solver, cache: Path, overrides=()):
     return a
 
 
-def evaluate(a, truth_k, rules, max_k=10):
+def evaluate(a, truth_k, rules, max_k=10, extra=None):
     """Run the consensus stage once per rule (K in 2..max_k); best K, margin, recovery, ARI.
 
     A rule is ``name[@outlier_threshold[@min_cluster_replicates]]`` (e.g. ``recurrence@0.5``)."""
@@ -100,12 +100,14 @@ def evaluate(a, truth_k, rules, max_k=10):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             name, thr, reps = (rule.split("@") + [None, None])[:3]
-            consensus(b, min_clusters=2, max_clusters=max_k, k_selection=name, progress=False,
+            consensus(b, min_clusters=2, max_clusters=max_k, k_selection=name, progress=False, **(extra or {}),
                       **({"outlier_threshold": float(thr)} if thr else {}),
                       **({"min_cluster_replicates": float(reps)} if reps else {}))
         c = b.uns["nmf_consensus"]
         r = {"k": int(c["best_k"]), "runner": int(c["runner_up_k"]), "margin": float(c["k_margin"]),
              "background": int(c.get("n_background", 0))}
+        if "parallel_rank" in c:
+            r["parallel_rank"] = int(c["parallel_rank"])
         if "background_cv_ratio" in c:  # the first pass's programs: usage CV / the median (docs/method.md)
             rel = np.sort(np.asarray(c["background_cv_ratio"], float))
             r["bg_ratios"] = [round(float(x), 3) for x in rel[:2]]
@@ -134,10 +136,15 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--cache", type=Path, default=ROOT / "outputs" / "k_rule_study")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--consensus", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra consensus() arguments, e.g. rank_bound=parallel (values parsed as YAML)")
     ap.add_argument("--override", nargs="*", default=[],
                     help="extra Hydra overrides for preprocess/factorize (use a separate --cache)")
     a = ap.parse_args(argv)
     a.cache.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.consensus)}
     results = []
     for name, spec, truth in (heldout_sets() if a.heldout else tuning_sets()):
         if a.only and not any(o.lower() in name.lower() for o in a.only):
@@ -145,10 +152,11 @@ def main(argv=None):
         for solver in a.solvers:
             t0 = time.perf_counter()
             ad_ = fitted(name, spec, solver, a.cache, a.override)
-            res = evaluate(ad_, truth, a.rules)
+            res = evaluate(ad_, truth, a.rules, extra=extra)
             cells = " ".join(f"{r}={v['k']}({v['runner']},{v['margin']:.1f})"
                              + (f" +{v['background']} background" if v.get("background") else "")
                              + (f" cv-ratio {v['bg_ratios'][0]:.2f}/{v['bg_ratios'][1]:.2f}" if "bg_ratios" in v else "")
+                             + (f" parallel-rank {v['parallel_rank']}" if "parallel_rank" in v else "")
                              + (f" rec {v['recovery']:.2f}" if "recovery" in v else "")
                              + (f" ari {v['ari']:.2f}" if "ari" in v else "")
                              for r, v in res.items() if not r.startswith("_"))

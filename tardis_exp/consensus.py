@@ -129,6 +129,8 @@ SPEC = StageSpec(
                headline=True),
         Metric("consensus.n_background", "background programs found (usage nearly uniform across spots; not "
                "counted in best_k)", _entry("n_background"), headline=True),
+        Metric("consensus.parallel_rank", "rank Horn's parallel analysis gives the data (consensus.rank_bound="
+               "parallel caps K there)", _entry("parallel_rank")),
         Metric("runner_up_k", "the second-best K under consensus.k_selection", _entry("runner_up_k"),
                headline=True),
         Metric("consensus.k_margin", "how far the chosen K beats the runner-up, in measured standard errors "
@@ -639,6 +641,8 @@ def consensus(
     outlier_neighbors_frac: float = _P.outlier_neighbors_frac,
     min_cluster_replicates: float = _P.min_cluster_replicates,
     background_ratio: float = _P.background_ratio,
+    rank_bound: str = _P.rank_bound,
+    parallel_max_spots: int = _P.parallel_max_spots,
     spectra_agg: str = _P.spectra_agg,
     refit_max_iter: int = _P.refit_max_iter,
     max_spots: int = _P.max_spots,
@@ -683,6 +687,13 @@ def consensus(
         the clustering, K is chosen again over the others, and the background spectrum is
         kept in the usage refit (``obsm['X_nmf_background']``) but counted neither in K
         nor in ``nmf_program`` (:func:`background_programs`; 0 disables).
+    rank_bound, parallel_max_spots
+        Components method: ``'parallel'`` caps the chosen K at the rank Horn's parallel
+        analysis gives the data (:func:`parallel_analysis`, on a seeded subsample of at most
+        ``parallel_max_spots`` spots): the replicates' recurrence cannot tell surplus
+        components from programs once the replicates are converged (``factorize.solver=hals``),
+        the data against a gene-permuted copy can. A study on 18 sets, not validated as the
+        default (docs/validation.md, "Parallel analysis"). ``'none'``: no cap.
     spectra_agg
         ``'median'`` or ``'mean'`` of the members' loadings.
     refit_max_iter
@@ -699,6 +710,7 @@ def consensus(
                  k_tolerance=k_tolerance, k_z=k_z, k_spread_splits=k_spread_splits,
                  outlier_threshold=outlier_threshold, outlier_neighbors_frac=outlier_neighbors_frac,
                  min_cluster_replicates=min_cluster_replicates, background_ratio=background_ratio,
+                 rank_bound=rank_bound, parallel_max_spots=parallel_max_spots,
                  spectra_agg=spectra_agg,
                  refit_max_iter=refit_max_iter, max_spots=max_spots, spots_max_iter=spots_max_iter,
                  store_matrix_items=store_matrix_items)
@@ -708,11 +720,24 @@ def consensus(
     k_selection = resolve_k_rule(k_selection, method)
     background = np.zeros((0, adata.n_vars))
     if method == "components":
-        _warn_converged_replicates(adata, k_selection)
+        pa = None
+        if rank_bound == "parallel":
+            if "nmf" not in adata.uns:
+                raise InputError("consensus.rank_bound=parallel needs a factorization (uns['nmf']): run the "
+                                 "factorize stage first")
+            # its own stream: the resampling below draws what it draws without the bound
+            pa_rng = np.random.default_rng(None if random_state is None else [random_state, 2])
+            r = int(np.asarray(adata.uns["nmf"]["components"]).shape[1])
+            pa = parallel_analysis(adata.X, r, pa_rng, max_spots=parallel_max_spots)
+            log.info("consensus: parallel analysis gives rank %d (data / null per rank %s); K is capped there",
+                     pa["rank"], np.round(pa["ratios"], 2).tolist())
+        else:
+            _warn_converged_replicates(adata, k_selection)
         # a partial, not a closure: the stage's warnings (stacklevel) still name the caller's line
         run = functools.partial(_components, adata, rng, min_clusters, max_clusters, n_resamples, resample_frac,
                                 k_selection, k_tolerance, outlier_threshold, outlier_neighbors_frac, spectra_agg,
-                                store_matrix_items, progress, min_cluster_replicates, k_z, k_spread_splits)
+                                store_matrix_items, progress, min_cluster_replicates, k_z, k_spread_splits,
+                                k_cap=None if pa is None else pa["rank"])
 
         res = run(report=False)  # said once, about the K that is kept
         # its own stream: runs without a background draw exactly what they drew before
@@ -730,6 +755,8 @@ def consensus(
                       res["k_values"], res["k_bounded_by_rank"])
         if bg is not None:  # every first-pass program's ratio: how far the data are from the threshold
             res["background_cv_ratio"] = bg["cv_ratio"]
+        if pa is not None:
+            res.update(parallel_rank=pa["rank"], parallel_ratios=pa["ratios"])
     else:
         res = _spots(adata, rng, random_state, min_clusters, max_clusters, n_resamples, resample_frac,
                      k_selection, k_tolerance, spectra_agg, max_spots, spots_max_iter, store_matrix_items,
@@ -911,6 +938,42 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
     return out
 
 
+def parallel_analysis(X, max_rank: int, rng, max_spots: int = 5000, fits: int = 2, tol: float = 1e-5,
+                      max_iter: int = 5000) -> dict:
+    """Horn's parallel analysis (1965) for the rank of a non-negative factorization.
+
+    The sum of squares the k-th component explains, ``SS(k - 1) - SS(k)`` with ``SS(k)``
+    the residual of the best of ``fits`` rank-k HALS fits run to ``tol``, is compared with
+    the same quantity on a null copy of X whose genes are permuted across spots one by one
+    (every gene keeps its values and sparsity; co-expression is gone). The rank is the
+    last k, from 2 on, before the first whose component explains no more than the null's
+    (rank 1, about the mean profile, is not judged). Ranks 1 to ``max_rank + 1`` are
+    fitted, on a seeded subsample of at most ``max_spots`` spots. Returns ``rank`` (at most
+    ``max_rank + 1``: the data support more than ``max_rank``) and ``ratios`` (data / null
+    per rank, from 1).
+    """
+    X = prepare_matrix(X)
+    n, m = X.shape
+    rows = np.sort(rng.choice(n, size=min(max_spots, n), replace=False))
+    S = X[rows]
+    D = np.ascontiguousarray(S.toarray() if sp.issparse(S) else np.asarray(S), dtype=np.float32)
+    D0 = np.take_along_axis(D, np.argsort(rng.random(D.shape), axis=0), axis=0)
+    top = max(2, min(int(max_rank) + 1, min(D.shape) - 1))
+    ranks = [k for k in range(1, top + 1) for _ in range(fits)]
+    seeds = derive_seeds(int(rng.integers(2**31)), 2 * len(ranks))
+
+    def explained(M, sd):
+        res = fit_batch(M, ranks, sd, solver="hals", tol=tol, max_iter=max_iter, progress=False, warn=False,
+                        desc="parallel analysis")
+        ss = np.array([min(r.error for r in res if r.rank == k) for k in range(1, top + 1)], np.float64) ** 2
+        return -np.diff(np.concatenate([[float(np.einsum("ij,ij->", M, M, dtype=np.float64))], ss]))
+
+    d, d0 = explained(D, seeds[:len(ranks)]), explained(D0, seeds[len(ranks):])
+    ratios = d / np.where(d0 > 0, d0, np.finfo(np.float64).tiny)
+    fail = np.flatnonzero(ratios[1:] <= 1.0)
+    return {"rank": int(fail[0]) + 1 if len(fail) else top, "ratios": ratios}
+
+
 def reproducibility(silhouette: float, k_cophenetic: float) -> float:
     """The sweep objective: the mean of the answer's two reproducibilities, NaN if either is.
 
@@ -969,7 +1032,7 @@ def _aggregate(members: np.ndarray, how: str) -> np.ndarray:
 
 
 def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr, out_frac, agg,
-                store_items, progress, min_reps, k_z=2.0, spread_splits=4, exclude=None, report=True):
+                store_items, progress, min_reps, k_z=2.0, spread_splits=4, exclude=None, report=True, k_cap=None):
     if "nmf" not in adata.uns and "X_nmf_components" not in adata.uns:
         raise InputError("consensus.method=components needs a factorization: run the factorize stage first "
                          "(uns['nmf'] or uns['X_nmf_components'] is missing)")
@@ -1036,6 +1099,14 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
     spread["recurrence"] = recurrence_spread(ks, final_labels, replicate[items], R, spread_splits, rng)
     best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
                           largest_stable=rule in ("pac", "brunet", "cophenetic"))
+    rule_k = best
+    if k_cap is not None and best > k_cap:
+        # the rule's choice is the runner-up; no margin is measured between the two
+        best = max(int(k_cap), ks[0])
+        info = {**info, "runner_up_k": int(rule_k), "margin": float("nan")}
+        if report:
+            log.info("consensus: K=%d (k_selection=%s chose %d, above the parallel-analysis rank %d)", best, rule,
+                     rule_k, k_cap)
     # every component of the factorization recurs: the rank, not the data, bounds K
     rank_bound = bool(best == k_eff and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9)
     if report:
@@ -1054,6 +1125,7 @@ def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr,
         "matrix_items": items if store_idx is None else items[store_idx],
         "item_labels": item_labels,  # cluster of each pooled component, -1 = outlier
         "k_bounded_by_rank": rank_bound,
+        "k_rule_choice": int(rule_k),
         "admissible": admissible,
         "min_replicates_per_cluster": np.array([reps_per_cluster[kk].min() for kk in ks]),
         "item_replicate": replicate,

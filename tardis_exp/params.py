@@ -44,6 +44,7 @@ STOP_RULES = ("change", "extrapolated")  # fit_batch(stop_rule=...); re-exported
 METHODS = ("components", "spots")
 K_RULES = ("auto", "recurrence", "pac", "cophenetic", "brunet", "delta_area", "silhouette")
 AGGREGATIONS = ("median", "mean")
+RANK_BOUNDS = ("none", "parallel")
 RANKINGS = ("specific", "loading")
 
 
@@ -230,6 +231,12 @@ class ConsensusParams:
                                    "(coefficient of variation) less than this fraction of the programs' median "
                                    "is the shared background: kept in the refit (obsm['X_nmf_background']), not "
                                    "counted in K nor in nmf_program (0 disables)", low=0, high=1)
+    rank_bound: Any = choice("none", "components method: none | parallel: K is at most the rank Horn's "
+                             "parallel analysis gives the data (components explaining more than those of a "
+                             "gene-permuted copy; a study on 18 sets, not validated as the default rule: "
+                             "docs/validation.md, 'Parallel analysis')", RANK_BOUNDS)
+    parallel_max_spots: Any = integer(5000, "rank_bound=parallel: spots (a seeded subsample) in the parallel "
+                                      "analysis", minimum=10)
     spectra_agg: Any = choice("median", "median | mean of the members' loadings", AGGREGATIONS)
     refit_max_iter: Any = integer(200, "iterations of the usage refit on the consensus spectra", minimum=1)
     max_spots: Any = integer(2000, "spots method: spots in the n x n consensus matrix", minimum=2)
@@ -239,6 +246,9 @@ class ConsensusParams:
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:
+        if v.get("rank_bound", "none") != "none" and v.get("method") == "spots":
+            raise ConfigError(f"consensus.rank_bound={v['rank_bound']} needs consensus.method=components (it "
+                              "bounds the number of meta-programs); use rank_bound=none with method=spots")
         if v.get("k_selection") == "recurrence" and v.get("method") == "spots":
             raise ConfigError("consensus.k_selection=recurrence needs consensus.method=components (it counts the "
                               "components of each replicate in a meta-program); use auto or pac with method=spots")
