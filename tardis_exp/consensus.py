@@ -849,7 +849,7 @@ def _warn_converged_replicates(adata, rule: str) -> None:
     msg = (f"consensus: the replicates are run closer to convergence than the K rule was validated on ({what}); "
            "on Monti's sample-class sets such replicates made k_selection=auto choose K above the planted one "
            "(docs/validation.md, 'Converged replicates and the K rule'): check runner_up_k and k_selection.png, "
-           "or sweep factorize.n_components")
+           "sweep factorize.n_components, or cap K with consensus.rank_bound=parallel")
     log.warning(msg)
     warnings.warn(msg, UserWarning, stacklevel=3)
 
