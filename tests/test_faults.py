@@ -131,7 +131,11 @@ def test_signal_marks_the_run_killed_and_leaves_no_partial_file(tmp_path, sig, c
             time.sleep(0.5)
         time.sleep(1)
         p.send_signal(sig)
-        _, err = p.communicate(timeout=120)
+        try:
+            _, err = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where the run was, not only that it did not stop
+            p.kill()
+            pytest.fail(f"the run did not stop within 120 s of {sig.name}; its stderr:\n{p.communicate()[1][-3000:]}")
     finally:
         if p.poll() is None:
             p.kill()
