@@ -722,13 +722,9 @@ def consensus(
     if method == "components":
         pa = None
         if rank_bound == "parallel":
-            if "nmf" not in adata.uns:
-                raise InputError("consensus.rank_bound=parallel needs a factorization (uns['nmf']): run the "
-                                 "factorize stage first")
             # its own stream: the resampling below draws what it draws without the bound
             pa_rng = np.random.default_rng(None if random_state is None else [random_state, 2])
-            r = int(np.asarray(adata.uns["nmf"]["components"]).shape[1])
-            pa = parallel_analysis(adata.X, r, pa_rng, max_spots=parallel_max_spots)
+            pa = parallel_analysis(adata.X, _pooled_components(adata).shape[1], pa_rng, max_spots=parallel_max_spots)
             log.info("consensus: parallel analysis gives rank %d (data / null per rank %s); K is capped there",
                      pa["rank"], np.round(pa["ratios"], 2).tolist())
         else:
@@ -1031,13 +1027,17 @@ def _aggregate(members: np.ndarray, how: str) -> np.ndarray:
     return np.median(L, axis=0) if how == "median" else L.mean(0)
 
 
-def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr, out_frac, agg,
-                store_items, progress, min_reps, k_z=2.0, spread_splits=4, exclude=None, report=True, k_cap=None):
+def _pooled_components(adata) -> np.ndarray:
+    """Every replicate's components (replicates x k x genes); the seed's single H as one replicate."""
     if "nmf" not in adata.uns and "X_nmf_components" not in adata.uns:
         raise InputError("consensus.method=components needs a factorization: run the factorize stage first "
                          "(uns['nmf'] or uns['X_nmf_components'] is missing)")
-    comps = np.asarray(adata.uns["nmf"]["components"] if "nmf" in adata.uns else
-                       adata.uns["X_nmf_components"][None])
+    return np.asarray(adata.uns["nmf"]["components"] if "nmf" in adata.uns else adata.uns["X_nmf_components"][None])
+
+
+def _components(adata, rng, min_k, max_k, n_resamples, frac, rule, tol, out_thr, out_frac, agg,
+                store_items, progress, min_reps, k_z=2.0, spread_splits=4, exclude=None, report=True, k_cap=None):
+    comps = _pooled_components(adata)
     R, k, m = comps.shape
     if max_k > k and exclude is None:  # said by the first pass only
         # a meta-program is a cluster of components, one per replicate at most: more of
