@@ -41,7 +41,10 @@ def _cli(root: Path, *args: str, timeout: int = 600, **kw):
     cmd = [sys.executable, "-m", "tardis_exp", *[a for a in args if a == "-m"], f"paths.root_dir={root}",
            *[a for a in args if a != "-m"]]
     if kw.pop("popen", False):
-        return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # SIGINT as at a terminal: a suite started in the background (`bash scripts/test.sh &`)
+        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt in the run
+        return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
 
 
