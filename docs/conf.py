@@ -13,6 +13,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tardis_exp import __version__  # noqa: E402
+from tardis_exp.params import PARAMS, describe  # noqa: E402
+
+
+def _write_parameter_reference() -> None:
+    """docs/generated/parameters.md: one table per config group, from params.py (included
+    by usage.md; never written by hand, so it cannot drift from the code)."""
+    out = Path(__file__).resolve().parent / "generated" / "parameters.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("".join(f"#### `{group}`\n\n{describe(group)}\n\n" for group in PARAMS))
+
+
+_write_parameter_reference()
 
 project = "tardis_exp"
 author = "the tardis_exp authors"
@@ -32,7 +44,8 @@ extensions = [
 # .rst only for the API pages autosummary writes into generated/ (git-ignored)
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 master_doc = root_doc = "index"
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+# generated/parameters.md is included by usage.md, not a page of its own
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "generated/parameters.md"]
 
 # MyST: ``[text](usage.md#config-groups-conf)`` links resolve to headings down to ###
 myst_heading_anchors = 3

@@ -26,6 +26,7 @@ before Hydra composes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -381,17 +382,40 @@ def check(group: str, values: Mapping[str, Any] | None = None, *, known_only: bo
     return full
 
 
-def describe(params: type) -> str:
-    """A numpy-docstring style list of the parameters (name, default, allowed values, meaning)."""
-    lines = []
-    for f in dataclasses.fields(params):
-        m = f.metadata
+def _allowed(f: dataclasses.Field) -> str:
+    m = f.metadata
+    kind = m.get("kind")
+    none = " or null" if m.get("allow_none") else ""
+    if kind == "choice":
+        return " \\| ".join(f"`{c}`" for c in m["choices"])
+    if kind == "int":
+        lo, hi = m.get("minimum"), m.get("maximum")
+        rng = f" >= {lo}" if hi is None and lo is not None else f" in [{lo}, {hi}]" if hi is not None else ""
+        return f"integer{rng}{none}"
+    if kind == "float":
+        lo, hi = m.get("low"), m.get("high")
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+        return f"number{rng}{none}"
+    if kind == "bool":
+        return "`true` \\| `false`"
+    if kind == "str":
+        return f"a name{none}"
+    return ""
+
+
+def describe(group: str) -> str:
+    """The parameters of config group ``group`` as a Markdown table (key, default, allowed, meaning).
+
+    The documentation's parameter reference is this table (``docs/conf.py`` writes it at
+    build time), so it cannot drift from the code.
+    """
+    rows = [f"| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(PARAMS[group]):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        allowed = ""
-        if m.get("kind") == "choice":
-            allowed = f"; one of {', '.join(m['choices'])}"
-        lines.append(f"{f.name} = {default!r}{allowed}\n    {m.get('doc', '')}")
-    return "\n".join(lines)
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        doc = str(f.metadata.get("doc", "")).replace("|", "\\|")
+        rows.append(f"| `{group}.{f.name}` | `{shown}` | {_allowed(f)} | {doc} |")
+    return "\n".join(rows)
 
 
 def _schema(params: type) -> type:

@@ -172,3 +172,27 @@ def test_a_bad_declared_default_would_fail_validation():
         check_factorize(n_components=3, n_replicates=0)
     with pytest.raises(ConfigError, match=r"preprocess.normalize='z' is unknown; choose one of \('log1p'"):
         check_preprocess(normalize="z")
+
+
+def test_parameter_reference_is_generated_from_the_declarations():
+    """docs/usage.md's parameter reference is ``params.describe``'s table, built with the docs:
+    every key of every group with its declared default and every allowed choice."""
+    import json
+    import re
+    from pathlib import Path
+
+    for group, params in P.PARAMS.items():
+        table = P.describe(group)
+        rows = {r.split("|")[1].strip(" `"): r for r in table.splitlines()[2:]}
+        assert set(rows) == {f"{group}.{n}" for n in P.names(params)}
+        for name, default in P.defaults(params).items():
+            row = rows[f"{group}.{name}"]
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+            assert f"`{shown}`" in row, (row, default)
+        for f in P.dataclasses.fields(params):
+            for c in f.metadata.get("choices", ()):
+                assert f"`{c}`" in rows[f"{group}.{f.name}"]
+    usage = (Path(__file__).resolve().parent.parent / "docs" / "usage.md").read_text()
+    assert "{include} generated/parameters.md" in usage
+    # no hand-written copy of the per-parameter defaults beside it (the old table listed `solver` (`mu`/`cd`))
+    assert not re.search(r"`n_components` \(\d+\)", usage)
