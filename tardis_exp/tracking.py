@@ -32,6 +32,7 @@ Failure policy
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import logging
@@ -196,28 +197,39 @@ def _stage_metric_keys() -> dict[str, MetricKey]:
             for name, spec in SPECS.items() for m in spec.metrics}
 
 
-METRIC_KEYS: dict[str, MetricKey] = {
-    # what each stage reports, as its module declares it (SPEC.metrics, tardis_exp.outputs):
-    # headline values also on the pipeline run and, for its best trial, the study run
-    **_stage_metric_keys(),
-    "cache_hits": MetricKey("stages served from the stage cache", runs=_HEAD),
-    "cache_misses": MetricKey("stages computed (not in the stage cache)", runs=_HEAD),
-    "duration_s": MetricKey("wall-clock seconds of this run", runs=("pipeline", "preprocess", "factorize",
-                                                                      "consensus", "score")),
-    "cache_seconds": MetricKey("seconds to look up (and on a hit, restore) the stage's cache entry",
-                               runs=("preprocess", "factorize", "consensus")),
-    # study runs (the sweeper)
-    "n_trials_complete": MetricKey("COMPLETE trials of the study", runs=("study",)),
-    "n_trials_fail": MetricKey("FAIL trials of the study", runs=("study",)),
-    "n_trials_pruned": MetricKey("PRUNED trials of the study", runs=("study",)),
-}
+@functools.cache
+def _metric_keys() -> dict[str, MetricKey]:
+    # built on first use, not at import: the stage modules that declare them load scanpy,
+    # scikit-learn and numba, which `import tardis_exp.tracking` (the CLI's error path) must not
+    return {
+        # what each stage reports, as its module declares it (SPEC.metrics, tardis_exp.outputs):
+        # headline values also on the pipeline run and, for its best trial, the study run
+        **_stage_metric_keys(),
+        "cache_hits": MetricKey("stages served from the stage cache", runs=_HEAD),
+        "cache_misses": MetricKey("stages computed (not in the stage cache)", runs=_HEAD),
+        "duration_s": MetricKey("wall-clock seconds of this run", runs=("pipeline", "preprocess", "factorize",
+                                                                          "consensus", "score")),
+        "cache_seconds": MetricKey("seconds to look up (and on a hit, restore) the stage's cache entry",
+                                   runs=("preprocess", "factorize", "consensus")),
+        # study runs (the sweeper)
+        "n_trials_complete": MetricKey("COMPLETE trials of the study", runs=("study",)),
+        "n_trials_fail": MetricKey("FAIL trials of the study", runs=("study",)),
+        "n_trials_pruned": MetricKey("PRUNED trials of the study", runs=("study",)),
+    }
+
+
+def __getattr__(name: str):
+    if name == "METRIC_KEYS":  # every metric key and its one meaning (built on first use)
+        return _metric_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def metric_key(key: str) -> MetricKey | None:
     """The registered meaning of a metric key (``objective.<metric>``: a trial's objective value)."""
-    if key in METRIC_KEYS:
-        return METRIC_KEYS[key]
-    if key.startswith("objective.") and key[len("objective."):] in METRIC_KEYS:
+    keys = _metric_keys()
+    if key in keys:
+        return keys[key]
+    if key.startswith("objective.") and key[len("objective."):] in keys:
         return MetricKey(f"the trial's objective value ({key[len('objective.'):]})", runs=("pipeline",))
     return None
 

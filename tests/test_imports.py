@@ -64,3 +64,17 @@ def test_program_recovery_without_scanpy_matches_a_hand_count():
     recovery, match = program_recovery(spectra, truth, n_genes=50, ranking="loading")
     assert list(match) == [1, 0]
     assert abs(recovery - (1.0 + 2.0 / 3.0) / 2) < 1e-12
+
+
+def test_tracking_and_the_cli_load_no_scientific_stack():
+    # the CLI's error path (cli._fail -> tracking.redact) and the sweeper import tracking; the
+    # metric keys the stage modules declare are built on first use, not at import
+    loaded = _fresh(
+        "import sys, json, tardis_exp.tracking, tardis_exp.cli\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('scanpy', 'anndata', 'sklearn', 'numba', 'mlflow'))))"
+    )
+    assert loaded == []
+    n = _fresh("import json, tardis_exp.tracking as t\nprint(json.dumps([len(t.METRIC_KEYS), "
+               "t.metric_key('best_k').runs]))")
+    assert n[0] > 20 and "consensus" in n[1]
