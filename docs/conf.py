@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tardis_exp import __version__  # noqa: E402
 from tardis_exp.params import PARAMS, describe  # noqa: E402
+from tardis_exp.sources import describe as describe_sources  # noqa: E402
 
 
 def _write_parameter_reference() -> None:
@@ -22,6 +23,8 @@ def _write_parameter_reference() -> None:
     out = Path(__file__).resolve().parent / "generated" / "parameters.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("".join(f"#### `{group}`\n\n{describe(group)}\n\n" for group in PARAMS))
+    # the data sources, from their registry (tardis_exp.sources)
+    (out.parent / "sources.md").write_text(describe_sources() + "\n")
 
 
 _write_parameter_reference()
@@ -45,7 +48,7 @@ extensions = [
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 master_doc = root_doc = "index"
 # generated/parameters.md is included by usage.md, not a page of its own
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "generated/parameters.md"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "generated/parameters.md", "generated/sources.md"]
 
 # MyST: ``[text](usage.md#config-groups-conf)`` links resolve to headings down to ###
 myst_heading_anchors = 3

@@ -244,7 +244,12 @@ def source_key(data_cfg: Mapping[str, Any], pre_cfg: Mapping[str, Any]) -> str |
                              "libs": _lib_versions("preprocess"),
                              # what input_digest reads besides X depends on these
                              "pre": {k: pre_cfg.get(k) for k in ("use_raw", "layer")}}
-    if cfg.get("source") not in ("synthetic", "pbmc68k"):
+    from .sources import SOURCES
+
+    source = SOURCES.get(cfg.get("source"))
+    if source is None:
+        return None
+    if source.path is not None:  # a file or folder: keyed by its path, sizes and times
         path = cfg.get("path")
         if not path:
             return None
@@ -258,7 +263,8 @@ def source_key(data_cfg: Mapping[str, Any], pre_cfg: Mapping[str, Any]) -> str |
 
 @functools.lru_cache(maxsize=None)
 def _source_code_digest() -> str:
-    return code_digest(f"{__package__}.data", f"{__package__}.synthetic")
+    return code_digest(f"{__package__}.data", f"{__package__}.sources", f"{__package__}.synthetic",
+                       f"{__package__}.datasets")
 
 
 class StageCache(Store):

@@ -258,3 +258,49 @@ def test_visium_through_the_pipeline(compose, tmp_path):
     out = ad.read_h5ad(tmp_path / "run" / "result.h5ad")
     np.testing.assert_array_equal(out.obsm["spatial"], xy[np.searchsorted(bc, out.obs_names)])
     assert "morans_i_mean" in m and m["morans_i_mean"] > 0.3  # spatially patterned programs
+
+
+def test_a_source_is_one_registry_entry(tmp_path):
+    """A new format registered once is checked, read and keyed by the cache like the shipped ones."""
+    import scipy.sparse as sp_
+
+    from tardis_exp import sources
+    from tardis_exp.cache import source_key
+
+    def read_npz(cfg, path):
+        return ad.AnnData(X=sp_.load_npz(path).tocsr())
+
+    f = tmp_path / "x.npz"
+    X = sp.random(30, 20, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    sp.save_npz(f, X)
+    sources.register(sources.Source("npz", "a SciPy sparse matrix", read_npz))
+    try:
+        with pytest.raises(ConfigError, match="data.path is required for data=npz"):
+            check_data({"source": "npz"})
+        with pytest.raises(InputError, match="is a folder; data=npz needs a file"):
+            check_data({"source": "npz", "path": str(tmp_path)})
+        with pytest.raises(ConfigError, match="data.backend=dask reads h5ad and zarr stores only, not data=npz"):
+            check_data({"source": "npz", "path": str(f), "backend": "dask"})
+        a = load_data({"source": "npz", "path": str(f)})
+        np.testing.assert_array_equal(a.X.toarray(), X.toarray())
+        assert source_key({"source": "npz", "path": str(f)}, {}) is not None
+        with pytest.raises(ValueError, match="registered twice"):
+            sources.register(sources.Source("npz", "again", read_npz))
+    finally:
+        sources.SOURCES.pop("npz")
+    with pytest.raises(ConfigError, match="data.source"):
+        check_data({"source": "npz", "path": str(f)})
+
+
+def test_every_preset_names_a_registered_source_and_shipped_sets_are_cache_keyed():
+    import yaml
+
+    from tardis_exp.cache import source_key
+    from tardis_exp.sources import SOURCES
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "data"
+    named = {yaml.safe_load(p.read_text())["source"] for p in conf.glob("*.yaml")}
+    assert named == set(SOURCES)
+    # sources without a path (made or shipped) are keyed by their config: the Brunet sets too
+    keys = {d: source_key({"source": "dataset", "dataset": d}, {}) for d in ("brunet_leukemia", "brunet_medulloblastoma")}
+    assert None not in keys.values() and len(set(keys.values())) == 2
