@@ -353,7 +353,9 @@ def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: st
     chunks are resident and are not counted here.
     """
     per = 4 * n_spots * n_columns
-    model = per * (2 if solver == "hals" else 3) + 4 * n_genes * n_columns * 4
+    from .solvers import SOLVERS
+
+    model = per * SOLVERS[solver].spots_copies + 4 * n_genes * n_columns * 4
     if not chunked:
         model += 8 * nnz if nnz is not None else 4 * n_spots * n_genes
     return model / 1e9
@@ -368,7 +370,10 @@ def check_memory(max_memory_gb, *, n_spots, n_genes, n_columns, solver, chunked,
     need = estimate_factorize_gb(n_spots, n_genes, n_columns, solver, chunked, nnz)
     if max_memory_gb is not None and need > float(max_memory_gb):
         hint = "" if chunked else "; data.backend=dask keeps X out of memory"
-        hint += "; factorize.solver=hals needs less memory than mu" if solver != "hals" else ""
+        from .solvers import SOLVERS
+
+        leaner = [s.name for s in SOLVERS.values() if s.batched and s.spots_copies < SOLVERS[solver].spots_copies]
+        hint += f"; factorize.solver={leaner[0]} needs less memory than {solver}" if leaner else ""
         src = f" (from {where})" if where else ""
         raise ConfigError(
             f"{key}={max_memory_gb:g}: factorizing {n_spots} spots x {n_genes} genes{src} with {n_columns} factor "

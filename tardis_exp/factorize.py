@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from .errors import ConfigError, InputError
 from .outputs import Metric, Output, StageSpec
 from .params import LOSSES, SOLVERS  # noqa: F401 -- re-exported
+from .solvers import SOLVERS as SOLVER_SPECS
 from .params import FactorizeParams as _P
 from .params import check, defaults
 from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
@@ -158,8 +159,9 @@ def factorize(
 
     k, R = int(n_components), int(n_replicates)
     chunked = is_dask(adata.X)
-    if chunked and solver == "cd":
-        raise ConfigError("factorize.solver=cd needs X in memory; use solver=hals or mu with data.backend=dask")
+    if chunked and not SOLVER_SPECS[solver].batched:
+        able = " or ".join(s.name for s in SOLVER_SPECS.values() if s.batched)
+        raise ConfigError(f"factorize.solver={solver} needs X in memory; use solver={able} with data.backend=dask")
     check_memory(max_memory_gb, n_spots=adata.n_obs, n_genes=adata.n_vars, n_columns=k * R, solver=solver,
                  chunked=chunked, nnz=adata.X.nnz if sp.issparse(adata.X) else None)
     adata = adata.copy() if copy else adata
@@ -175,11 +177,11 @@ def factorize(
 
         seeds = derive_seeds(random_state, R)
         t0 = time.perf_counter()
-        if solver in ("hals", "mu"):
+        if SOLVER_SPECS[solver].batched:
             results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
                                 check_every=check_every, stop_rule=stop_rule, progress=progress, desc="factorize")
         else:
-            results = _fit_cd(X, k, seeds, max_iter, tol)
+            results = SOLVER_SPECS[solver].fit(X, k, seeds, max_iter, tol)
         elapsed = time.perf_counter() - t0
 
     errors = np.array([r.error for r in results])

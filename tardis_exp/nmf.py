@@ -58,10 +58,11 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from .params import STOP_RULES  # declared once, with the config key
+from .params import FactorizeParams as _F
+from .solvers import check_solver, refit_solver
 from .progress import progress_bar
 
 EPS = np.finfo(np.float32).eps
-SOLVERS = ("hals", "mu")
 # Gillis & Glineur (2012)'s recommended inner-repetition parameters for HALS
 HALS_ALPHA = 0.5
 HALS_DELTA = 0.1
@@ -444,11 +445,11 @@ def fit_batch(
     seeds: Sequence[int] | None = None,
     row_masks: Sequence[np.ndarray | None] | None = None,
     *,
-    solver: str = "mu",
-    beta_loss: str = "frobenius",
-    max_iter: int = 1000,
-    tol: float = 1e-4,
-    check_every: int = 10,
+    solver: str = _F.solver,
+    beta_loss: str = _F.beta_loss,
+    max_iter: int = _F.max_iter,
+    tol: float = _F.tol,
+    check_every: int = _F.check_every,
     init: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     update_H: bool = True,
     progress: bool | None = None,
@@ -524,10 +525,7 @@ def fit_batch(
         return []
     if beta_loss not in ("frobenius", "kullback-leibler"):
         raise ValueError(f"unknown beta_loss {beta_loss!r}; use 'frobenius' or 'kullback-leibler'")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; use one of {SOLVERS}")
-    if solver == "hals" and beta_loss != "frobenius":
-        raise ValueError("solver='hals' supports only beta_loss='frobenius'; use solver='mu'")
+    check_solver(solver, beta_loss, batched=True)
     if stop_rule not in STOP_RULES:
         raise ValueError(f"unknown stop_rule {stop_rule!r}; use one of {STOP_RULES}")
     seeds = list(seeds) if seeds is not None else [None] * F
@@ -673,7 +671,7 @@ def refit_usage(X, H, *, max_iter: int = 200, tol: float = 1e-4, beta_loss="frob
     ``solver=None``: HALS for the Frobenius loss (exact coordinate minimization: on the
     default data it reaches a lower error than MU in a third of the time), MU for KL.
     """
-    solver = solver or ("hals" if beta_loss == "frobenius" else "mu")
+    solver = solver or refit_solver(beta_loss)
     X = prepare_matrix(X)
     H = np.asarray(H, dtype=np.float32)
     n, k = X.shape[0], H.shape[0]
@@ -697,9 +695,10 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
     n_replicates
         Independent restarts per rank; seeds are derived from ``random_state``.
     solver
-        ``'hals'`` (accelerated HALS, Frobenius only) or ``'mu'`` (multiplicative updates).
+        A batched solver of :data:`tardis_exp.solvers.SOLVERS`: ``'mu'`` (multiplicative
+        updates, the factorize stage's default) or ``'hals'`` (accelerated HALS, Frobenius only).
     beta_loss, max_iter, tol, check_every, stop_rule
-        See :func:`fit_batch`.
+        See :func:`fit_batch`; the defaults are the factorize stage's.
     random_state
         Seed of the seed sequence that gives every replicate its own seed.
 
@@ -715,8 +714,9 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
         Every factorization, replicates of the first rank first.
     """
 
-    def __init__(self, n_components=10, *, n_replicates=1, solver="hals", beta_loss="frobenius", max_iter=1000,
-                 tol=1e-4, check_every=10, stop_rule="change", random_state=None, verbose=0):
+    def __init__(self, n_components=_F.n_components, *, n_replicates=1, solver=_F.solver, beta_loss=_F.beta_loss,
+                 max_iter=_F.max_iter, tol=_F.tol, check_every=_F.check_every, stop_rule=_F.stop_rule,
+                 random_state=None, verbose=0):
         self.n_components = n_components
         self.n_replicates = n_replicates
         self.solver = solver
@@ -744,10 +744,7 @@ class BatchedNMF(TransformerMixin, BaseEstimator):
         ``y`` is ignored.
         """
         ranks = self._ranks()
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; use one of {SOLVERS}")
-        if self.solver == "hals" and self.beta_loss != "frobenius":
-            raise ValueError("solver='hals' supports only beta_loss='frobenius'; use solver='mu'")
+        check_solver(self.solver, self.beta_loss, batched=True)
         X = prepare_matrix(X)
         if (X.data if sp.issparse(X) else X).min(initial=0) < 0:
             raise ValueError("NMF needs non-negative input; X has negative entries")

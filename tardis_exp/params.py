@@ -33,13 +33,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .solvers import SOLVERS as _SOLVERS
+from .solvers import check_solver
 from .errors import ConfigError, InputError, check_bool, check_choice, check_float, check_int, redact
 
 # ---------------------------------------------------------------- field helpers
 
 NORMALIZATIONS = ("log1p", "total", "none")
 HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
-SOLVERS = ("hals", "mu", "cd")
+SOLVERS = tuple(_SOLVERS)  # the registry tardis_exp.solvers, in preference order
 LOSSES = ("frobenius", "kullback-leibler")
 STOP_RULES = ("change", "extrapolated")  # fit_batch(stop_rule=...); re-exported by tardis_exp.nmf
 METHODS = ("components", "spots")
@@ -172,8 +174,7 @@ class FactorizeParams:
                             "flagged, ConvergenceWarning)", minimum=1)
     tol: Any = number(1e-4, "stop when the loss improved by less than tol (relative) over check_every "
                       "iterations", low=0)
-    solver: Any = choice("mu", "mu: batched multiplicative updates | hals: batched accelerated HALS "
-                         "(frobenius only) | cd: scikit-learn, one replicate at a time", SOLVERS)
+    solver: Any = choice("mu", " | ".join(f"{s.name}: {s.doc}" for s in _SOLVERS.values()), SOLVERS)
     beta_loss: Any = choice("frobenius", "frobenius | kullback-leibler (mu only)", LOSSES)
     check_every: Any = integer(10, "iterations between convergence checks", minimum=1)
     stop_rule: Any = choice("change", "change: stop when one check_every window improved the loss by < tol | "
@@ -188,9 +189,10 @@ class FactorizeParams:
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:
-        if v["solver"] in ("cd", "hals") and v["beta_loss"] != "frobenius":
-            raise ConfigError(f"factorize.solver={v['solver']} supports only factorize.beta_loss=frobenius; "
-                              "use solver=mu")
+        try:
+            check_solver(v["solver"], v["beta_loss"], key="factorize.solver")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _max_clusters(value, key):

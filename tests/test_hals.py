@@ -235,7 +235,7 @@ def test_estimator_with_hals():
     np.testing.assert_array_equal(again.components_, m.components_)
     W = m.transform(X)
     assert W.shape == (240, 4) and W.min() >= 0
-    with pytest.raises(ValueError, match="beta_loss='frobenius'"):
+    with pytest.raises(ValueError, match="supports only beta_loss=frobenius"):
         BatchedNMF(2, solver="hals", beta_loss="kullback-leibler").fit(X)
     with pytest.raises(ValueError, match="unknown solver"):
         BatchedNMF(2, solver="als").fit(X)

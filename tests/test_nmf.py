@@ -157,3 +157,29 @@ def test_numerical_tests_hold_under_other_openblas_kernels(coretype):
                        env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-6000:]
     assert " passed" in p.stdout and "failed" not in p.stdout
+
+
+def test_solver_registry_is_the_one_place_a_solver_is_declared():
+    """params' choices, the solver/loss rule, the memory model and the refit's solver come from
+    tardis_exp.solvers; a solver outside the batched loop runs through its own fit."""
+    from tardis_exp import params, solvers
+    from tardis_exp.chunked import estimate_factorize_gb
+    from tardis_exp.errors import ConfigError
+
+    assert params.SOLVERS == tuple(solvers.SOLVERS)
+    for s in solvers.SOLVERS.values():
+        for loss in params.LOSSES:
+            cfg = {"n_components": 3, "solver": s.name, "beta_loss": loss}
+            if loss in s.losses:
+                params.check("factorize", cfg)
+            else:
+                with pytest.raises(ConfigError, match=f"factorize.solver={s.name} supports only factorize.beta_loss"):
+                    params.check("factorize", cfg)
+        # the model counts the solver's declared spots x K copies (1e6 spots x 10 columns: 40 MB each)
+        base = estimate_factorize_gb(10**6, 0, 10, s.name, chunked=True)
+        assert base == pytest.approx(0.04 * s.spots_copies)
+    assert solvers.refit_solver("frobenius") == "hals" and solvers.refit_solver("kullback-leibler") == "mu"
+    with pytest.raises(ValueError, match="needs fit="):
+        solvers.register(solvers.Solver("x", "x", ("frobenius",), batched=False))
+    with pytest.raises(ValueError, match="unknown solver 'cd'"):
+        BatchedNMF(2, solver="cd").fit(np.ones((6, 4)))  # cd runs one replicate at a time, not in the batch
