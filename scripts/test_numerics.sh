@@ -8,10 +8,15 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
 kernel_of() {  # what threadpoolctl says OpenBLAS loaded (every OpenBLAS: numpy's and scipy's)
-  python -c 'import numpy, scipy.linalg, threadpoolctl
-print(" ".join(sorted({f"{i.get(\"architecture\")}x{i[\"num_threads\"]}" for i in threadpoolctl.threadpool_info()
-                       if i["internal_api"] == "openblas"})) or "no OpenBLAS")'
+  python - <<'PY'
+import numpy, scipy.linalg, threadpoolctl
+got = {"%sx%d" % (i.get("architecture"), i["num_threads"]) for i in threadpoolctl.threadpool_info()
+       if i["internal_api"] == "openblas"}
+print(" ".join(sorted(got)) or "no OpenBLAS")
+PY
 }
+# only the files that mark tests: collecting the whole suite imports MLflow, Playwright, ... six times
+mapfile -t files < <(grep -l '@pytest.mark.numerics' tests/test_*.py)
 failed=()
 start=$SECONDS
 for core in Haswell SkylakeX Zen; do
@@ -34,7 +39,7 @@ for core in Haswell SkylakeX Zen; do
       continue
     fi
     t0=$SECONDS
-    python -m pytest -q -p no:cacheprovider -m numerics "$@" || failed+=("$cond")
+    python -m pytest -q -p no:cacheprovider -m numerics "${files[@]}" "$@" || failed+=("$cond")
     echo "   ($((SECONDS - t0)) s)"
   done
 done

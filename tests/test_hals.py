@@ -175,7 +175,10 @@ def test_our_kernels_ignore_the_numba_thread_count(monkeypatch):
         pytest.skip("numba has one thread here (NUMBA_NUM_THREADS=1): nothing to compare")
     monkeypatch.setattr(_kernels, "HALS_PARALLEL_MIN_WORK", 0)  # the parallel sweep even on small data
     X, masks = _thread_data()
-    run = lambda Y, **kw: fit_batch(Y, [4, 6], [1, 2], row_masks=masks, solver="hals", max_iter=30, tol=0, **kw)  # noqa: E731
+
+    def run(Y, **kw):
+        return fit_batch(Y, [4, 6], [1, 2], row_masks=masks, solver="hals", max_iter=30, tol=0, **kw)
+
     nt = numba.get_num_threads()
     out = []
     try:
