@@ -16,6 +16,20 @@ of Numerical Algorithms*, 2nd ed., section 3.1):
   random walk, ``sqrt(T) * step_gamma`` (the multiplicative updates contract towards the
   fixed point rather than amplify). This is the bound the solver tests use for factors
   and for the Frobenius error recomputed in float64.
+* One HALS step (a sweep per half-step, ``hals_alpha=0``) makes the same fat products and
+  Gram matrices, then updates a column of ``V`` (``W`` or ``H^T``) as
+  ``v_j <- max(0, (a_j - sum_{l != j} V_l g_lj) / g_jj)`` (``a = X H^T`` or ``X^T W``,
+  ``g`` the Gram matrix of the other factor). The subtraction cancels: with every term
+  within ``step_gamma`` of exact, the new entry's absolute error is at most
+  ``step_gamma (a_ij + (V g)_ij) / g_jj``, i.e. ``step_gamma * kappa`` relative to the
+  largest entry of ``V``, with ``kappa = max_ij (a_ij + (V g)_ij) / (g_jj max V)`` (>= 1:
+  at the fixed point ``a_ij - sum_{l != j} ... = v_ij g_jj``). A sweep is one Gauss-Seidel
+  pass on a positive-definite k x k system, a contraction in the ``g``-norm, so earlier
+  errors are damped, and they add up like the multiplicative updates':
+  ``sqrt(T) * step_gamma * kappa`` (:func:`hals_trajectory_rtol`, ``kappa`` from the
+  factors, as the end of the trajectory has them). With inner repetitions
+  (``hals_alpha > 0``) the number of sweeps is a threshold test a rounding error can flip:
+  tests that compare code paths run one sweep.
 * The solver reports ``||X - WH||`` from ``||X||^2 - 2<W^T X, H> + <W^T W, H H^T>``,
   made of float32 products; the subtraction cancels, so its error is relative to
   ``||X||^2``, not to the (much smaller) squared error: see :func:`reported_error_bound`.
@@ -42,6 +56,24 @@ def step_gamma(n: int, m: int, k: int) -> float:
 def trajectory_rtol(n_iter: int, n: int, m: int, k: int) -> float:
     """Relative difference of two float32 runs of the same ``n_iter`` updates."""
     return float(np.sqrt(max(n_iter, 1)) * step_gamma(n, m, k))
+
+
+def hals_trajectory_rtol(X, W, H, n_iter: int, rows=None) -> float:
+    """Relative difference (to the largest entry) of two float32 runs of the same ``n_iter``
+    one-sweep HALS iterations, ``sqrt(T) * step_gamma * kappa`` (module docstring)."""
+    Xd, Wd, Hd = dense(X), np.asarray(W, np.float64), np.asarray(H, np.float64)
+    if rows is not None:
+        Xd, Wd = Xd[rows], Wd[rows]
+    kappa = 1.0
+    # W's columns from X H^T and H H^T; H^T's columns from X^T W and W^T W
+    for V, A, G in ((Wd, Xd @ Hd.T, Hd @ Hd.T), (Hd.T, Xd.T @ Wd, Wd.T @ Wd)):
+        d = np.diag(G)
+        live = d > 0
+        top = float(V.max())
+        if top > 0 and live.any():
+            kappa = max(kappa, float(((A + V @ G)[:, live] / d[live]).max()) / top)
+    n, m = X.shape
+    return float(np.sqrt(max(n_iter, 1)) * step_gamma(n, m, W.shape[1]) * kappa)
 
 
 def dense(X) -> np.ndarray:

@@ -34,6 +34,7 @@ def _chunked(X, rows=70):
     return da.from_array(X, chunks=(rows, X.shape[1]))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("sparse", [False, True])
 def test_products_equal_in_memory(sparse):
     X = _data(sparse)
@@ -54,6 +55,7 @@ def test_products_equal_in_memory(sparse):
     np.testing.assert_array_equal(f32.dense(C[rows]), Xd[rows])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("solver", ["mu", "hals"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_fit_batch_chunked_equals_in_memory(sparse, solver):
@@ -67,6 +69,7 @@ def test_fit_batch_chunked_equals_in_memory(sparse, solver):
         f32.assert_same_fit(a, b, X, mk, 100)
 
 
+@pytest.mark.numerics
 def test_refit_usage_chunked_equals_in_memory():
     X = _data(True, seed=5)
     (fit,) = fit_batch(X, [4], [0], max_iter=200, tol=0)

@@ -25,6 +25,7 @@ def _data(sparse, seed=0):
     return X
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("loss", ["frobenius", "kullback-leibler"])
 def test_matches_sklearn_mu_from_same_start(sparse, loss):
@@ -43,6 +44,7 @@ def test_matches_sklearn_mu_from_same_start(sparse, loss):
         assert res.error == pytest.approx(ref.reconstruction_err_, rel=rtol)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("sparse", [False, True])
 def test_batch_equals_one_at_a_time(sparse):
     X = _data(sparse, seed=3)
@@ -56,6 +58,7 @@ def test_batch_equals_one_at_a_time(sparse):
         f32.assert_same_fit(single, batch[i], X, masks[i], 300)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("sparse", [False, True])
 def test_leaving_the_batch_changes_nothing(sparse):
     """Each factorization stops on its own and leaves the batch; the ones left go on as if
@@ -75,6 +78,7 @@ def test_leaving_the_batch_changes_nothing(sparse):
         f32.assert_same_fit(single, batch[i], X, masks[i], batch[i].n_iter)
 
 
+@pytest.mark.numerics
 def test_row_mask_fits_only_masked_rows():
     X = _data(False, seed=5)
     mask = np.zeros(300, bool)
@@ -122,7 +126,6 @@ def test_estimator_api_and_seeds():
 # OpenBLAS picks its kernel from the CPU; OPENBLAS_CORETYPE forces another vendor's.
 # scipy-openblas builds map Zen to the Haswell kernels (threadpoolctl then reports "Haswell").
 CORETYPES = {"Haswell": {"Haswell"}, "Zen": {"Zen", "Haswell"}}
-NUMERIC_TESTS = "sklearn or batch or row_mask or products_equal_scipy or kernels_equal or csr_equals_dense"
 
 
 def _openblas_under(coretype: str) -> list[str]:
@@ -140,7 +143,9 @@ def _openblas_under(coretype: str) -> list[str]:
 @pytest.mark.skipif(os.environ.get("_TARDIS_CORETYPE_CHILD") == "1", reason="already under a forced kernel")
 @pytest.mark.parametrize("coretype", sorted(CORETYPES))
 def test_numerical_tests_hold_under_other_openblas_kernels(coretype):
-    """The solver and kernel tests above, in a subprocess on another CPU vendor's kernels."""
+    """The numerical tests of this file and test_nmf_kernels.py, in a subprocess on another CPU
+    vendor's kernels (scripts/test_numerics.sh runs every ``numerics`` test under each kernel
+    and BLAS thread count)."""
     import subprocess
     import sys
 
@@ -153,7 +158,7 @@ def test_numerical_tests_hold_under_other_openblas_kernels(coretype):
     assert set(arch) <= CORETYPES[coretype], f"OPENBLAS_CORETYPE={coretype} ignored: OpenBLAS ran {arch}"
     env = {**os.environ, "OPENBLAS_CORETYPE": coretype, "_TARDIS_CORETYPE_CHILD": "1"}
     tests = [str(Path(__file__).parent / f) for f in ("test_nmf.py", "test_nmf_kernels.py")]
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", NUMERIC_TESTS],
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-m", "numerics"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-6000:]
     assert " passed" in p.stdout and "failed" not in p.stdout

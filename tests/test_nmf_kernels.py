@@ -31,6 +31,7 @@ SHAPES = [
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["csr", "dense-chunks", "dense", "auto"])
 @pytest.mark.parametrize("n,m,density,seed", SHAPES)
 @pytest.mark.parametrize("K", [1, 13, 300])
@@ -58,6 +59,7 @@ def test_products_equal_scipy(method, n, m, density, seed, K):
     np.testing.assert_array_equal(P.xtw(W), b)
 
 
+@pytest.mark.numerics
 def test_kernels_equal_scipy_and_ignore_thread_count():
     import numba
 
@@ -80,6 +82,7 @@ def test_kernels_equal_scipy_and_ignore_thread_count():
         numba.set_num_threads(nt)
 
 
+@pytest.mark.numerics
 def test_dense_chunks_span_several_chunks(monkeypatch):
     monkeypatch.setattr(_kernels, "CHUNK_BYTES", 4 * 50 * 7)  # 7 rows of 50 genes per chunk
     X = _random_csr(103, 50, 0.4, 8, empty_rows=[5, 6, 100])
@@ -119,6 +122,7 @@ def _planted(seed=0):
     return X
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", ["csr", "dense-chunks", "dense", "scipy"])
 def test_fit_batch_csr_equals_dense(method):
     Xd = _planted(1)
@@ -136,6 +140,7 @@ def test_fit_batch_csr_equals_dense(method):
             assert np.all(s.W[~mk] == 0)
 
 
+@pytest.mark.numerics
 def test_mu_update_equals_the_rule_in_float64_and_ignores_thread_count():
     import numba
 
