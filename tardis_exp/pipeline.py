@@ -26,19 +26,17 @@ import yaml
 
 from . import __version__
 from .cache import StageCache, write_h5ad
-from .cache import check_config as check_cache
 from .consensus import check_resources as check_consensus_resources
 from .consensus import consensus
-from .data import check_data, load_data
+from .config import result_mode, validate  # noqa: F401 -- validate: re-exported
+from .data import load_data
 from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
-from .params import check as check_params
 from .preprocess import preprocess
 from .score import score, top_genes_table
 from .stages import SPECS
 from .tracking import Tracker, redact, redact_tree, run_description, science_params
-from .tracking import check_config as check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -48,62 +46,6 @@ _NOT_ARGS = {"_target_"}
 
 def stage_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k not in _NOT_ARGS}
-
-
-def validate(cfg: Mapping[str, Any]) -> None:
-    """Check every stage's parameters before any data is read or computed.
-
-    Order: stage parameters first, then the data config (whose path check touches the
-    file system but reads nothing). Only ``factorize.n_components`` against the data's
-    shape waits until after preprocessing (``factorize.check_params(shape=...)``).
-    """
-    for key in ("data", "preprocess", "factorize", "consensus", "score", "tracking"):
-        if not isinstance(cfg.get(key), Mapping):
-            raise ConfigError(f"config section {key!r} is missing")
-    # Hydra refuses unknown keys, but `+consensus.foo=1` or a plain dict gets past it:
-    # params.check refuses them here rather than as a TypeError after the factorization
-    if "n_components" not in cfg["factorize"]:
-        raise ConfigError("factorize.n_components is missing")
-    for section in ("preprocess", "factorize", "consensus", "score"):
-        check_params(section, cfg[section])
-    check_tracking(cfg["tracking"])
-    check_cache(cfg.get("cache"))
-    check_data(cfg["data"])
-    result_mode(cfg)
-    if cfg["data"].get("backend") == "dask" and (cfg.get("cache") or {}).get("enabled"):
-        raise ConfigError("cache.enabled=true keeps stage results as in-memory h5ad files, which "
-                          "data.backend=dask exists to avoid; set cache.enabled=false")
-    check_memory_early(cfg)
-
-
-def check_memory_early(cfg: Mapping[str, Any]) -> None:
-    """``factorize.max_memory_gb`` against the input's shape from the file's metadata, before
-    anything is loaded or preprocessed. Preprocessing only removes spots and genes, so the
-    model at the input's spots and ``min(preprocess.n_top_genes, genes)`` genes bounds the
-    factorization's; a setting refused here cannot fit later. (The check is made again on
-    the preprocessed shape before the fit.)"""
-    limit = cfg["factorize"].get("max_memory_gb")
-    if limit is None:
-        return
-    from .chunked import check_memory
-    from .data import peek_shape
-
-    shape = peek_shape(cfg["data"])
-    if shape is None:
-        return
-    n, m, nnz = shape
-    top = cfg["preprocess"].get("n_top_genes")
-    genes = min(m, int(top)) if top else m
-    f = cfg["factorize"]
-    from .params import FactorizeParams as _P
-
-    k = int(f.get("n_components", _P.n_components))
-    r = int(f.get("n_replicates", _P.n_replicates))
-    chunked = cfg["data"].get("backend") == "dask"
-    path = cfg["data"].get("path")
-    src = f"data.path={redact(str(path))}" if path not in (None, "", "???") else f"data={cfg['data'].get('source')}"
-    check_memory(limit, n_spots=n, n_genes=genes, n_columns=k * r, solver=f.get("solver", _P.solver),
-                 chunked=chunked, nnz=nnz, where=f"{src}, before loading")
 
 
 def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:
@@ -117,18 +59,6 @@ def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:
 # 3.5 % more disk (266 against 257 MB), usages.tsv.gz in 0.56x for 10 % more (pandas'
 # default is level 9); docs/performance.md, "Writing the result"
 GZIP_LEVEL = 1
-SAVE_RESULT = {True: "full", False: "none", "full": "full", "results": "results", "none": "none"}
-
-
-def result_mode(cfg: Mapping[str, Any]) -> str:
-    """``save_result``: ``full`` (the AnnData with X and layers), ``results`` (without them:
-    what the stages computed, a fraction of the size and write time; sweep trials), ``none``."""
-    value = cfg.get("save_result", True)
-    if not isinstance(value, (bool, str)) or value not in SAVE_RESULT:
-        raise ConfigError(f"save_result={value!r} is not one of true/full, results, false/none")
-    return SAVE_RESULT[value]
-
-
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
