@@ -72,6 +72,8 @@ import scipy.sparse as sp
 
 from . import __version__
 from .outputs import Unfit, pack, unpack
+from .params import CacheParams as _C
+from .stages import CACHED, ORDER
 from .store import CacheCorrupt, Store, _glob, code_digest, make_key
 from .store import CacheUnreadable, write_h5ad  # noqa: F401 -- re-exported (pipeline, tests)
 from .store import file_digest as _file_digest
@@ -79,10 +81,9 @@ from .store import file_digest as _file_digest
 
 log = logging.getLogger(__name__)
 
-STAGES = ("preprocess", "factorize", "consensus")
-# what each stage's result depends on, upstream first
-UPSTREAM = {"preprocess": ("preprocess",), "factorize": ("preprocess", "factorize"),
-            "consensus": ("preprocess", "factorize", "consensus")}
+STAGES = CACHED
+# a stage's key covers its own settings and every stage's before it
+UPSTREAM = {name: ORDER[: ORDER.index(name) + 1] for name in CACHED}
 _LIBS = {"preprocess": ("anndata", "scanpy", "numpy"), "factorize": ("anndata", "scanpy", "numpy", "scipy", "sklearn"),
          "consensus": ("anndata", "scanpy", "numpy", "scipy", "sklearn")}
 
@@ -283,7 +284,8 @@ class StageCache(Store):
 
     namespaces = STAGES
 
-    def __init__(self, directory: str | os.PathLike | None, max_size_gb: float = 5.0, enabled: bool = True):
+    def __init__(self, directory: str | os.PathLike | None, max_size_gb: float = _C.max_size_gb,
+                 enabled: bool = True):
         check_config({"enabled": enabled, "dir": directory, "max_size_gb": max_size_gb})
         super().__init__(directory, max_size_gb, enabled)
         self.hits = 0
@@ -293,8 +295,10 @@ class StageCache(Store):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "StageCache":
-        cfg = cfg or {}
-        return cls(cfg.get("dir"), cfg.get("max_size_gb", 5.0), cfg.get("enabled", False))
+        from .params import check
+
+        c = check("cache", cfg, known_only=True)  # completed with CacheParams' defaults (off)
+        return cls(c["dir"], c["max_size_gb"], c["enabled"])
 
     def loose_files(self) -> list[Path]:
         """The input memos (``inputs/*.json``): they count towards the bound."""

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .params import check as check_params
 from .sources import check_data, peek_shape
+from .stages import ORDER
 from .tracking import check_config as check_tracking, redact
 
 
@@ -22,14 +23,14 @@ def validate(cfg: Mapping[str, Any]) -> None:
     file system but reads nothing). Only ``factorize.n_components`` against the data's
     shape waits until after preprocessing (``factorize.check_params(shape=...)``).
     """
-    for key in ("data", "preprocess", "factorize", "consensus", "score", "tracking"):
+    for key in ("data", *ORDER, "tracking"):
         if not isinstance(cfg.get(key), Mapping):
             raise ConfigError(f"config section {key!r} is missing")
     # Hydra refuses unknown keys, but `+consensus.foo=1` or a plain dict gets past it:
     # params.check refuses them here rather than as a TypeError after the factorization
     if "n_components" not in cfg["factorize"]:
         raise ConfigError("factorize.n_components is missing")
-    for section in ("preprocess", "factorize", "consensus", "score"):
+    for section in ORDER:
         check_params(section, cfg[section])
     check_tracking(cfg["tracking"])
     check_params("cache", cfg.get("cache"), known_only=True)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .stages import CACHED, ORDER
 from .errors import TrackingError, redact  # noqa: F401 -- redact: re-exported (cli, sweeper)
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def _first_line(e: BaseException) -> str:
 # (docs/tracking-ui.md documents the scheme; tests/test_tracking.py checks every key a run logs)
 
 # the config sections whose values change a result: the parent run's params
-SCIENCE_SECTIONS = ("data", "preprocess", "factorize", "consensus", "score")
+SCIENCE_SECTIONS = ("data", *ORDER)
 # override keys that change where or how a run is recorded, never what it computes
 _PLUMBING = ("paths.", "tracking.", "hydra.", "cache.", "progress", "task_name", "save_result", "sweep")
 RUN_NAME_MAX = 120
@@ -207,10 +208,9 @@ def _metric_keys() -> dict[str, MetricKey]:
         **_stage_metric_keys(),
         "cache_hits": MetricKey("stages served from the stage cache", runs=_HEAD),
         "cache_misses": MetricKey("stages computed (not in the stage cache)", runs=_HEAD),
-        "duration_s": MetricKey("wall-clock seconds of this run", runs=("pipeline", "preprocess", "factorize",
-                                                                          "consensus", "score")),
+        "duration_s": MetricKey("wall-clock seconds of this run", runs=("pipeline", *ORDER)),
         "cache_seconds": MetricKey("seconds to look up (and on a hit, restore) the stage's cache entry",
-                                   runs=("preprocess", "factorize", "consensus")),
+                                   runs=CACHED),
         # study runs (the sweeper)
         "n_trials_complete": MetricKey("COMPLETE trials of the study", runs=("study",)),
         "n_trials_fail": MetricKey("FAIL trials of the study", runs=("study",)),
