@@ -36,6 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 from .solvers import SOLVERS as _SOLVERS
 from .solvers import check_solver
 from .errors import ConfigError, InputError, check_bool, check_choice, check_float, check_int, redact
+from .krules import K_RULES, check_method as _check_k_rule_method
+from .krules import describe as _describe_k_rules
 
 # ---------------------------------------------------------------- field helpers
 
@@ -45,7 +47,6 @@ SOLVERS = tuple(_SOLVERS)  # the registry tardis_exp.solvers, in preference orde
 LOSSES = ("frobenius", "kullback-leibler")
 STOP_RULES = ("change", "extrapolated")  # fit_batch(stop_rule=...); re-exported by tardis_exp.nmf
 METHODS = ("components", "spots")
-K_RULES = ("auto", "recurrence", "pac", "cophenetic", "brunet", "delta_area", "silhouette")
 AGGREGATIONS = ("median", "mean")
 RANK_BOUNDS = ("none", "parallel")
 RANKINGS = ("specific", "loading")
@@ -215,9 +216,7 @@ class ConsensusParams:
     resample_frac: Any = number(0.8, "fraction of the items (components or spots) in each resample", low=0,
                                 high=1, low_open=True)
     random_state: Any = integer(42, "root seed of the resampling", minimum=0, allow_none=True)
-    k_selection: Any = choice("auto", "rule choosing K: auto (recurrence with method=components, pac with "
-                              "method=spots) | recurrence | pac | brunet (= cophenetic) | delta_area | "
-                              "silhouette (docs/validation.md, 'K selection')", K_RULES)
+    k_selection: Any = choice("auto", _describe_k_rules(), K_RULES)  # the registry: tardis_exp/krules.py
     k_tolerance: Any = number(1e-4, "floor of the measured tolerance between two K", low=0)
     k_z: Any = number(2.0, "two K differ when their statistics differ by more than k_z standard errors",
                       low=0)
@@ -252,9 +251,7 @@ class ConsensusParams:
         if v.get("rank_bound", "none") != "none" and v.get("method") == "spots":
             raise ConfigError(f"consensus.rank_bound={v['rank_bound']} needs consensus.method=components (it "
                               "bounds the number of meta-programs); use rank_bound=none with method=spots")
-        if v.get("k_selection") == "recurrence" and v.get("method") == "spots":
-            raise ConfigError("consensus.k_selection=recurrence needs consensus.method=components (it counts the "
-                              "components of each replicate in a meta-program); use auto or pac with method=spots")
+        _check_k_rule_method(v.get("k_selection"), v.get("method"))
         if v["max_clusters"] < v["min_clusters"]:
             raise ConfigError(f"consensus.max_clusters={v['max_clusters']} must be an integer >= "
                               f"consensus.min_clusters={v['min_clusters']}")

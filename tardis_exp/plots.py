@@ -8,7 +8,7 @@ Every figure reads only what the stages wrote into the AnnData:
 ``consensus_cdf.png``
     The empirical CDF of the consensus values per K (``cdf`` over ``cdf_grid``).
 ``k_selection.png``
-    PAC, cophenetic correlation and delta area against K, the chosen K marked.
+    The statistic of every K rule (``tardis_exp.krules``) against K, the chosen K marked.
 ``reconstruction_error.png``
     The reconstruction error of every factorization replicate (``uns['nmf']['errors']``).
 ``program_scores.png``
@@ -40,6 +40,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never open a window (sweep workers, servers)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .krules import panels as k_rule_panels  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +122,12 @@ def consensus_cdf(adata, path: Path) -> Path:
 
 
 def k_selection(adata, path: Path) -> Path:
-    """Replicate recurrence (method=components), PAC, cophenetic correlation and delta area
-    against K, with their measured standard errors; the chosen K marked."""
+    """The statistic of every K rule against K (replicate recurrence with method=components, PAC,
+    cophenetic correlation, delta area, silhouette), with their measured standard errors; the
+    chosen K marked."""
     c = adata.uns["nmf_consensus"]
     ks = np.asarray(c["k_values"])
-    panels = [("pac", "PAC (lower is better)"), ("cophenetic", "cophenetic correlation"),
-              ("delta_area", "delta area")]
-    if "recurrence" in c:
-        panels.insert(0, ("recurrence", "replicate recurrence"))
+    panels = k_rule_panels(c)  # every statistic a K rule reads (tardis_exp/krules.py), as measured
     fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.2))
     for ax, (key, label) in zip(axes, panels):
         se = c.get(f"{key}_se")

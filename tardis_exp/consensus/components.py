@@ -1,0 +1,192 @@
+"""``consensus.method=components`` (the default; what the seed's code does).
+
+The items are the NMF components of every replicate, pooled, compared by the Pearson
+correlation of their gene loadings. Outlier components (far from their neighbours, as in
+cNMF) are dropped first. For every K the pooled components are resampled ``n_resamples``
+times and each resample is clustered (average linkage); a cluster of components is a
+meta-program, whose spectrum is the median (or mean) of its members' L2-normalized loadings.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+from ..errors import InputError
+from ..krules import report_k, select_k
+from ..progress import progress_bar
+from .statistics import (Resampling, _aggregate, _clip_range, _l2rows, _pearson_dist, _per_k_result,
+                         _per_k_stats, half_spread, recurrence_spread, replicate_recurrence)
+
+log = logging.getLogger(__package__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComponentsSettings(Resampling):
+    """:class:`Resampling` and the components method's own settings (``consensus.outlier_threshold``,
+    ``outlier_neighbors_frac``, ``min_cluster_replicates``)."""
+
+    outlier_threshold: float
+    outlier_neighbors_frac: float
+    min_replicates: float
+
+
+def local_density_outliers(spectra: np.ndarray, n_neighbors: int, threshold: float) -> np.ndarray:
+    """cNMF's filter: mean distance of each L2-normalized spectrum to its nearest neighbours.
+
+    Returns a boolean mask of the components kept (distance <= ``threshold``).
+    """
+    L = _l2rows(spectra.astype(np.float64))
+    G = L @ L.T
+    D = np.sqrt(np.clip(2 - 2 * G, 0, None))
+    np.fill_diagonal(D, np.inf)
+    nn = max(1, min(n_neighbors, len(L) - 1))
+    dens = np.sort(D, axis=1)[:, :nn].mean(1)
+    return dens <= threshold, dens
+
+
+def _pooled_components(adata) -> np.ndarray:
+    """Every replicate's components (replicates x k x genes); the seed's single H as one replicate."""
+    if "nmf" not in adata.uns and "X_nmf_components" not in adata.uns:
+        raise InputError("consensus.method=components needs a factorization: run the factorize stage first "
+                         "(uns['nmf'] or uns['X_nmf_components'] is missing)")
+    return np.asarray(adata.uns["nmf"]["components"] if "nmf" in adata.uns else adata.uns["X_nmf_components"][None])
+
+
+def _warn_converged_replicates(adata, rule: str) -> None:
+    """The recurrence rule was validated on MU replicates stopped at ``tol=1e-4``; replicates run
+    to convergence (HALS, a smaller ``tol``, ``stop_rule=extrapolated``) keep surplus components
+    that recur, and it then chose K above the planted one on Monti's sets (docs/validation.md,
+    "Converged replicates and the K rule")."""
+    p = adata.uns.get("nmf", {}).get("params") if isinstance(adata.uns.get("nmf"), dict) else None
+    if rule != "recurrence" or not p:
+        return
+    solver, tol, stop = str(p.get("solver", "mu")), float(p.get("tol", 1e-4)), str(p.get("stop_rule", "change"))
+    if solver == "mu" and tol >= 1e-4 and stop == "change":
+        return
+    what = ", ".join(x for x, bad in ((f"factorize.solver={solver}", solver != "mu"),
+                                      (f"factorize.tol={tol:g}", tol < 1e-4),
+                                      (f"factorize.stop_rule={stop}", stop != "change")) if bad)
+    msg = (f"consensus: the replicates are run closer to convergence than the K rule was validated on ({what}); "
+           "on Monti's sample-class sets such replicates made k_selection=auto choose K above the planted one "
+           "(docs/validation.md, 'Converged replicates and the K rule'): check runner_up_k and k_selection.png, "
+           "sweep factorize.n_components, or cap K with consensus.rank_bound=parallel")
+    log.warning(msg)
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _components(adata, *, rng, settings: ComponentsSettings, exclude=None, report: bool = True,
+                k_cap: int | None = None) -> dict:
+    """Consensus over the pooled components of every replicate at each K of the range.
+
+    ``exclude``: components left out (the background's, second pass); ``report``: log the
+    choice of K (the first pass does not, when a second follows); ``k_cap``: the largest K
+    (parallel analysis). Returns the entries of ``uns['nmf_consensus']`` with ``spectra``.
+    """
+    s = settings
+    min_k, max_k, n_resamples, frac, rule, tol = s.min_k, s.max_k, s.n_resamples, s.frac, s.rule, s.tol
+    out_thr, out_frac, min_reps, agg, store_items = (s.outlier_threshold, s.outlier_neighbors_frac,
+                                                     s.min_replicates, s.agg, s.store_items)
+    progress, k_z, spread_splits = s.progress, s.z, s.spread_splits
+    comps = _pooled_components(adata)
+    R, k, m = comps.shape
+    if max_k > k and exclude is None:  # said by the first pass only
+        # a meta-program is a cluster of components, one per replicate at most: more of
+        # them than components in a factorization splits real programs or keeps noise
+        new_min = min(min_k, k)
+        warnings.warn(f"consensus.max_clusters={max_k} exceeds factorize.n_components={k} "
+                      f"(method=components clusters the {k} components of each replicate); "
+                      f"clipping the K range to [{new_min}, {k}]", UserWarning, stacklevel=3)
+        log.warning("consensus: K range clipped to [%d, %d] = factorize.n_components", new_min, k)
+        min_k, max_k = new_min, k
+    spectra_all = comps.reshape(R * k, m).astype(np.float64)
+    replicate = np.repeat(np.arange(R), k)
+
+    alive = spectra_all.sum(1) > 0
+    k_eff = k
+    if exclude is not None:  # the background's components (see _find_background)
+        exclude = np.asarray(exclude, bool)
+        alive &= ~exclude
+        k_eff = k - int(np.bincount(replicate[exclude], minlength=R).min())
+        min_k, max_k = min(min_k, k_eff), min(max_k, k_eff)
+    keep = alive.copy()
+    density = np.zeros(len(spectra_all))
+    if R > 1 and out_thr < 2:
+        kept, dens = local_density_outliers(spectra_all[alive], max(1, int(round(out_frac * R))), out_thr)
+        keep[np.flatnonzero(alive)[~kept]] = False
+        density[alive] = dens
+    items = np.flatnonzero(keep)
+    N = len(items)
+    if N < 3:
+        raise InputError(
+            f"only {N} components left after the outlier filter (consensus.outlier_threshold={out_thr}); "
+            "raise the threshold or factorize.n_replicates"
+        )
+    n_sampled = max(1, int(np.floor(N * frac)))
+    min_k, max_k = _clip_range(min_k, max_k, N, n_sampled, "components")
+    ks = list(range(min_k, max_k + 1))
+
+    D = _pearson_dist(spectra_all[items])
+    label_sets = {kk: np.full((n_resamples, N), -1, dtype=np.int64) for kk in ks}
+    for r in progress_bar(range(n_resamples), desc="consensus resamples", enabled=progress):
+        idx = np.sort(rng.choice(N, size=n_sampled, replace=False))
+        sub = D[np.ix_(idx, idx)]
+        Z = linkage(squareform(sub, checks=False), method="average")  # one tree serves every K
+        for kk in ks:
+            label_sets[kk][r, idx] = fcluster(Z, kk, criterion="maxclust") - 1
+
+    store_idx = None if N <= store_items else np.sort(rng.choice(N, store_items, replace=False))
+    stats, cdfs, final_labels, mats = _per_k_stats(ks, label_sets, item_dist=D.copy(), store_idx=store_idx)
+    # A meta-program must recur across replicates: a cluster fed by few replicates is a
+    # splinter (noise, one restart's split), and a K that needs one is not a real K.
+    need = int(np.ceil(min_reps * R))
+    reps_per_cluster = {kk: np.array([len(np.unique(replicate[items[final_labels[kk] == c]]))
+                                      for c in range(kk)]) for kk in ks}
+    admissible = np.array([reps_per_cluster[kk].min() >= need for kk in ks])
+    # the default rule's statistic: how close the clusters at K come to one component of
+    # every replicate each (a program every restart finds once)
+    stats["recurrence"] = [replicate_recurrence(final_labels[kk], replicate[items], R, kk) for kk in ks]
+    spread = half_spread(ks, label_sets, n_splits=spread_splits, rng=rng, item_dist=D)
+    spread["recurrence"] = recurrence_spread(ks, final_labels, replicate[items], R, spread_splits, rng)
+    # the rules that stop at a change take the largest stable K here (select_k, KRule.pick)
+    best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
+                          largest_stable=True)
+    rule_k = best
+    if k_cap is not None and best > k_cap:
+        # the rule's choice is the runner-up; no margin is measured between the two
+        best = max(int(k_cap), ks[0])
+        info = {**info, "runner_up_k": int(rule_k), "margin": float("nan")}
+        if report:
+            log.info("consensus: K=%d (k_selection=%s chose %d, above the parallel-analysis rank %d)", best, rule,
+                     rule_k, k_cap)
+    # every component of the factorization recurs: the rank, not the data, bounds K
+    rank_bound = bool(best == k_eff and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9)
+    if report:
+        report_k(best, info, rule, ks, rank_bound)
+
+    # average linkage can return fewer than K clusters (ties); keep the clusters that exist
+    present, labels = np.unique(final_labels[best], return_inverse=True)
+    if len(present) < best:
+        warnings.warn(f"consensus: K={best} gave only {len(present)} distinct clusters of components "
+                      f"(raise factorize.n_replicates or lower consensus.max_clusters)", UserWarning, stacklevel=3)
+    spectra = np.stack([_aggregate(spectra_all[items[labels == c]], agg) for c in range(len(present))])
+    item_labels = np.full(R * k, -1)
+    item_labels[items] = labels
+    return {
+        **_per_k_result(ks, best, spectra, stats, cdfs, mats, spread, info),
+        "matrix_items": items if store_idx is None else items[store_idx],
+        "item_labels": item_labels,  # cluster of each pooled component, -1 = outlier
+        "k_bounded_by_rank": rank_bound,
+        "k_rule_choice": int(rule_k),
+        "admissible": admissible,
+        "min_replicates_per_cluster": np.array([reps_per_cluster[kk].min() for kk in ks]),
+        "item_replicate": replicate,
+        "item_density": density,
+        "n_items": N,
+        "n_outliers": int(alive.sum() - N),
+    }
