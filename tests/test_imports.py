@@ -26,10 +26,11 @@ def test_metrics_imports_neither_scanpy_nor_a_stage():
         "('scanpy', 'anndata', 'sklearn', 'tardis_exp'))))"
     )
     assert "scanpy" not in loaded and "anndata" not in loaded
-    # the package itself registers the config schemas (params, errors and the K rules' registry
-    # params reads its choices from: standard library only)
+    # the package itself registers the config schemas (params, errors and the registries of K
+    # rules and solvers params reads its choices from: standard library only)
     assert sorted(m for m in loaded if m.startswith("tardis_exp")) == [
-        "tardis_exp", "tardis_exp.errors", "tardis_exp.krules", "tardis_exp.metrics", "tardis_exp.params"]
+        "tardis_exp", "tardis_exp.errors", "tardis_exp.krules", "tardis_exp.metrics", "tardis_exp.params",
+        "tardis_exp.solvers"]
 
 
 def test_stage_names_are_the_functions_whichever_import_comes_first():
