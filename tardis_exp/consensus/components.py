@@ -58,6 +58,10 @@ def _pooled_components(adata) -> np.ndarray:
     return np.asarray(adata.uns["nmf"]["components"] if "nmf" in adata.uns else adata.uns["X_nmf_components"][None])
 
 
+# the replicates the recurrence rule was validated on (docs/validation.md), not a default
+_VALIDATED_ON = {"solver": "mu", "tol": 1e-4, "stop_rule": "change"}
+
+
 def _warn_converged_replicates(adata, rule: str) -> None:
     """The recurrence rule was validated on MU replicates stopped at ``tol=1e-4``; replicates run
     to convergence (HALS, a smaller ``tol``, ``stop_rule=extrapolated``) keep surplus components
@@ -66,12 +70,16 @@ def _warn_converged_replicates(adata, rule: str) -> None:
     p = adata.uns.get("nmf", {}).get("params") if isinstance(adata.uns.get("nmf"), dict) else None
     if rule != "recurrence" or not p:
         return
-    solver, tol, stop = str(p.get("solver", "mu")), float(p.get("tol", 1e-4)), str(p.get("stop_rule", "change"))
-    if solver == "mu" and tol >= 1e-4 and stop == "change":
+    from ..params import FactorizeParams, defaults
+
+    p = {**defaults(FactorizeParams), **p}  # an older result may lack a key: its declared default
+    solver, tol, stop = str(p["solver"]), float(p["tol"]), str(p["stop_rule"])
+    ok = _VALIDATED_ON
+    if solver == ok["solver"] and tol >= ok["tol"] and stop == ok["stop_rule"]:
         return
-    what = ", ".join(x for x, bad in ((f"factorize.solver={solver}", solver != "mu"),
-                                      (f"factorize.tol={tol:g}", tol < 1e-4),
-                                      (f"factorize.stop_rule={stop}", stop != "change")) if bad)
+    what = ", ".join(x for x, bad in ((f"factorize.solver={solver}", solver != ok["solver"]),
+                                      (f"factorize.tol={tol:g}", tol < ok["tol"]),
+                                      (f"factorize.stop_rule={stop}", stop != ok["stop_rule"])) if bad)
     msg = (f"consensus: the replicates are run closer to convergence than the K rule was validated on ({what}); "
            "on Monti's sample-class sets such replicates made k_selection=auto choose K above the planted one "
            "(docs/validation.md, 'Converged replicates and the K rule'): check runner_up_k and k_selection.png, "
