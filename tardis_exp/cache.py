@@ -482,12 +482,3 @@ def restore(stage: str, adata: ad.AnnData, arrays: Mapping[str, np.ndarray]) -> 
     except Unfit as e:
         raise CacheCorrupt(str(e)) from None
 
-
-def factorize_outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
-    """What the factorize stage wrote into ``adata``, as flat npz-able arrays."""
-    return stage_outputs("factorize", adata)
-
-
-def consensus_outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
-    """What the consensus stage wrote into ``adata``, as flat npz-able arrays."""
-    return stage_outputs("consensus", adata)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tardis_exp.cache import StageCache, factorize_outputs
+from tardis_exp.cache import StageCache, stage_outputs
 from tardis_exp.data import digest
 from tardis_exp.factorize import factorize
 from tardis_exp.pipeline import stage_kwargs
@@ -187,7 +187,7 @@ def test_entries_are_h5ad_and_npz_without_pickle(synthetic_small, reference, tmp
     bad.obsm["X_nmf"] = np.zeros((5, 2))
     bad.uns["nmf"] = {"params": {"x": None}}
     with pytest.raises(TypeError, match="pickle"):
-        factorize_outputs(bad)
+        stage_outputs("factorize", bad)
     src = (Path(__file__).resolve().parents[1] / "tardis_exp" / "cache.py").read_text()
     assert "import pickle" not in src and "allow_pickle=True" not in src
 

@@ -267,7 +267,8 @@ def test_resumed_grid_study_runs_every_point_once():
     points the first process did not. Optuna's GridSampler shuffles the grid with its seed and
     stores the index into that order; the seed offset the sweeper gives other samplers on a
     resume sent trial 2 of the study above to the point of trial 0 (and never ran rank 500)."""
-    from hydra_plugins.tardis_optuna_sweeper._impl import build_sampler, build_search_space
+    from hydra_plugins.tardis_optuna_sweeper._samplers import build_sampler
+    from hydra_plugins.tardis_optuna_sweeper._search_space import build_search_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = build_search_space({"factorize.n_components": "choice(3, 4, 500, 7, 9)"}, [], [])
