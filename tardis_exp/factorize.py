@@ -26,6 +26,7 @@ from .errors import ConfigError, InputError
 from .outputs import Metric, Output, StageSpec
 from .params import LOSSES, SOLVERS  # noqa: F401 -- re-exported
 from .solvers import SOLVERS as SOLVER_SPECS
+from . import keys
 from .params import FactorizeParams as _P
 from .params import check, defaults
 from .nmf import NMFResult, derive_seeds, fit_batch, prepare_matrix
@@ -106,6 +107,7 @@ def factorize(
     store_usages: bool = _P.store_usages,
     max_memory_gb: float | None = _P.max_memory_gb,
     dask: dict | None = _DEFAULTS["dask"],  # read, never modified
+    key_added: str = keys.NMF,
     progress: bool | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -149,6 +151,10 @@ def factorize(
         ``adata.X`` is a Dask array (``data.backend=dask``): ``None`` (the active one),
         ``'threads'``, ``'processes'``, ``'synchronous'`` or a ``dask.distributed``
         scheduler address ``'tcp://host:port'``; see :func:`tardis_exp.chunked.dask_scheduler`.
+    key_added
+        Where the result goes: ``uns[key_added]``, ``obsm['X_<key_added>']``,
+        ``uns['X_<key_added>_components']``, ``obsm['X_<key_added>_replicates']``
+        (:mod:`tardis_exp.keys`; the default gives the seed's ``X_nmf``).
     copy
         Return a modified copy instead of writing into ``adata``.
     """
@@ -164,6 +170,7 @@ def factorize(
         raise ConfigError(f"factorize.solver={solver} needs X in memory; use solver={able} with data.backend=dask")
     check_memory(max_memory_gb, n_spots=adata.n_obs, n_genes=adata.n_vars, n_columns=k * R, solver=solver,
                  chunked=chunked, nnz=adata.X.nnz if sp.issparse(adata.X) else None)
+    out = keys.nmf_keys(key_added)
     adata = adata.copy() if copy else adata
     with dask_scheduler((dask or {}).get("scheduler")):
         X = prepare_matrix(adata.X)
@@ -186,11 +193,11 @@ def factorize(
 
     errors = np.array([r.error for r in results])
     best = int(np.argmin(errors))
-    adata.obsm["X_nmf"] = results[best].W
-    adata.uns["X_nmf_components"] = results[best].H
+    adata.obsm[out.usage] = results[best].W
+    adata.uns[out.components] = results[best].H
     if store_usages:
-        adata.obsm["X_nmf_replicates"] = np.concatenate([r.W for r in results], axis=1)
-    adata.uns["nmf"] = {
+        adata.obsm[out.replicates] = np.concatenate([r.W for r in results], axis=1)
+    adata.uns[out.uns] = {
         "components": np.stack([r.H for r in results]),
         "errors": errors,
         "n_iter": np.array([r.n_iter for r in results]),

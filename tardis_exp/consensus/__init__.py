@@ -59,6 +59,7 @@ import time
 import anndata as ad
 import numpy as np
 
+from .. import keys
 from ..errors import ConfigError
 from ..krules import AUTO, K_RULES, RULES, KRule, report_k, resolve_k_rule, select_k
 from ..krules import report_k as _report_k  # noqa: F401 -- re-exported
@@ -266,6 +267,8 @@ def consensus(
     max_spots: int = _P.max_spots,
     spots_max_iter: int = _P.spots_max_iter,
     store_matrix_items: int = _P.store_matrix_items,
+    nmf_key: str = keys.NMF,
+    key_added: str = keys.CONSENSUS,
     progress: bool | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
@@ -320,6 +323,12 @@ def consensus(
         Spots method: spots in the consensus matrix, iterations per resample factorization.
     store_matrix_items
         Consensus matrices kept in ``uns`` (for plots) are restricted to this many items.
+    nmf_key
+        The factorization to read: ``uns[nmf_key]`` (factorize's ``key_added``).
+    key_added
+        Where the result goes: ``uns[key_added]``, ``obsm['X_<key_added>']`` and, with a
+        background, ``obsm['X_<key_added>_background']`` (:mod:`tardis_exp.keys`; the
+        defaults are ``nmf_consensus``, ``X_nmf_consensus`` and ``X_nmf_background``).
     copy
         Return a modified copy instead of writing into ``adata``.
     """
@@ -332,6 +341,7 @@ def consensus(
                  spectra_agg=spectra_agg,
                  refit_max_iter=refit_max_iter, max_spots=max_spots, spots_max_iter=spots_max_iter,
                  store_matrix_items=store_matrix_items)
+    nmf, out = keys.nmf_keys(nmf_key, "nmf_key"), keys.consensus_keys(key_added)
     adata = adata.copy() if copy else adata
     t0 = time.perf_counter()
     rng = np.random.default_rng(random_state)
@@ -345,14 +355,15 @@ def consensus(
         if rank_bound == "parallel":
             # its own stream: the resampling below draws what it draws without the bound
             pa_rng = np.random.default_rng(None if random_state is None else [random_state, 2])
-            pa = parallel_analysis(adata.X, _pooled_components(adata).shape[1], pa_rng, max_spots=parallel_max_spots)
+            pa = parallel_analysis(adata.X, _pooled_components(adata, nmf).shape[1], pa_rng,
+                                   max_spots=parallel_max_spots)
             log.info("consensus: parallel analysis gives rank %d (data / null per rank %s); K is capped there",
                      pa["rank"], np.round(pa["ratios"], 2).tolist())
         else:
-            _warn_converged_replicates(adata, k_selection)
+            _warn_converged_replicates(adata, k_selection, nmf)
         settings = ComponentsSettings(**shared, outlier_threshold=outlier_threshold,
                                       outlier_neighbors_frac=outlier_neighbors_frac,
-                                      min_replicates=min_cluster_replicates)
+                                      min_replicates=min_cluster_replicates, nmf=nmf)
         k_cap = None if pa is None else pa["rank"]
         res = _components(adata, rng=rng, settings=settings, k_cap=k_cap, report=False)  # said about the K kept
         # its own stream: runs without a background draw exactly what they drew before
@@ -380,17 +391,17 @@ def consensus(
     K = len(spectra)
     W, err = refit_usage(adata.X, np.vstack([spectra, background]) if len(background) else spectra,
                          max_iter=refit_max_iter, progress=progress)
-    adata.obsm["X_nmf_consensus"] = W[:, :K] if len(background) else W
+    adata.obsm[out.usage] = W[:, :K] if len(background) else W
     if len(background):
-        adata.obsm["X_nmf_background"] = W[:, K:]
-    elif "X_nmf_background" in adata.obsm:
-        del adata.obsm["X_nmf_background"]
+        adata.obsm[out.background] = W[:, K:]
+    elif out.background in adata.obsm:
+        del adata.obsm[out.background]
     res.update(spectra=spectra.astype(np.float32), refit_error=float(err), method=method,
                k_selection=k_selection, n_background=len(background),
                background_spectra=np.asarray(background, dtype=np.float32))
-    res.update(rank_evidence(adata, res, rng))
+    res.update(rank_evidence(adata, res, rng, nmf=nmf))
     res["seconds"] = time.perf_counter() - t0
-    adata.uns["nmf_consensus"] = res
+    adata.uns[out.uns] = res
     log.info("consensus (%s): K in %d..%d, best K = %d (runner-up %d, margin %.2f)", method, min(res["k_values"]),
              max(res["k_values"]), res["best_k"], res["runner_up_k"], res["k_margin"])
     return adata if copy else None

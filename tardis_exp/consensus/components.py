@@ -18,6 +18,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from ..errors import InputError
+from ..keys import NMFKeys
 from ..krules import report_k, select_k
 from ..progress import progress_bar
 from .statistics import (Resampling, _aggregate, _clip_range, _l2rows, _pearson_dist, _per_k_result,
@@ -34,6 +35,7 @@ class ComponentsSettings(Resampling):
     outlier_threshold: float
     outlier_neighbors_frac: float
     min_replicates: float
+    nmf: NMFKeys = NMFKeys()  # where the factorization is (factorize's key_added)
 
 
 def local_density_outliers(spectra: np.ndarray, n_neighbors: int, threshold: float) -> np.ndarray:
@@ -50,24 +52,25 @@ def local_density_outliers(spectra: np.ndarray, n_neighbors: int, threshold: flo
     return dens <= threshold, dens
 
 
-def _pooled_components(adata) -> np.ndarray:
-    """Every replicate's components (replicates x k x genes); the seed's single H as one replicate."""
-    if "nmf" not in adata.uns and "X_nmf_components" not in adata.uns:
-        raise InputError("consensus.method=components needs a factorization: run the factorize stage first "
-                         "(uns['nmf'] or uns['X_nmf_components'] is missing)")
-    return np.asarray(adata.uns["nmf"]["components"] if "nmf" in adata.uns else adata.uns["X_nmf_components"][None])
+def _pooled_components(adata, nmf: NMFKeys = NMFKeys()) -> np.ndarray:
+    """Every replicate's components (replicates x k x genes), or the single H of a result
+    without its replicates (the seed's ``uns['X_nmf_components']``)."""
+    if nmf.uns not in adata.uns and nmf.components not in adata.uns:
+        raise InputError(f"consensus.method=components needs a factorization: run the factorize stage first "
+                         f"(uns['{nmf.uns}'] or uns['{nmf.components}'] is missing)")
+    return np.asarray(adata.uns[nmf.uns]["components"] if nmf.uns in adata.uns else adata.uns[nmf.components][None])
 
 
 # the replicates the recurrence rule was validated on (docs/validation.md), not a default
 _VALIDATED_ON = {"solver": "mu", "tol": 1e-4, "stop_rule": "change"}
 
 
-def _warn_converged_replicates(adata, rule: str) -> None:
+def _warn_converged_replicates(adata, rule: str, nmf: NMFKeys = NMFKeys()) -> None:
     """The recurrence rule was validated on MU replicates stopped at ``tol=1e-4``; replicates run
     to convergence (HALS, a smaller ``tol``, ``stop_rule=extrapolated``) keep surplus components
     that recur, and it then chose K above the planted one on Monti's sets (docs/validation.md,
     "Converged replicates and the K rule")."""
-    p = adata.uns.get("nmf", {}).get("params") if isinstance(adata.uns.get("nmf"), dict) else None
+    p = adata.uns[nmf.uns].get("params") if isinstance(adata.uns.get(nmf.uns), dict) else None
     if rule != "recurrence" or not p:
         return
     from ..params import FactorizeParams, defaults
@@ -101,7 +104,7 @@ def _components(adata, *, rng, settings: ComponentsSettings, exclude=None, repor
     out_thr, out_frac, min_reps, agg, store_items = (s.outlier_threshold, s.outlier_neighbors_frac,
                                                      s.min_replicates, s.agg, s.store_items)
     progress, k_z, spread_splits = s.progress, s.z, s.spread_splits
-    comps = _pooled_components(adata)
+    comps = _pooled_components(adata, s.nmf)
     R, k, m = comps.shape
     if max_k > k and exclude is None:  # said by the first pass only
         # a meta-program is a cluster of components, one per replicate at most: more of

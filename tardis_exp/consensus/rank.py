@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
+from ..keys import NMFKeys
 from ..nmf import derive_seeds, fit_batch, prepare_matrix
 from .statistics import _pearson_dist, cluster_consensus, consensus_from_labels
 
@@ -51,7 +52,7 @@ def parallel_analysis(X, max_rank: int, rng, max_spots: int = 5000, fits: int = 
     return {"rank": int(fail[0]) + 1 if len(fail) else top, "ratios": ratios}
 
 
-def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict:
+def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS, nmf: NMFKeys = NMFKeys()) -> dict:
     """Statistics of the factorization rank itself, for comparing runs across ``n_components``.
 
     ``stability``
@@ -94,10 +95,10 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
     i = ks.index(c["best_k"])
     if i + 1 < len(ks):
         out["cophenetic_drop"] = float(c["cophenetic"][i] - c["cophenetic"][i + 1])
-    nmf = adata.uns.get("nmf")
-    if nmf is None:
+    fit = adata.uns.get(nmf.uns)
+    if fit is None:
         return out
-    comps = np.asarray(nmf["components"])
+    comps = np.asarray(fit["components"])
     R, r, _ = comps.shape
     if R > 1 and r > 1 and "item_labels" in c:
         items = np.flatnonzero(np.asarray(c["item_labels"]) >= 0)
@@ -107,7 +108,7 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS) -> dict
             labels = fcluster(Z, r, criterion="maxclust")
             if 1 < len(np.unique(labels)) < len(labels):
                 out["stability"] = float(silhouette_score(D, labels, metric="precomputed"))
-    W = adata.obsm.get("X_nmf_replicates")
+    W = adata.obsm.get(nmf.replicates)
     if R > 1 and r > 1 and W is not None and np.shape(W)[1] == R * r:
         n = adata.n_obs
         sub = np.sort(rng.choice(n, size=min(max_spots, n), replace=False))
