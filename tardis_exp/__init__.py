@@ -22,6 +22,9 @@ _EXPORTS = {
     "BatchedNMF": "nmf",
     "fit_batch": "nmf",
     "make_synthetic": "synthetic",
+    # the seed's API (docs/seed_api.md): from tardis_exp import nmf_clustering, nmf_consensus
+    "nmf_clustering": "api",
+    "nmf_consensus": "api",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -9,7 +9,7 @@ the way they would for a new user. The ``python`` blocks run the same way after 
 
 Command 1 (``python3 -m venv .venv && ... && tardis-exp``) runs in a copy of the
 repository's files. Its virtual environment sees the packages already installed in this
-one through a ``.pth`` file, so ``pip install -e .`` installs the copy without
+one through a ``.pth`` file, so ``pip install -c constraints.txt -e .`` installs the copy without
 downloading its dependencies (``scripts/test.sh`` in CI installs them from scratch).
 Command 2 (``bash scripts/test.sh``) is this test suite; running it from a test would
 run the suite inside itself, so the test checks only that the script is there.
@@ -35,7 +35,7 @@ README = REPO / "README.md"
 BIN = Path(sys.executable).parent
 # the documented knob that makes the default synthetic data smaller (README, "A worked example")
 SMALL = {"TARDIS_EXP_SYNTHETIC_SPOTS": "900", "TARDIS_EXP_SYNTHETIC_GENES": "800"}
-COMMAND_1 = "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && tardis-exp"
+COMMAND_1 = "python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e . && tardis-exp"
 COMMAND_2 = "bash scripts/test.sh"
 
 

@@ -4,7 +4,8 @@ The store holds what a new user makes first: two ``tardis-exp`` runs that differ
 override and a 3-trial ``sweep=k_range`` (small synthetic data), all through the real
 command line. A real ``mlflow server`` on 127.0.0.1 serves it; Debian's ``chromium``,
 driven by Playwright's Python API (no browser download), opens the pages a person would
-and the test asserts on the rendered text and images: the run names in the runs table,
+-- first the URLs docs/tracking-ui.md and the README show, read from them, in a fresh
+profile, with the one documented click (the Assistant panel's Close) -- and the test asserts on the rendered text and images: the run names in the runs table,
 a headline metric column, a figure in a run's artifacts, and the compare view of the two
 runs, whose parameter diff is the one override. Screenshots go to ``$TARDIS_UI_SHOTS``
 (default: the test's temporary folder); docs/img/ holds reviewed copies.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,20 +30,76 @@ from pathlib import Path
 import pytest
 from _ports import free_port
 
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:  # the skip below says why
+    PlaywrightTimeout = TimeoutError
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("TARDIS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 SMALL = ["data.n_spots=600", "data.n_genes=500", "data.n_programs=3", "factorize.n_replicates=3",
          "consensus.n_resamples=10", "preprocess.n_top_genes=300"]
-# the MLflow Assistant panel opens itself on a first visit and covers the table
-QUIET = ("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
-         "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
+# what docs/tracking-ui.md's URLs are written against; the test's server replaces it
+DOC_SERVER, DOC_EXPERIMENT = "http://127.0.0.1:5000", "<experiment id>"
+HEADLINE_METRICS = ("best_k", "consensus.pac", "consensus.silhouette", "reconstruction_error")
+# the left bar of MLflow's GenAI view; none of it in the model-training view
+GENAI_NAV = ("Judges", "Evaluation runs", "Prompts", "Training runs")
 
 # under CI (CI=true, .ci/run installs chromium) a missing browser is a failure, not a skip
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true", reason="no chromium executable (install it with "
                                                           "scripts/install_browser.sh: apt-get install chromium)")]
+
+
+def documented_urls() -> dict[str, str]:
+    """The runs-table URLs docs/tracking-ui.md shows ("plain", "headline"), as written.
+
+    The README gives the headline URL's query string inline; it must be the docs' one.
+    """
+    text = (ROOT / "docs" / "tracking-ui.md").read_text()
+    blocks = [m[2] for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.M | re.S)]  # fenced, in pairs
+    urls = [line.strip() for b in blocks for line in b.splitlines()
+            if line.strip().startswith(f"{DOC_SERVER}/#/experiments/{DOC_EXPERIMENT}/runs")]
+    plain = [u for u in urls if "viewStateShareKey" not in u]
+    headline = [u for u in urls if "viewStateShareKey=headline" in u]
+    assert len(plain) == 1 and len(headline) == 1, urls
+    readme = re.findall(r"`(\?[^`]*viewStateShareKey=headline[^`]*)`", (ROOT / "README.md").read_text())
+    assert readme == ["?" + headline[0].split("?", 1)[1]], (readme, headline)
+    return {"plain": plain[0], "headline": headline[0]}
+
+
+def on_server(url: str, server: str, exp: str) -> str:
+    assert url.startswith(DOC_SERVER + "/") and url.count(DOC_EXPERIMENT) == 1, url
+    return server + url[len(DOC_SERVER):].replace(DOC_EXPERIMENT, exp)
+
+
+def close_assistant(pg, timeout_ms: int = 15_000) -> bool:
+    """The click docs/tracking-ui.md documents: the MLflow Assistant panel, which MLflow 3.18
+    opens on a local server's first visit, shut with its Close (x) button. True if it was open."""
+    close = pg.get_by_role("button", name="Close", exact=True)
+    try:
+        close.wait_for(state="visible", timeout=timeout_ms)
+    except PlaywrightTimeout:
+        return False
+    close.click()
+    close.wait_for(state="hidden")
+    return True
+
+
+def uncovered(pg, cols) -> dict[str, bool]:
+    """For each column name: its header is on screen and the topmost element at its centre."""
+    return pg.evaluate("""cols => Object.fromEntries(cols.map(c => [c,
+        [...document.querySelectorAll('[role=columnheader]')].filter(h => h.innerText.trim() === c).some(h => {
+            const r = h.getBoundingClientRect();
+            const e = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+            return r.width > 0 && e !== null && h.contains(e); })]))""", list(cols))
+
+
+def assert_model_training_view(pg) -> None:
+    lines = set(pg.locator("body").inner_text().splitlines())
+    assert not lines & set(GENAI_NAV), sorted(lines & set(GENAI_NAV))  # GenAI's left bar
 
 
 def tardis(root: Path, *args: str) -> None:
@@ -123,8 +181,8 @@ def browser():
 
 @pytest.fixture
 def page(browser):
+    # a fresh profile each test: what a new user's browser holds (nothing)
     ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
-    ctx.add_init_script(QUIET)
     pg = ctx.new_page()
     pg.set_default_timeout(60_000)
     yield pg
@@ -138,41 +196,46 @@ def shots(tmp_path_factory):
     return d
 
 
-def runs_page(server: str, exp: str, **query: str) -> str:
-    """The runs table in the model-training view (MLflow 3 opens GenAI's traces by default)."""
-    q = urllib.parse.urlencode({"workflowType": "machine_learning", **query})
-    return f"{server}/#/experiments/{exp}/runs?{q}"
-
-
-def test_runs_table_names_and_headline_column(store, server, page, shots):
-    pg = page
-    pg.goto(runs_page(server, store["exp"]), wait_until="load")
+def test_documented_urls_open_the_model_training_view(store, server, page, shots):
+    urls = {k: on_server(u, server, store["exp"]) for k, u in documented_urls().items()}
     a, b = (r.info.run_name for r in store["default"])
     study = store["study"].info.run_name
-    # the model-training view, not GenAI's empty traces page: each run a link with its name
     assert a != b and "n_components=6" in b.split()[:3] and "n_components" not in a
-    for name in (a, b, study):
-        pg.get_by_role("link", name=name, exact=True).first.wait_for()
-    # a headline metric as a column, one value per run, no clicks: the experiment's saved
-    # view "headline metrics" (docs/tracking-ui.md's URL)
-    page2 = pg.context.new_page()
-    page2.goto(runs_page(server, store["exp"], viewStateShareKey="headline"), wait_until="load")
-    page2.get_by_role("link", name=study, exact=True).first.wait_for()
-    heads = page2.get_by_role("columnheader").all_inner_texts()
-    for col in ("best_k", "consensus.silhouette", "reconstruction_error", "factorize.n_components"):
+    # the README's URL first, in a browser that never saw this server
+    pg = page
+    pg.goto(urls["headline"], wait_until="load")
+    pg.get_by_role("link", name=study, exact=True).first.wait_for()
+    assert_model_training_view(pg)
+    # MLflow 3.18 opens its Assistant over the table on a first local visit; the documented
+    # click closes it (docs/tracking-ui.md); if this fails, MLflow changed: update that page
+    assert close_assistant(pg), "the Assistant panel did not open: docs/tracking-ui.md says it does"
+    # the headline metric columns, no clicks: on screen, nothing over them
+    assert uncovered(pg, HEADLINE_METRICS) == {c: True for c in HEADLINE_METRICS}
+    heads = pg.get_by_role("columnheader").all_inner_texts()
+    for col in (*HEADLINE_METRICS, "factorize.n_components", "consensus.max_clusters"):
         assert col in heads, heads
-    page2.screenshot(path=str(shots / "runs_table.png"))
+    time.sleep(1)
+    pg.screenshot(path=str(shots / "runs_table.png"))
     # the study row sits in the same columns as the runs (its best trial's values)
-    text = page2.locator("body").inner_text().split()
+    text = pg.locator("body").inner_text().split()
     for r in (*store["default"], store["study"]):
         assert f"{int(r.data.metrics['best_k'])}" in text, r.info.run_name
-    page2.close()
+
+    # the plain URL, next page of the same browser: model training, each run a link with its
+    # name, and the Assistant stays closed (the browser remembered the click)
+    pg = pg.context.new_page()
+    pg.goto(urls["plain"], wait_until="load")
+    for name in (a, b, study):
+        pg.get_by_role("link", name=name, exact=True).first.wait_for()
+    assert_model_training_view(pg)
+    assert not close_assistant(pg, timeout_ms=5_000)
 
     # the trials, named after what the sampler chose: the study run's page lists them
     pg = pg.context.new_page()
     pg.goto(f"{server}/#/experiments/{store['exp']}/runs/{store['study'].info.run_id}"
             "?workflowType=machine_learning", wait_until="load")
     pg.get_by_text("Child runs", exact=True).first.wait_for()
+    assert not close_assistant(pg, timeout_ms=5_000)  # closed on the first page already
     for t in store["trials"]:
         v = t.data.params
         name = t.info.run_name
@@ -187,6 +250,7 @@ def test_figure_in_the_artifacts(store, server, page, shots):
     run = store["default"][0]
     pg.goto(f"{server}/#/experiments/{store['exp']}/runs/{run.info.run_id}/artifacts?workflowType=machine_learning",
             wait_until="load")
+    close_assistant(pg)  # a fresh browser: the documented click
     pg.get_by_text("plots", exact=True).first.click()
     pg.get_by_text("k_selection.png", exact=True).first.click()
     pg.get_by_text("plots/k_selection.png", exact=True).first.wait_for()
@@ -208,6 +272,7 @@ def test_compare_two_runs_shows_the_one_override(store, server, page, shots):
     q = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([store["exp"]])})
     pg.goto(f"{server}/#/compare-runs?{q}", wait_until="load")
     pg.get_by_text("factorize.n_components", exact=True).first.wait_for()
+    close_assistant(pg)  # a fresh browser: the documented click
     for r in store["default"]:
         pg.get_by_text(r.info.run_name, exact=True).first.wait_for()
     # "Show diff only": the one param that differs, nothing from the run plumbing
