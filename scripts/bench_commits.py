@@ -43,7 +43,8 @@ def run_once(binary: Path, threads: int) -> dict:
             sys.exit(f"{binary} failed:\n{p.stderr[-3000:]}")
         (metrics,) = Path(d).glob("outputs/runs/*/metrics.yaml")
         m = yaml.safe_load(metrics.read_text())
-    return {"seconds": dt, "best_k": m["best_k"], "program_recovery": m["program_recovery"]}
+    m.pop("mlflow_run_id", None)
+    return {"seconds": dt, "best_k": m["best_k"], "program_recovery": m["program_recovery"], "metrics": m}
 
 
 def blas(binary: Path, threads: int) -> list:
@@ -74,6 +75,12 @@ def main(argv=None) -> None:
         print(f"| {n} | {med[n]:.1f} | {', '.join('%.1f' % x['seconds'] for x in v)} | "
               f"{sorted({x['best_k'] for x in v})} | {sorted({round(x['program_recovery'], 4) for x in v})} |")
     print(f"\nnew / base median wall time: {med['new'] / med['base']:.3f}")
+    # every metric of metrics.yaml (not only K and recovery), compared exactly
+    base_m, new_m = res["base"][0]["metrics"], res["new"][0]["metrics"]
+    same_runs = all(x["metrics"] == v[0]["metrics"] for v in res.values() for x in v)
+    diff = sorted(k for k in set(base_m) | set(new_m) if base_m.get(k) != new_m.get(k))
+    print(f"metrics.yaml: {len(base_m)} keys; identical between installs: {not diff}"
+          f"{'' if not diff else ' (differ: ' + ', '.join(diff) + ')'}; identical across rounds: {same_runs}")
 
 
 if __name__ == "__main__":
