@@ -72,3 +72,62 @@ def test_unwritable_job_log_and_hydra_folder_are_one_line(tmp_path):
     run.chmod(0o555)
     p = _as_unprivileged_root(tmp_path, "data.n_spots=400", f"hydra.run.dir={run}")
     _one_line_error(p, ".hydra", str(run / ".hydra"), "permission denied")
+
+
+# ----------------------------------------------------------------------------- 2: a program that labels no spot
+
+
+@pytest.fixture
+def empty_program():
+    """Real stage outputs where the last consensus program is no spot's argmax: its usages
+    scaled by 1e-6 (a weak program, as a sweep's larger K gives) before the score stage."""
+    import warnings
+
+    from tardis_exp.consensus import consensus
+    from tardis_exp.factorize import factorize
+    from tardis_exp.preprocess import preprocess
+    from tardis_exp.score import score
+    from tardis_exp.synthetic import make_synthetic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = preprocess(make_synthetic(n_spots=150, n_genes=200, n_programs=3, n_markers=20, seed=3), n_top_genes=120)
+        factorize(a, n_components=4, n_replicates=3, max_iter=60, progress=False)
+        consensus(a, min_clusters=3, max_clusters=3, n_resamples=6, progress=False)
+        a.obsm["X_nmf_consensus"][:, -1] *= 1e-6
+        score(a, n_cluster_genes=10)
+    return a
+
+
+def test_every_program_is_drawn_even_one_that_labels_no_spot(empty_program, tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from tardis_exp.plots import PLOTS, make_plots
+
+    a = empty_program
+    U = np.asarray(a.obsm["X_nmf_consensus"])
+    K = U.shape[1]
+    argmax = U.argmax(1)
+    assert K == 3 and (argmax == K - 1).sum() == 0 and len(np.unique(argmax)) == K - 1
+    with caplog.at_level(logging.INFO, logger="tardis_exp.plots"):
+        written = make_plots(a, tmp_path)
+    # before: "plot top_genes_dotplot.png skipped: KeyError: "['2'] not in index""
+    assert "skipped" not in caplog.text and "not drawn" not in caplog.text, caplog.text
+    assert {p.name for p in written} == set(PLOTS)
+
+    from tardis_exp.plots import dotplot_figure
+
+    dp = dotplot_figure(a)
+    rows = [f"{p} ({int((argmax == p).sum())} spots)" for p in range(K)]
+    assert list(dp.dot_size_df.index) == rows and rows[-1] == f"{K - 1} (0 spots)"
+    shown = [t.get_text() for t in dp.ax_dict["mainplot_ax"].get_yticklabels()]
+    assert sorted(shown) == sorted(rows)
+    assert list(dp.var_groups.labels) == [str(p) for p in range(K)]  # every program's genes, the empty one's too
+    # the dots against the data: the share of each group's spots expressing each gene, none for the empty row
+    X = a[:, list(dp.dot_size_df.columns)].X
+    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X)
+    for p in range(K - 1):
+        np.testing.assert_allclose(dp.dot_size_df.iloc[p].to_numpy(), (X[argmax == p] > 0).mean(0), rtol=0, atol=1e-12)
+    assert (dp.dot_size_df.iloc[K - 1] == 0).all()
