@@ -34,7 +34,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .outputs import Metric, Output, StageSpec
 from .params import ScoreParams as _P
 from .params import check
@@ -195,6 +195,25 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
         block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
         means[start:start + chunk_spots] = block @ W
     return means[:, :len(gene_sets)] - means[:, len(gene_sets):]
+
+
+def check_genes(n_genes: int, n_cluster_genes: int, where: str) -> None:
+    """Refuse a gene count that leaves the score no control genes, before the factorization.
+
+    Each program is scored against control genes drawn from the genes *outside* its
+    ``n_cluster_genes`` top genes (``sc.tl.score_genes``); with ``n_genes <= n_cluster_genes``
+    the top genes are every gene and no control is left, whatever the data. ``where`` says
+    what bounds ``n_genes``, as the start of the message (``preprocess.n_top_genes=5 keeps at
+    most 5 genes``, ``the preprocessed data has 5 genes``).
+    """
+    if n_genes > n_cluster_genes:
+        return
+    raise ConfigError(
+        f"{where}, and score.n_cluster_genes={n_cluster_genes} takes "
+        f"{'that many' if n_genes == n_cluster_genes else 'more'} top genes per program: no gene is left to draw "
+        f"the score's control genes from (score.ctrl_size); set preprocess.n_top_genes well above "
+        f"{n_cluster_genes} (e.g. {max(4 * n_cluster_genes, 200)}; the default is 2000) or score.n_cluster_genes "
+        f"to at most {max(1, n_genes // 2)}")
 
 
 def score(

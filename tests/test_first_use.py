@@ -131,3 +131,71 @@ def test_every_program_is_drawn_even_one_that_labels_no_spot(empty_program, tmp_
     for p in range(K - 1):
         np.testing.assert_allclose(dp.dot_size_df.iloc[p].to_numpy(), (X[argmax == p] > 0).mean(0), rtol=0, atol=1e-12)
     assert (dp.dot_size_df.iloc[K - 1] == 0).all()
+
+
+# ----------------------------------------------------------------------------- 3: late failures
+
+
+def _cli(root: Path, *args: str, timeout: int = 300):
+    cmd = [sys.executable, "-m", "tardis_exp", f"paths.root_dir={root}", *args]
+    return subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_too_few_genes_for_the_score_is_refused_before_the_factorization(tmp_path):
+    # the command: it used to fit and cluster, then stop in the score stage with
+    # "score: no control genes for program 0 (score.ctrl_size=50)" and keep nothing
+    p = _cli(tmp_path, "data.n_spots=400", "factorize.n_replicates=2", "preprocess.n_top_genes=5",
+             "factorize.n_components=4")
+    _one_line_error(p, "preprocess.n_top_genes=5", "score.n_cluster_genes=50", "preprocess.n_top_genes well above 50",
+                    "score.n_cluster_genes to at most 2")
+    assert "factorize" not in p.stdout + p.stderr  # refused at validation: no stage ran
+    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+    # the value it proposes works
+    p = _cli(tmp_path, "data.n_spots=400", "factorize.n_replicates=2", "preprocess.n_top_genes=5",
+             "factorize.n_components=4", "score.n_cluster_genes=2", "tracking.log_plots=false")
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_data_with_too_few_genes_is_refused_after_preprocessing(compose, tmp_path):
+    from tardis_exp.errors import ConfigError
+    from tardis_exp.pipeline import run
+
+    # 40 genes and no HVG selection: only the preprocessed shape shows the score cannot run
+    cfg = compose("data.n_spots=200", "data.n_genes=40", "data.n_programs=3", "data.n_markers=10",
+                  "preprocess.n_top_genes=null", "factorize.n_components=4", "factorize.n_replicates=2",
+                  "tracking.enabled=false")
+    with pytest.raises(ConfigError) as e:
+        run(cfg, tmp_path / "run")
+    msg = str(e.value)
+    assert "the preprocessed data has 40 genes" in msg and "score.n_cluster_genes=50" in msg, msg
+    assert "preprocess.n_top_genes" in msg
+    assert not (tmp_path / "run" / "partial_result.h5ad").exists()  # nothing was fit: nothing to keep
+
+
+def test_a_late_failure_keeps_the_finished_stages(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    common = ["data.n_spots=400", "factorize.n_replicates=3", "factorize.n_components=4", "consensus.max_clusters=4",
+              "tracking.enabled=false"]
+    # a real failure in the consensus stage, after the factorization: the outlier filter keeps no component
+    p = _cli(tmp_path, *common, "consensus.outlier_threshold=0.0001")
+    line = _one_line_error(p, "consensus.outlier_threshold=0.0001", "the finished stages (preprocess, factorize) "
+                                                                     "are kept in ")
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    partial = run_dir / "partial_result.h5ad"
+    assert line.endswith(str(partial))  # before: nothing kept, nothing said
+    a = ad.read_h5ad(partial)
+    assert a.uns["tardis_exp_partial"]["failed"] == "consensus"
+    assert list(a.uns["tardis_exp_partial"]["finished"]) == ["preprocess", "factorize"]
+    assert "nmf_consensus" not in a.uns and "X_nmf_consensus" not in a.obsm
+    # what was kept is what the factorization computes: the same run with a consensus that
+    # succeeds (same seeds) gives the same fit in its result.h5ad
+    p = _cli(tmp_path, *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (full_dir,) = [d for d in (tmp_path / "outputs" / "runs").iterdir() if d != run_dir]
+    full = ad.read_h5ad(full_dir / "result.h5ad")
+    assert list(a.obs_names) == list(full.obs_names) and list(a.var_names) == list(full.var_names)
+    np.testing.assert_array_equal(a.obsm["X_nmf"], full.obsm["X_nmf"])
+    np.testing.assert_array_equal(np.asarray(a.uns["nmf"]["errors"]), np.asarray(full.uns["nmf"]["errors"]))
+    assert (a.X != full.X).nnz == 0 if hasattr(a.X, "nnz") else np.array_equal(a.X, full.X)
