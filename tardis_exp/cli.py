@@ -138,12 +138,17 @@ def app(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
-        return run(container, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+        metrics = run(container, hc.runtime.output_dir, overrides=list(hc.overrides.task))
     except (TardisError, OmegaConfBaseException) as e:
         _discard_if_empty(hc.runtime.output_dir)
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
         _fail(e)  # a user mistake: one line that says what is wrong, no traceback
+    if hc.mode == RunMode.MULTIRUN:
+        log.info("run folder %s", hc.runtime.output_dir)  # a sweep prints its own folder at the end
+    else:  # last, after the MLflow line: where the result files are
+        print(f"tardis-exp: run folder {hc.runtime.output_dir}", flush=True)
+    return metrics
 
 
 def main() -> None:

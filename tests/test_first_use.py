@@ -199,3 +199,42 @@ def test_a_late_failure_keeps_the_finished_stages(tmp_path):
     np.testing.assert_array_equal(a.obsm["X_nmf"], full.obsm["X_nmf"])
     np.testing.assert_array_equal(np.asarray(a.uns["nmf"]["errors"]), np.asarray(full.uns["nmf"]["errors"]))
     assert (a.X != full.X).nnz == 0 if hasattr(a.X, "nnz") else np.array_equal(a.X, full.X)
+
+
+# ----------------------------------------------------------------------------- 4: where the results are
+
+
+def test_a_run_prints_its_folder_last(tmp_path):
+    p = _cli(tmp_path, "data.n_spots=400", "factorize.n_replicates=2", "tracking.log_plots=false")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert (run_dir / "result.h5ad").is_file()
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1] == f"tardis-exp: run folder {run_dir}", lines[-3:]
+    assert "MLflow run" in lines[-2]  # beside the MLflow line
+
+
+def _toy_sweep(tmp: Path, *args: str, timeout: float = 180, popen: bool = False):
+    """The sweeper's toy app (tests/sweeper_app) as a subprocess: a sweep in seconds."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, str(root / "tests" / "sweeper_app" / "app.py"), "-m", "hydra/sweeper=tardis_optuna",
+           "hydra.sweeper.study_name=toy", f"paths.root_dir={tmp}",
+           "hydra.sweeper.objectives=[{metric:loss,direction:minimize}]", "x=interval(-1,1)", *args]
+    if popen:
+        import signal
+
+        # SIGINT at its default, as at a terminal (a suite started in the background inherits it ignored)
+        return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_sweep_prints_its_folder_last(tmp_path):
+    p = _toy_sweep(tmp_path, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"tardis-exp: sweep folder {tmp_path / 'sweep'} "), last

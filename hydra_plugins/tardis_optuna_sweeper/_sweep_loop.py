@@ -247,6 +247,9 @@ class TardisOptunaSweeperImpl:
             log.info("%d trial(s) still running in other workers: %s", len(running),
                      [t.number for t in running])
         results = self._finish(study, tracker, launched, "FAILED" if too_many_failures else "FINISHED")
+        # last, after the study's summary: where its trial folders and results are
+        print(f"tardis-exp: sweep folder {os.path.abspath(self.sweep_dir)} (optimization_results.yaml, one "
+              "folder per trial)", flush=True)
         if too_many_failures:  # after the results are written: a stopped sweep keeps what it found
             raise SweeperFailureRateError(
                 f"{KEY}.max_failure_rate={self.max_failure_rate}: {self.n_failed} of the {self.n_told} "
