@@ -238,3 +238,31 @@ def test_a_sweep_prints_its_folder_last(tmp_path):
     assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith(f"tardis-exp: sweep folder {tmp_path / 'sweep'} "), last
+
+
+# ----------------------------------------------------------------------------- 6: the search-space refusal
+
+
+def test_a_rank_too_low_for_two_k_advises_min_width():
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # plain checkout: hydra_plugins importable
+        sys.path.insert(0, root)
+    from hydra_plugins.tardis_optuna_sweeper._common import SweeperConfigError
+    from hydra_plugins.tardis_optuna_sweeper._search_space import build_search_space
+
+    # sweep=k_range's pair, with the factorize.n_components=int(interval(2,8))
+    pair = {"low_key": "consensus.min_clusters", "high_key": "consensus.max_clusters", "low": 2, "high": 12,
+            "min_width": 1, "bound_key": "factorize.n_components", "bound_when": {"consensus.method": "components"}}
+    base = {"consensus.method": "components"}.get
+    space = build_search_space({"factorize.n_components": "int(interval(2, 8))"}, [pair], [])
+    with pytest.raises(SweeperConfigError) as e:
+        space.check_pairs(base)
+    msg = str(e.value)
+    # before: only "raise the lower end of factorize.n_components or lower ...ordered_pairs[0].low",
+    # and a low below 2 is no K at all
+    assert "hydra.sweeper.ordered_pairs[0].min_width=0" in msg, msg
+    assert "hydra.sweeper.ordered_pairs.0.min_width=0" in msg, msg  # the override as typed
+    assert msg.index("min_width=0") < msg.index("raise the lower end of factorize.n_components to 3"), msg
+    # each advised fix is accepted
+    build_search_space({"factorize.n_components": "int(interval(2, 8))"}, [{**pair, "min_width": 0}], []).check_pairs(base)
+    build_search_space({"factorize.n_components": "int(interval(3, 8))"}, [pair], []).check_pairs(base)
