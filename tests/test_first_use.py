@@ -266,3 +266,62 @@ def test_a_rank_too_low_for_two_k_advises_min_width():
     # each advised fix is accepted
     build_search_space({"factorize.n_components": "int(interval(2, 8))"}, [{**pair, "min_width": 0}], []).check_pairs(base)
     build_search_space({"factorize.n_components": "int(interval(3, 8))"}, [pair], []).check_pairs(base)
+
+
+# ----------------------------------------------------------------------------- 5: an interrupted, resumed sweep
+
+
+def test_an_interrupted_sweep_resumed_ends_with_one_summary_of_the_whole_study(tmp_path):
+    import signal
+    import time
+
+    import optuna
+    import yaml
+    from optuna.storages.journal import JournalFileBackend
+
+    cmd = [sys.executable, "-m", "tardis_exp", "-m", "sweep=k_range", "hydra.sweeper.n_trials=3", "data.n_spots=400",
+           "factorize.n_replicates=4", f"paths.root_dir={tmp_path}"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    multiruns = tmp_path / "outputs" / "multiruns"
+    try:
+        deadline = time.time() + 300
+        while not list(multiruns.glob("*/1")):  # trial 0 done, trial 1 running: Ctrl-C
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.time() < deadline, "trial 1 never started"
+            time.sleep(0.2)
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-3000:]
+    (first,) = multiruns.iterdir()
+    # before: no optimization_results.yaml in the interrupted sweep's folder
+    assert f"sweep interrupted; the study so far is in {first / 'optimization_results.yaml'}" in err
+    early = yaml.safe_load((first / "optimization_results.yaml").read_text())
+    journal = JournalFileBackend(str(tmp_path / "mlruns" / "optuna" / "journal.log"))
+    study = optuna.load_study(study_name="k_range", storage=optuna.storages.JournalStorage(journal))
+    assert early["interrupted"] is True and early["n_trials"] == len(study.trials) >= 2
+    assert [t["number"] for t in early["trials"]] == [t.number for t in study.trials]
+
+    time.sleep(1.1)  # the same command, a second later: Hydra's timestamped folder differs
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (second,) = [d for d in multiruns.iterdir() if d != first]
+    assert r.stdout.strip().splitlines()[-1].startswith(f"tardis-exp: sweep folder {second} ")
+    final = yaml.safe_load((second / "optimization_results.yaml").read_text())
+    study = optuna.load_study(study_name="k_range", storage=optuna.storages.JournalStorage(journal))
+    assert "interrupted" not in final
+    # the whole study, as its storage has it: every trial, its state, the folder it ran in
+    assert final["n_trials"] == len(study.trials) == 3
+    assert [(t["number"], t["state"]) for t in final["trials"]] == [(t.number, t.state.name) for t in study.trials]
+    assert final["sweep_folders"] == sorted([str(first), str(second)])
+    for t in final["trials"]:
+        assert Path(t["folder"]).parent in (first, second) and Path(t["folder"]).name == str(t["number"])
+        if t["state"] == "COMPLETE":
+            assert (Path(t["folder"]) / "metrics.yaml").is_file()
+    assert any(Path(t["folder"]).parent == first for t in final["trials"])
+    assert any(Path(t["folder"]).parent == second for t in final["trials"])
+    assert final["best_trial"] == study.best_trial.number

@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import optuna
@@ -238,6 +239,12 @@ class TardisOptunaSweeperImpl:
                 if self.n_told and self.n_failed / self.n_told > self.max_failure_rate:
                     too_many_failures = True
                     break
+        except KeyboardInterrupt:
+            # Ctrl-C / SIGTERM: the study so far (this folder's trials and any earlier ones),
+            # so that no sweep folder is left without a summary; a rerun resumes the study
+            if study is not None:
+                self._write_interrupted(study, tracker, launched)
+            raise
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
@@ -257,6 +264,24 @@ class TardisOptunaSweeperImpl:
                 f"{os.path.join(self.sweep_dir, 'optimization_results.yaml')}"
             )
         return results
+
+    def _write_interrupted(self, study: optuna.Study, tracker: Optional[MlflowTracker], launched: int) -> None:
+        """``optimization_results.yaml`` of an interrupted sweep (``interrupted: true``); never
+        masks the interruption."""
+        try:
+            head = {"name": "tardis_optuna", "study_name": self.study_name,
+                    "storage": self.storage_spec.describe(), "sampler": self.sampler_name}
+            counts: Dict[str, Any] = {
+                "n_launched_by_this_worker": launched, "interrupted": True,
+                "note": "interrupted; running the same command again resumes the study in a new folder, whose "
+                        "optimization_results.yaml then covers every trial (this folder's too)"}
+            if tracker is not None:
+                counts["mlflow_parent_run_id"] = tracker.parent_run_id
+            out = write_results(study_results(study, self.objectives, head, counts), self.sweep_dir)
+            print(f"tardis-exp: sweep interrupted; the study so far is in {out}; run the same command again "
+                  "to resume it", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 -- the interruption is what the user must see
+            log.warning("could not write the interrupted sweep's results: %s", e)
 
     def _open_study(self, directions: List[str]) -> Tuple[optuna.Study, Heartbeat, Optional[MlflowTracker]]:
         """Create or load the study, start the heartbeat, open the MLflow study run. Under the lock."""
@@ -351,6 +376,13 @@ class TardisOptunaSweeperImpl:
             for trial, _ in batch:
                 heartbeat.remove(trial.number)
                 if trial.number not in told:
+                    # Hydra's job folder (hydra.sweep.subdir is the job number, which follows the trial's)
+                    job_dir = os.path.join(str(self.sweep_dir), str(trial.number))
+                    try:
+                        if os.path.isdir(job_dir):
+                            trial.set_user_attr(OUTPUT_DIR_ATTR, os.path.abspath(job_dir))
+                    except Exception:  # noqa: BLE001 -- a pointer only; the tell below matters
+                        pass
                     try:
                         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                         log.warning("Trial %d marked FAIL: sweep interrupted", trial.number)
