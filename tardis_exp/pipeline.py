@@ -77,7 +77,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_memory_early(cfg)
     top = cfg["preprocess"].get("n_top_genes")
     if top is not None:  # preprocessing keeps at most n_top_genes: the score's need is known now
-        check_genes(int(top), int(cfg["score"].get("n_cluster_genes", ScoreParams.n_cluster_genes)), f"preprocess.n_top_genes={top} keeps at most {top} genes")
+        check_genes(int(top), int(cfg["score"].get("n_cluster_genes", ScoreParams.n_cluster_genes)),
+                    f"preprocess.n_top_genes={top} keeps at most {top} genes")
 
 
 def check_memory_early(cfg: Mapping[str, Any]) -> None:

@@ -301,7 +301,7 @@ def test_an_interrupted_sweep_resumed_ends_with_one_summary_of_the_whole_study(t
     assert p.returncode == 130, err[-3000:]
     (first,) = multiruns.iterdir()
     # before: no optimization_results.yaml in the interrupted sweep's folder
-    assert f"sweep interrupted; the study so far is in {first / 'optimization_results.yaml'}" in err
+    assert f"sweep interrupted; the study so far is in {first / 'optimization_results.yaml'}" in err, err[-3000:]
     early = yaml.safe_load((first / "optimization_results.yaml").read_text())
     journal = JournalFileBackend(str(tmp_path / "mlruns" / "optuna" / "journal.log"))
     study = optuna.load_study(study_name="k_range", storage=optuna.storages.JournalStorage(journal))
