@@ -264,7 +264,8 @@ def test_a_rank_too_low_for_two_k_advises_min_width():
     assert "hydra.sweeper.ordered_pairs.0.min_width=0" in msg, msg  # the override as typed
     assert msg.index("min_width=0") < msg.index("raise the lower end of factorize.n_components to 3"), msg
     # each advised fix is accepted
-    build_search_space({"factorize.n_components": "int(interval(2, 8))"}, [{**pair, "min_width": 0}], []).check_pairs(base)
+    narrow = {**pair, "min_width": 0}
+    build_search_space({"factorize.n_components": "int(interval(2, 8))"}, [narrow], []).check_pairs(base)
     build_search_space({"factorize.n_components": "int(interval(3, 8))"}, [pair], []).check_pairs(base)
 
 
@@ -305,8 +306,12 @@ def test_an_interrupted_sweep_resumed_ends_with_one_summary_of_the_whole_study(t
     early = yaml.safe_load((first / "optimization_results.yaml").read_text())
     journal = JournalFileBackend(str(tmp_path / "mlruns" / "optuna" / "journal.log"))
     study = optuna.load_study(study_name="k_range", storage=optuna.storages.JournalStorage(journal))
-    assert early["interrupted"] is True and early["n_trials"] == len(study.trials) == 1
-    assert early["trials"] == [{"number": 0, "state": "FAIL", "folder": str(first / "0")}]
+    assert early["interrupted"] is True and early["n_trials"] == len(study.trials) >= 1
+    # trial 0 FAIL; or, when the signal landed in a garbage-collection callback (which
+    # Python cannot interrupt), trial 0 finished and the sweep stopped before trial 1
+    assert early["trials"] == [{"number": t.number, "state": t.state.name, "folder": str(first / str(t.number))}
+                               for t in study.trials]
+    assert len(study.trials) == 1 and study.trials[0].state.name in ("FAIL", "COMPLETE")
 
     time.sleep(1.1)  # the same command, a second later: Hydra's timestamped folder differs
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
@@ -324,6 +329,36 @@ def test_an_interrupted_sweep_resumed_ends_with_one_summary_of_the_whole_study(t
         assert Path(t["folder"]).parent in (first, second) and Path(t["folder"]).name == str(t["number"])
         if t["state"] == "COMPLETE":
             assert (Path(t["folder"]) / "metrics.yaml").is_file()
-    assert any(Path(t["folder"]).parent == first for t in final["trials"])
-    assert any(Path(t["folder"]).parent == second for t in final["trials"])
+    assert [Path(t["folder"]).parent for t in final["trials"]] == [first, second, second]
     assert final["best_trial"] == study.best_trial.number
+
+
+def test_a_ctrl_c_python_swallowed_in_a_gc_callback_still_stops_the_sweep():
+    """The interrupted-sweep test's rare failure: SIGINT landing in a weakref callback
+    (SQLAlchemy's InstanceState._cleanup) is "Exception ignored" by Python and the sweep went
+    on. A real SIGINT inside a real weakref callback, in a fresh interpreter."""
+    root = str(Path(__file__).resolve().parents[1])
+    script = f"""
+import os, signal, sys, weakref
+sys.path.insert(0, {root!r})
+from hydra_plugins.tardis_optuna_sweeper._sweep_loop import _CatchInterrupt
+
+class Obj: pass
+caught = _CatchInterrupt()
+o = Obj()
+r = weakref.ref(o, lambda ref: os.kill(os.getpid(), signal.SIGINT))
+del o  # the callback runs, the handler raises, Python ignores the KeyboardInterrupt
+print("went on", flush=True)
+try:
+    caught.reraise()
+except KeyboardInterrupt:
+    print("reraised", flush=True)
+caught.restore()
+print("restored", signal.getsignal(signal.SIGINT) is signal.default_int_handler, flush=True)
+"""
+    import signal
+
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "KeyboardInterrupt" in p.stderr and "Exception ignored" in p.stderr, p.stderr  # Python's own behaviour
+    assert p.stdout.split() == ["went", "on", "reraised", "restored", "True"], (p.stdout, p.stderr)

@@ -79,6 +79,42 @@ def job_outcome(ret: JobReturn) -> Tuple[Any, Optional[BaseException]]:
     return value, None
 
 
+class _CatchInterrupt:
+    """SIGINT raises KeyboardInterrupt as Python's own handler does, and is remembered.
+
+    Python drops an exception raised while it runs a weakref callback or ``__del__``
+    ("Exception ignored in: ... KeyboardInterrupt"): a Ctrl-C that lands in SQLAlchemy's or
+    MLflow's garbage-collection callbacks during a trial was lost and the sweep went on.
+    :meth:`reraise`, called between trials, raises it again. Nothing is changed where
+    SIGINT is not Python's default (ignored, or another handler), nor off the main thread.
+    """
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.seen = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def reraise(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._old is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
 class TardisOptunaSweeperImpl:
     def __init__(
         self,
@@ -220,8 +256,10 @@ class TardisOptunaSweeperImpl:
         heartbeat: Optional[Heartbeat] = None
         launched = 0
         too_many_failures = False
+        caught = _CatchInterrupt()
         try:
             while True:
+                caught.reraise()  # a Ctrl-C that a library swallowed during the last trial
                 with lock:
                     if study is None:
                         study, heartbeat, tracker = self._open_study(directions)
@@ -246,6 +284,7 @@ class TardisOptunaSweeperImpl:
                 self._write_interrupted(study, tracker, launched)
             raise
         finally:
+            caught.restore()
             if heartbeat is not None:
                 heartbeat.stop()
         assert study is not None
