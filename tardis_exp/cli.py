@@ -78,6 +78,38 @@ def _discard_if_empty(run_dir: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _hydra_file_error(e: BaseException) -> str | None:
+    """One line for an :class:`OSError` Hydra met writing its own files before the task
+    started (the run folder, ``.hydra/``, the job log); None for anything else.
+
+    Hydra creates them in ``run_job`` before calling :func:`app`, so our own checks
+    (:func:`~tardis_exp.errors.disk_error`) never see them. The job log's error arrives
+    as logging's ValueError caused by the OSError.
+    """
+    import errno
+    import traceback
+
+    os_error = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
+    if os_error is None or os_error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                                  errno.EDQUOT):
+        return None
+    frames = traceback.extract_tb(e.__traceback__) + traceback.extract_tb(os_error.__traceback__)
+    hydra_utils = os.path.join("hydra", "core", "utils.py")
+    if not any(f.name == "run_job" and f.filename.endswith(hydra_utils) for f in frames):
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    if any(os.path.abspath(f.filename).startswith(here + os.sep) and f.name == "app" for f in frames):
+        return None  # raised by the task itself: not Hydra's own files
+    names = {f.name for f in frames if f.filename.endswith(hydra_utils)}
+    what = ("the job log" if "configure_log" in names else
+            "Hydra's config copy (.hydra/)" if "_save_config" in names else "the run folder")
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system"}.get(os_error.errno, "permission denied")
+    verb = "create" if what == "the run folder" else "write"
+    return (f"cannot {verb} {what} at {os_error.filename}: {reason}; run tardis-exp from a writable "
+            "folder, or set TARDIS_EXP_ROOT or paths.output_dir (or hydra.run.dir) to a writable folder")
+
+
 def _crash(e: BaseException) -> None:
     """An unexpected exception: its traceback, credentials redacted (Python's own
     report would print the raw message), exit status 1."""
@@ -106,12 +138,17 @@ def app(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
-        return run(container, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+        metrics = run(container, hc.runtime.output_dir, overrides=list(hc.overrides.task))
     except (TardisError, OmegaConfBaseException) as e:
         _discard_if_empty(hc.runtime.output_dir)
         if hc.mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
         _fail(e)  # a user mistake: one line that says what is wrong, no traceback
+    if hc.mode == RunMode.MULTIRUN:
+        log.info("run folder %s", hc.runtime.output_dir)  # a sweep prints its own folder at the end
+    else:  # last, after the MLflow line: where the result files are
+        print(f"tardis-exp: run folder {hc.runtime.output_dir}", flush=True)
+    return metrics
 
 
 def main() -> None:
@@ -134,6 +171,12 @@ def main() -> None:
     except KeyboardInterrupt as e:
         _interrupted(e)
     except Exception as e:  # noqa: BLE001 -- a crash: the traceback, credentials hidden
+        line = _hydra_file_error(e)
+        if line is not None:  # an unwritable folder is the user's to fix: one line
+            from .tracking import redact
+
+            print(f"tardis-exp: error: {redact(line)}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         _crash(e)
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -40,6 +40,29 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("cache.enabled=true keeps stage results as in-memory h5ad files, which "
                           "data.backend=dask exists to avoid; set cache.enabled=false")
     check_memory_early(cfg)
+    top = cfg["preprocess"].get("n_top_genes")
+    if top is not None:  # preprocessing keeps at most n_top_genes: the score's need is known now
+        n_cluster = check_params("score", cfg["score"])["n_cluster_genes"]
+        check_genes(int(top), int(n_cluster), f"preprocess.n_top_genes={top} keeps at most {top} genes")
+
+
+def check_genes(n_genes: int, n_cluster_genes: int, where: str) -> None:
+    """Refuse a gene count that leaves the score no control genes, before the factorization.
+
+    Each program is scored against control genes drawn from the genes *outside* its
+    ``n_cluster_genes`` top genes (``sc.tl.score_genes``); with ``n_genes <= n_cluster_genes``
+    the top genes are every gene and no control is left, whatever the data. ``where`` says
+    what bounds ``n_genes``, as the start of the message (``preprocess.n_top_genes=5 keeps at
+    most 5 genes``, ``the preprocessed data has 5 genes``).
+    """
+    if n_genes > n_cluster_genes:
+        return
+    raise ConfigError(
+        f"{where}, and score.n_cluster_genes={n_cluster_genes} takes "
+        f"{'that many' if n_genes == n_cluster_genes else 'more'} top genes per program: no gene is left to draw "
+        f"the score's control genes from (score.ctrl_size); set preprocess.n_top_genes well above "
+        f"{n_cluster_genes} (e.g. {max(4 * n_cluster_genes, 200)}; the default is 2000) or score.n_cluster_genes "
+        f"to at most {max(1, n_genes // 2)}")
 
 
 def check_memory_early(cfg: Mapping[str, Any]) -> None:
@@ -66,6 +89,16 @@ def check_memory_early(cfg: Mapping[str, Any]) -> None:
     src = f"data.path={redact(str(path))}" if path not in (None, "", "???") else f"data={cfg['data'].get('source')}"
     check_memory(limit, n_spots=n, n_genes=genes, n_columns=k * r, solver=f["solver"],
                  chunked=chunked, nnz=nnz, where=f"{src}, before loading")
+
+
+def complete(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with every stage, tracking and cache group completed with its declared defaults
+    (``params.check``): later code reads ``cfg[group][key]`` and restates no default."""
+    out = dict(cfg)
+    for group in (*ORDER, "tracking"):
+        out[group] = {**cfg[group], **check_params(group, cfg[group])}
+    out["cache"] = {**(cfg.get("cache") or {}), **check_params("cache", cfg.get("cache"), known_only=True)}
+    return out
 
 
 SAVE_RESULT = {True: "full", False: "none", "full": "full", "results": "results", "none": "none"}

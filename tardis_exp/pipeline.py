@@ -28,12 +28,13 @@ from . import __version__
 from .cache import StageCache, write_h5ad
 from .consensus import check_resources as check_consensus_resources
 from .consensus import consensus
-from .config import result_mode, validate  # noqa: F401 -- validate: re-exported
+from .config import complete, result_mode, validate  # noqa: F401 -- validate: re-exported
 from .data import load_data
 from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
 from .preprocess import preprocess
+from .config import check_genes
 from .score import score, top_genes_table
 from .stages import SPECS
 from .tracking import Tracker, redact, redact_tree, run_description, science_params
@@ -52,6 +53,9 @@ def check_shape(cfg: Mapping[str, Any], shape: tuple[int, int]) -> None:
     """The checks that need the preprocessed data's shape (spots, genes), before the factorization."""
     check_factorize(**stage_kwargs(cfg["factorize"]), shape=shape)
     check_consensus_resources(shape, **stage_kwargs(cfg["consensus"]))
+    check_genes(int(shape[1]), int(cfg["score"]["n_cluster_genes"]),
+                f"the preprocessed data has {shape[1]} genes (preprocess.n_top_genes and the "
+                "gene filters)")
 
 
 # gzip level 1 (h5py: an integer compression is gzip at that level) for the run folder's files:
@@ -134,8 +138,9 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
     ``cfg`` is the resolved config as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
     """
     validate(cfg)
+    cfg = complete(cfg)  # every group with its declared defaults: no default is restated below
     # factorize.dask.scheduler: every stage's passes over a chunked X (data.backend=dask) run there
-    scheduler = (cfg["factorize"].get("dask") or {}).get("scheduler")
+    scheduler = (cfg["factorize"]["dask"] or {}).get("scheduler")
     with _sigterm_as_interrupt(), _dask_scheduler(scheduler):
         return _run(cfg, Path(run_dir), overrides)
 
@@ -177,33 +182,15 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
         tracker.log_input(data.shape, name=str(cfg["data"].get("name")), digest=data.digest,
                           source=str(cfg["data"].get("path") or cfg["data"]["source"]))
 
-        with tracker.stage("preprocess", cfg["preprocess"]) as st:
-            adata = cache.preprocess(data, cfg, stage_run=st,
-                                     compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
-            _report(st, "preprocess", adata)
-        del data  # the raw counts: free them before the factorization needs the memory
-
-        # the store opened on its own thread while the data loaded; a store that cannot be
-        # used must fail the run here, before the factorization, not after it
-        tracker.wait_ready()
-        with tracker.stage("factorize", cfg["factorize"]) as st:
-            check_shape(cfg, adata.shape)  # ranks, K ranges and memory against the data, before any fit
-            cache.factorize(adata, cfg, stage_run=st,
-                            compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))
-            # one key, one meaning (tracking.METRIC_KEYS): series under *_by_replicate,
-            # reconstruction_error is the best replicate's here as on the parent
-            _report(st, "factorize", adata)
-
-        with tracker.stage("consensus", cfg["consensus"]) as st:
-            cache.consensus(adata, cfg, stage_run=st,
-                            compute=lambda a: consensus(a, progress=progress, **stage_kwargs(cfg["consensus"])))
-            # per-K curves under *_by_k (step = K); the headline keys hold the chosen K's values
-            _report(st, "consensus", adata)
-
-        with tracker.stage("score", cfg["score"]) as st:
-            score(adata, **stage_kwargs(cfg["score"]))
-            _report(st, "score", adata)
-
+        # the stages that finished, and their AnnData: kept in the run folder when a later one fails
+        done: dict[str, Any] = {"finished": [], "adata": None}
+        inputs = [data]
+        del data  # _stages frees the raw counts after preprocessing
+        try:
+            adata = _stages(cfg, tracker, cache, inputs, progress, done)
+        except Exception as e:  # noqa: BLE001 -- re-raised, after keeping what was finished
+            _keep_partial(e, done, run_dir, cfg)
+            raise
         metrics = headline_metrics(adata)
         if cache.enabled:
             metrics.update(cache_hits=float(cache.hits), cache_misses=float(cache.misses))
@@ -216,6 +203,91 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
     _atomic_write_text(yaml.safe_dump(metrics, sort_keys=False),
                        run_dir / "metrics.yaml")
     return metrics
+
+
+def _stages(cfg, tracker, cache, inputs: list, progress, done: dict):
+    """preprocess -> factorize -> consensus -> score, each in its MLflow stage run; ``done``
+    receives the AnnData after preprocessing and the name of every stage that finished.
+    ``inputs`` holds the loaded data, taken out so that no frame keeps the raw counts
+    once preprocessing is done."""
+    data = inputs.pop()
+    with tracker.stage("preprocess", cfg["preprocess"]) as st:
+        adata = cache.preprocess(data, cfg, stage_run=st,
+                                 compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
+        _report(st, "preprocess", adata)
+    del data  # the raw counts: free them before the factorization needs the memory
+    done.update(adata=adata, finished=["preprocess"])
+
+    # the store opened on its own thread while the data loaded; a store that cannot be
+    # used must fail the run here, before the factorization, not after it
+    tracker.wait_ready()
+    with tracker.stage("factorize", cfg["factorize"]) as st:
+        check_shape(cfg, adata.shape)  # ranks, K ranges and memory against the data, before any fit
+        cache.factorize(adata, cfg, stage_run=st,
+                        compute=lambda a: factorize(a, progress=progress, **stage_kwargs(cfg["factorize"])))
+        # one key, one meaning (tracking.METRIC_KEYS): series under *_by_replicate,
+        # reconstruction_error is the best replicate's here as on the parent
+        _report(st, "factorize", adata)
+    done["finished"].append("factorize")
+
+    with tracker.stage("consensus", cfg["consensus"]) as st:
+        cache.consensus(adata, cfg, stage_run=st,
+                        compute=lambda a: consensus(a, progress=progress, **stage_kwargs(cfg["consensus"])))
+        # per-K curves under *_by_k (step = K); the headline keys hold the chosen K's values
+        _report(st, "consensus", adata)
+    done["finished"].append("consensus")
+
+    with tracker.stage("score", cfg["score"]) as st:
+        score(adata, **stage_kwargs(cfg["score"]))
+        _report(st, "score", adata)
+    done["finished"].append("score")
+    return adata
+
+
+PARTIAL = "partial_result.h5ad"
+
+
+def _keep_partial(e: Exception, done: Mapping[str, Any], run_dir: Path, cfg) -> None:
+    """After a stage failed: write what the finished stages computed to ``partial_result.h5ad``
+    in the run folder and say so in the error's message (the error is re-raised by the caller).
+
+    Only once the factorization finished (the expensive part); preprocessing alone is quick
+    to redo (and the stage cache keeps it when enabled). The failed stage's own keys, if it
+    wrote some before failing, are left out; ``uns['tardis_exp_partial']`` names the
+    finished stages and the failure. ``save_result`` chooses the form (``results``: without
+    X and layers; ``none``: nothing kept). A keep that fails itself is logged, never masks
+    the stage's error.
+    """
+    adata, finished = done.get("adata"), list(done.get("finished") or [])
+    mode = result_mode(cfg)
+    if adata is None or "factorize" not in finished or mode == "none":
+        return
+    order = ["preprocess", "factorize", "consensus", "score"]
+    failed = order[len(finished)] if len(finished) < len(order) else None
+    path = run_dir / PARTIAL
+    try:
+        saved = ad.AnnData(X=None if mode == "results" else adata.X, obs=adata.obs.copy(), var=adata.var.copy(),
+                           obsm=dict(adata.obsm), varm=dict(adata.varm), obsp=dict(adata.obsp),
+                           layers={} if mode == "results" else dict(adata.layers), uns=dict(adata.uns))
+        if failed is not None:
+            for out in SPECS[failed].writes:
+                if out.key == "*" or out.slot in ("X", "var"):
+                    continue
+                slot = getattr(saved, out.slot)
+                for key in [k for k in slot.keys() if out.matches(k)]:
+                    del slot[key]
+        saved.uns["tardis_exp_partial"] = {"finished": finished, "failed": failed or "",
+                                           "error": redact(f"{type(e).__name__}: {e}")[:2000]}
+        _atomic_write_h5ad(saved, path)
+    except Exception as keep_error:  # noqa: BLE001 -- the stage's error is the one to report
+        log.warning("could not keep the finished stages in %s: %s", path, keep_error)
+        return
+    note = f"the finished stages ({', '.join(finished)}) are kept in {path}"
+    log.warning("%s failed; %s", failed or "the run", note)
+    if len(e.args) == 1 and isinstance(e.args[0], str):
+        e.args = (f"{e.args[0]}; {note}",)  # the one error line says where they are
+    elif hasattr(e, "add_note"):
+        e.add_note(note)
 
 
 def _description(cfg, overrides, metrics, tracker) -> str:
@@ -257,9 +329,9 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
             saved = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), varm=dict(adata.varm),
                                obsp=dict(adata.obsp), uns=adata.uns)
         _atomic_write_h5ad(saved, run_dir / "result.h5ad")
-        if cfg["tracking"].get("log_result", True):
+        if cfg["tracking"]["log_result"]:
             parent.log_artifact(run_dir / "result.h5ad")
-    if cfg["tracking"].get("log_plots", True):
+    if cfg["tracking"]["log_plots"]:
         from .plots import make_plots
 
         # drawn in a temporary folder, renamed when complete: no half set of figures

@@ -16,7 +16,8 @@ Every figure reads only what the stages wrote into the AnnData:
     coordinates (``obsm['spatial']``, scanpy's plotting); without coordinates, a heatmap
     of the scores of spots sorted by label.
 ``top_genes_dotplot.png``
-    scanpy dot plot of each program's top genes by ``obs['nmf_program']``.
+    scanpy dot plot of each program's top genes by ``obs['nmf_program']``; every program
+    has its row, an empty one for a program that is no spot's label.
 
 The spot label in the figures is ``obs['nmf_program']`` (argmax of the consensus usages);
 results without it (older runs) fall back to the seed's ``obs['nmf_cluster']``.
@@ -301,6 +302,13 @@ class NotDrawn(Exception):
 
 def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
     """scanpy dot plot of each program's top genes, spots grouped by ``obs['nmf_program']``."""
+    return _save(dotplot_figure(adata, n_genes).fig, path)
+
+
+def dotplot_figure(adata, n_genes: int = 5):
+    """The drawn :class:`scanpy.pl.DotPlot` of :func:`top_genes_dotplot`: one row per program
+    (``'<program> (<n> spots)'``, empty for a program that is no spot's label), one column
+    group per program's top genes."""
     import scanpy as sc
 
     if adata.X is None:
@@ -318,19 +326,35 @@ def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
             genes[str(p)] = top
     if not genes:
         raise ValueError("no top gene of uns['nmf_programs'] is in var_names")
+    import anndata as ad
+    import pandas as pd
+
     from .chunked import is_dask
 
-    if is_dask(adata.X):  # data.backend=dask: read only the plotted genes' columns
-        import anndata as ad
-
-        cols = [g for gs in genes.values() for g in gs]
-        sub = adata[:, cols]
-        X = sub.X.compute()
-        adata = ad.AnnData(X=X, obs=adata.obs, var=sub.var)
-    dp = sc.pl.dotplot(adata, var_names=genes, groupby=_label_key(adata) or "nmf_cluster", show=False, return_fig=True,
-                       title="top genes per program")
+    cols = [g for gs in genes.values() for g in gs]
+    X = adata[:, cols].X
+    X = X.compute() if is_dask(X) else X  # data.backend=dask: read only the plotted genes' columns
+    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
+    key = _label_key(adata) or "nmf_cluster"
+    labels = adata.obs[key]
+    if not isinstance(labels.dtype, pd.CategoricalDtype):
+        labels = labels.astype("category")
+    # every program is a row, with its spot count: a program that is no spot's argmax
+    # (scanpy drops empty groups and then fails looking them up) is an empty row, not a lost figure
+    counts = labels.value_counts(sort=False)
+    names = {c: f"{c} ({int(counts[c])} spots)" for c in labels.cat.categories}
+    rows = pd.Categorical(labels).rename_categories(names)
+    frame = pd.DataFrame(X, columns=cols, index=rows)
+    grouped = frame.groupby(level=0, observed=False)
+    # scanpy's defaults: dot size = fraction of the group's spots with a value > 0, colour = the mean
+    size = (frame > 0).groupby(level=0, observed=False).mean().fillna(0.0)
+    color = grouped.mean().fillna(0.0)
+    view = ad.AnnData(X=X, obs=pd.DataFrame({key: rows}, index=adata.obs_names),
+                      var=pd.DataFrame(index=pd.Index(cols)))
+    dp = sc.pl.dotplot(view, var_names=genes, groupby=key, use_raw=False, show=False, return_fig=True,
+                       dot_size_df=size, dot_color_df=color, title="top genes per program")
     dp.make_figure()
-    return _save(dp.fig, path)
+    return dp
 
 
 PLOTS = {

@@ -34,6 +34,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from .config import check_genes  # noqa: F401 -- re-exported
 from .errors import InputError
 from .outputs import Metric, Output, StageSpec
 from .params import ScoreParams as _P

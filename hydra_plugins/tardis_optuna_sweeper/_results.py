@@ -12,7 +12,7 @@ import optuna
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from ._common import VALUES_ATTR
+from ._common import OUTPUT_DIR_ATTR, VALUES_ATTR
 from ._objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ def best_trials(study: optuna.Study) -> List[FrozenTrial]:
 def study_results(study: optuna.Study, objectives: List[Objective], head: Dict[str, Any],
                   counts: Dict[str, Any]) -> Dict[str, Any]:
     """``head`` (name, study_name, storage, sampler), the objectives, the counts of trials by
-    state and the worker's ``counts``, and the best trial (``best_trial``, ``best_params``,
+    state and the worker's ``counts``, every trial of the study with its state and output
+    folder (``trials``; ``sweep_folders``: the folders that hold them, more than one for a
+    resumed or distributed study), and the best trial (``best_trial``, ``best_params``,
     ``best_value``) or the ``pareto_front``."""
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
@@ -61,6 +63,12 @@ def study_results(study: optuna.Study, objectives: List[Objective], head: Dict[s
         "n_running": states.count(TrialState.RUNNING),
         **counts,
     })
+    # every trial of the study, wherever it ran: an interrupted sweep resumed by the same
+    # command runs its remaining trials in a new folder (Hydra's sweep dir is timestamped)
+    folders = {t.number: t.user_attrs.get(OUTPUT_DIR_ATTR) for t in trials}
+    results["sweep_folders"] = sorted({os.path.dirname(str(f)) for f in folders.values() if f})
+    results["trials"] = [{"number": t.number, "state": t.state.name, "folder": folders[t.number]}
+                         for t in sorted(trials, key=lambda t: t.number)]
     if len(objectives) > 1:
         results["pareto_front"] = [describe(t) for t in best]
         log.info("Pareto front (%d trials):", len(best))

@@ -215,10 +215,21 @@ class SearchSpace:
 
             top = p.top(value)
             if top - p.low < p.min_width:
+                # the fixes that work, the likeliest first: a narrower width where one fits (a
+                # lower `low` may be no valid value of low_key at all: K >= 2)
+                pair = f"{KEY}.ordered_pairs[{i}]"
+                fixes = []
+                if top >= p.low:
+                    gets = (f"{p.low_key} = {p.high_key} = {top}" if top == p.low else f"a range {p.low}..{top}")
+                    fixes.append(f"set {pair}.min_width={top - p.low} (on the command line: "
+                                 f"{KEY}.ordered_pairs.{i}.min_width={top - p.low}; a trial at "
+                                 f"{p.bound_key}={value(p.bound_key)} then gets {gets})")
+                fixes.append(f"raise the lower end of {p.bound_key} to {p.low + p.min_width}")
+                fixes.append(f"lower {pair}.low to {top - p.min_width} if {p.low_key}={top - p.min_width} is valid")
                 raise SweeperConfigError(
-                    f"{KEY}.ordered_pairs[{i}]: {p.bound_key} can be {value(p.bound_key)}, which leaves "
-                    f"{p.high_key} no room above {p.low_key} >= {p.low} (width >= {p.min_width}); raise "
-                    f"the lower end of {p.bound_key} or lower {KEY}.ordered_pairs[{i}].low"
+                    f"{pair}: {p.bound_key} can be {value(p.bound_key)}, which leaves "
+                    f"{p.high_key} no room above {p.low_key} >= {p.low} (width >= {p.min_width}); "
+                    + ", or ".join(fixes)
                 )
 
     def labels(self, sampled: Sequence[Tuple[str, str, Any]]) -> List[str]:

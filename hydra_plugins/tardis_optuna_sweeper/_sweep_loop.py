@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import optuna
@@ -76,6 +77,42 @@ def job_outcome(ret: JobReturn) -> Tuple[Any, Optional[BaseException]]:
     except Exception as e:  # noqa: BLE001 -- the job's own exception, whatever its type
         return None, e
     return value, None
+
+
+class _CatchInterrupt:
+    """SIGINT raises KeyboardInterrupt as Python's own handler does, and is remembered.
+
+    Python drops an exception raised while it runs a weakref callback or ``__del__``
+    ("Exception ignored in: ... KeyboardInterrupt"): a Ctrl-C that lands in SQLAlchemy's or
+    MLflow's garbage-collection callbacks during a trial was lost and the sweep went on.
+    :meth:`reraise`, called between trials, raises it again. Nothing is changed where
+    SIGINT is not Python's default (ignored, or another handler), nor off the main thread.
+    """
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.seen = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def reraise(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._old is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 class TardisOptunaSweeperImpl:
@@ -219,8 +256,10 @@ class TardisOptunaSweeperImpl:
         heartbeat: Optional[Heartbeat] = None
         launched = 0
         too_many_failures = False
+        caught = _CatchInterrupt()
         try:
             while True:
+                caught.reraise()  # a Ctrl-C that a library swallowed during the last trial
                 with lock:
                     if study is None:
                         study, heartbeat, tracker = self._open_study(directions)
@@ -238,7 +277,14 @@ class TardisOptunaSweeperImpl:
                 if self.n_told and self.n_failed / self.n_told > self.max_failure_rate:
                     too_many_failures = True
                     break
+        except KeyboardInterrupt:
+            # Ctrl-C / SIGTERM: the study so far (this folder's trials and any earlier ones),
+            # so that no sweep folder is left without a summary; a rerun resumes the study
+            if study is not None:
+                self._write_interrupted(study, tracker, launched)
+            raise
         finally:
+            caught.restore()
             if heartbeat is not None:
                 heartbeat.stop()
         assert study is not None
@@ -247,6 +293,9 @@ class TardisOptunaSweeperImpl:
             log.info("%d trial(s) still running in other workers: %s", len(running),
                      [t.number for t in running])
         results = self._finish(study, tracker, launched, "FAILED" if too_many_failures else "FINISHED")
+        # last, after the study's summary: where its trial folders and results are
+        print(f"tardis-exp: sweep folder {os.path.abspath(self.sweep_dir)} (optimization_results.yaml, one "
+              "folder per trial)", flush=True)
         if too_many_failures:  # after the results are written: a stopped sweep keeps what it found
             raise SweeperFailureRateError(
                 f"{KEY}.max_failure_rate={self.max_failure_rate}: {self.n_failed} of the {self.n_told} "
@@ -254,6 +303,24 @@ class TardisOptunaSweeperImpl:
                 f"{os.path.join(self.sweep_dir, 'optimization_results.yaml')}"
             )
         return results
+
+    def _write_interrupted(self, study: optuna.Study, tracker: Optional[MlflowTracker], launched: int) -> None:
+        """``optimization_results.yaml`` of an interrupted sweep (``interrupted: true``); never
+        masks the interruption."""
+        try:
+            head = {"name": "tardis_optuna", "study_name": self.study_name,
+                    "storage": self.storage_spec.describe(), "sampler": self.sampler_name}
+            counts: Dict[str, Any] = {
+                "n_launched_by_this_worker": launched, "interrupted": True,
+                "note": "interrupted; running the same command again resumes the study in a new folder, whose "
+                        "optimization_results.yaml then covers every trial (this folder's too)"}
+            if tracker is not None:
+                counts["mlflow_parent_run_id"] = tracker.parent_run_id
+            out = write_results(study_results(study, self.objectives, head, counts), self.sweep_dir)
+            print(f"tardis-exp: sweep interrupted; the study so far is in {out}; run the same command again "
+                  "to resume it", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 -- the interruption is what the user must see
+            log.warning("could not write the interrupted sweep's results: %s", e)
 
     def _open_study(self, directions: List[str]) -> Tuple[optuna.Study, Heartbeat, Optional[MlflowTracker]]:
         """Create or load the study, start the heartbeat, open the MLflow study run. Under the lock."""
@@ -348,6 +415,13 @@ class TardisOptunaSweeperImpl:
             for trial, _ in batch:
                 heartbeat.remove(trial.number)
                 if trial.number not in told:
+                    # Hydra's job folder (hydra.sweep.subdir is the job number, which follows the trial's)
+                    job_dir = os.path.join(str(self.sweep_dir), str(trial.number))
+                    try:
+                        if os.path.isdir(job_dir):
+                            trial.set_user_attr(OUTPUT_DIR_ATTR, os.path.abspath(job_dir))
+                    except Exception:  # noqa: BLE001 -- a pointer only; the tell below matters
+                        pass
                     try:
                         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                         log.warning("Trial %d marked FAIL: sweep interrupted", trial.number)
