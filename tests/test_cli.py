@@ -181,3 +181,42 @@ def test_sigkill_never_leaves_a_partial_result(tmp_path):
     assert n_killed >= 4, "the fault injection did not hit running processes"
     assert trials[-1]["rc"] == 0 and (trials[-1]["run_dir"] / "result.h5ad").exists()  # the control run
     assert n_mid_write >= 2, "no kill landed while the outputs were being written"
+
+
+HEAVY = ("scanpy", "anndata", "sklearn", "numba", "mlflow", "optuna")
+
+
+def _in_process(args: list[str], cwd: Path) -> dict:
+    """Run the console entry point in a fresh interpreter; what it printed, its exit status and
+    the heavy packages it loaded by the time it answered."""
+    code = ("import io, json, sys, contextlib\n"
+            f"sys.argv = ['tardis-exp', *{args!r}]\n"
+            "from tardis_exp.cli import main\n"
+            "out, err = io.StringIO(), io.StringIO()\n"
+            "code = 0\n"
+            "with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+            "    try:\n        main()\n    except SystemExit as e:\n        code = e.code or 0\n"
+            f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+            "print(json.dumps({'out': out.getvalue(), 'err': err.getvalue(), 'code': code, 'heavy': heavy}))\n")
+    import json
+
+    p = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_input_errors_answer_before_the_scientific_stack_loads(tmp_path):
+    """--help, a bad value and a missing file are answered without importing scanpy, MLflow & co
+    (the seconds they take to load): the config is checked before the pipeline is imported."""
+    r = _in_process(["--help"], tmp_path)
+    assert r["code"] == 0 and r["heavy"] == []
+    assert "data: brunet_leukemia, brunet_medulloblastoma, h5ad" in r["out"] and "sweep: k_range" in r["out"]
+    assert "n_programs: 6" in r["out"]  # the composed config
+    r = _in_process(["data=h5ad", "--help"], tmp_path)
+    assert "path: ???" in r["out"] and r["heavy"] == []
+    r = _in_process(["data=h5ad", "data.path=nope.h5ad"], tmp_path)
+    assert r["code"] == 2 and r["heavy"] == [], r
+    assert r["err"].strip() == "tardis-exp: error: data.path: nope.h5ad does not exist"
+    r = _in_process(["consensus.k_selection=nope"], tmp_path)
+    assert r["code"] == 2 and r["heavy"] == [] and "consensus.k_selection" in r["err"]
+    assert not (tmp_path / "mlruns").exists()  # nothing was created for a refused config
