@@ -102,3 +102,17 @@ def consensus_keys(key: str = CONSENSUS, arg: str = "key_added") -> ConsensusKey
 
 def score_keys(key: str = SCORE, arg: str = "key_added") -> ScoreKeys:
     return ScoreKeys(_name(key, arg))
+
+
+@dataclass(frozen=True)
+class ResultKeys:
+    """The three stages' keys of one result (what the figures and the run folder read)."""
+
+    nmf: NMFKeys = NMFKeys()
+    consensus: ConsensusKeys = ConsensusKeys()
+    score: ScoreKeys = ScoreKeys()
+
+
+def result_keys(nmf_key: str = NMF, consensus_key: str = CONSENSUS, score_key: str = SCORE) -> ResultKeys:
+    return ResultKeys(nmf_keys(nmf_key, "nmf_key"), consensus_keys(consensus_key, "consensus_key"),
+                      score_keys(score_key, "score_key"))

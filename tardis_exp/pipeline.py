@@ -30,6 +30,7 @@ from .consensus import check_resources as check_consensus_resources
 from .consensus import consensus
 from .config import complete, result_mode, validate  # noqa: F401 -- validate: re-exported
 from .data import load_data
+from .keys import ResultKeys
 from .errors import ConfigError, Interrupted, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
@@ -301,15 +302,16 @@ def _description(cfg, overrides, metrics, tracker) -> str:
 
 
 def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
-    table = adata.uns["nmf_programs"]
+    k = ResultKeys()  # the pipeline writes under the stages' default keys
+    table = adata.uns[k.score.programs]
     _atomic_write(run_dir / "programs.tsv", lambda tmp: table.to_csv(tmp, sep="\t", index=False))
-    usages = pd.DataFrame(adata.obsm["X_nmf_consensus"], index=adata.obs_names,
-                          columns=[f"program_{i}" for i in range(adata.obsm["X_nmf_consensus"].shape[1])])
-    background = adata.obsm.get("X_nmf_background")
+    U = adata.obsm[k.consensus.usage]
+    usages = pd.DataFrame(U, index=adata.obs_names, columns=[f"program_{i}" for i in range(U.shape[1])])
+    background = adata.obsm.get(k.consensus.background)
     if background is not None:  # the shared background (consensus.background_ratio), after the programs
         usages = usages.join(pd.DataFrame(np.asarray(background), index=adata.obs_names,
                                           columns=[f"background_{i}" for i in range(background.shape[1])]))
-        genes = top_genes_table(np.asarray(adata.uns["nmf_consensus"]["background_spectra"], dtype=np.float64),
+        genes = top_genes_table(np.asarray(adata.uns[k.consensus.uns]["background_spectra"], dtype=np.float64),
                                 adata.var_names, cfg["score"]["n_cluster_genes"], "loading")
         genes = genes[["program", "rank", "gene", "loading"]]
         genes = genes.rename(columns={"program": "background"})

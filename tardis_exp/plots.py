@@ -42,6 +42,7 @@ matplotlib.use("Agg")  # files only; never open a window (sweep workers, servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .keys import CONSENSUS, NMF, SCORE, ResultKeys, result_keys  # noqa: E402
 from .krules import panels as k_rule_panels  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,9 @@ def cluster_order(M: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(squareform(D, checks=False), method="average"))
 
 
-def consensus_matrices(adata, path: Path) -> Path:
+def consensus_matrices(adata, path: Path, *, keys: ResultKeys = ResultKeys()) -> Path:
     """Ordered consensus-matrix heatmap for every K in the range."""
-    c = adata.uns["nmf_consensus"]
+    c = adata.uns[keys.consensus.uns]
     ks = [int(k) for k in c["k_values"]]
     mats = c["matrices"]
     fig, axes = _grid(len(ks), ncols=4, size=2.7)
@@ -101,9 +102,9 @@ def consensus_matrices(adata, path: Path) -> Path:
     return _save(fig, path)
 
 
-def consensus_cdf(adata, path: Path) -> Path:
+def consensus_cdf(adata, path: Path, *, keys: ResultKeys = ResultKeys()) -> Path:
     """Empirical CDF of the consensus values, one curve per K."""
-    c = adata.uns["nmf_consensus"]
+    c = adata.uns[keys.consensus.uns]
     ks = [int(k) for k in c["k_values"]]
     grid = np.asarray(c["cdf_grid"])
     cdf = np.asarray(c["cdf"])
@@ -122,11 +123,11 @@ def consensus_cdf(adata, path: Path) -> Path:
     return _save(fig, path)
 
 
-def k_selection(adata, path: Path) -> Path:
+def k_selection(adata, path: Path, *, keys: ResultKeys = ResultKeys()) -> Path:
     """The statistic of every K rule against K (replicate recurrence with method=components, PAC,
     cophenetic correlation, delta area, silhouette), with their measured standard errors; the
     chosen K marked."""
-    c = adata.uns["nmf_consensus"]
+    c = adata.uns[keys.consensus.uns]
     ks = np.asarray(c["k_values"])
     panels = k_rule_panels(c)  # every statistic a K rule reads (tardis_exp/krules.py), as measured
     fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.2))
@@ -143,9 +144,9 @@ def k_selection(adata, path: Path) -> Path:
     return _save(fig, path, dpi=110)
 
 
-def reconstruction_error(adata, path: Path) -> Path:
+def reconstruction_error(adata, path: Path, *, keys: ResultKeys = ResultKeys()) -> Path:
     """Reconstruction error of every factorization replicate; the best one marked."""
-    nmf = adata.uns["nmf"]
+    nmf = adata.uns[keys.nmf.uns]
     errs = np.asarray(nmf["errors"], dtype=float)
     reps = np.arange(len(errs))
     best = int(np.argmin(errs))
@@ -157,35 +158,37 @@ def reconstruction_error(adata, path: Path) -> Path:
     ax.set_ylabel(f"reconstruction error ({loss})")
     ax.set_xticks(reps)
     ax.ticklabel_format(axis="y", useOffset=False)
-    ax.set_title(f"factorization replicates (K = {adata.obsm['X_nmf'].shape[1]})"
-                 if "X_nmf" in adata.obsm else "factorization replicates")
+    ax.set_title(f"factorization replicates (K = {adata.obsm[keys.nmf.usage].shape[1]})"
+                 if keys.nmf.usage in adata.obsm else "factorization replicates")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def _label_key(adata) -> str | None:
+def _label_key(adata, keys: ResultKeys = ResultKeys()) -> str | None:
     """The spot label to show: the program label, or the seed's for results without it."""
-    return next((k for k in ("nmf_program", "nmf_cluster") if k in adata.obs), None)
+    return next((k for k in (keys.score.program, keys.score.cluster) if k in adata.obs), None)
 
 
-def _score_keys(adata) -> list[str]:
-    keys, i = [], 0
-    while f"nmf_cluster_{i}" in adata.obs:
-        keys.append(f"nmf_cluster_{i}")
+def _score_keys(adata, keys: ResultKeys = ResultKeys()) -> list[str]:
+    out, i = [], 0
+    while keys.score.score(i) in adata.obs:
+        out.append(keys.score.score(i))
         i += 1
-    return keys
+    return out
 
 
-def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
+def program_scores(adata, path: Path, basis: str = "spatial", *, keys: ResultKeys = ResultKeys()) -> Path:
     """Every program score on the spot coordinates (scanpy), or a heatmap without them."""
-    keys = _score_keys(adata)
-    if not keys:
-        raise ValueError("no obs['nmf_cluster_{i}'] columns: run the score stage first")
+    label = _label_key(adata, keys)
+    prefix = keys.score.score(0)[:-1]
+    cols = _score_keys(adata, keys)
+    if not cols:
+        raise ValueError(f"no obs['{prefix}{{i}}'] columns: run the score stage first")
     if basis in adata.obsm and np.asarray(adata.obsm[basis]).shape[1] >= 2:
         import scanpy as sc
 
         # a light copy: scanpy writes colours into .uns; only obs/obsm are needed
-        view = adata.__class__(obs=adata.obs[keys + ([_label_key(adata)] if _label_key(adata) else [])],
+        view = adata.__class__(obs=adata.obs[cols + ([label] if label else [])],
                                obsm={basis: np.asarray(adata.obsm[basis])[:, :2]})
         # scanpy's scatter on the coordinates: ~4x faster than sc.pl.spatial's circle patches
         # at 3,600 spots; y inverted as sc.pl.spatial does for tissue-image coordinates
@@ -199,13 +202,13 @@ def program_scores(adata, path: Path, basis: str = "spatial") -> Path:
                 ax.set_aspect("equal", adjustable="box")
         return _save(fig, path, dpi=80)
     # no coordinates: scores of spots (rows, sorted by label) x programs
-    z = adata.obs[keys].to_numpy(dtype=float)
+    z = adata.obs[cols].to_numpy(dtype=float)
     order = np.lexsort((-z.max(1), z.argmax(1)))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(keys), 5))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(cols), 5))
     lim = float(np.nanpercentile(np.abs(z), 99)) or 1.0
     im = ax.imshow(z[order], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([k.replace("nmf_cluster_", "program ") for k in keys], rotation=90)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([k.replace(prefix, "program ") for k in cols], rotation=90)
     ax.set_ylabel(f"{adata.n_obs} spots (sorted by program)")
     ax.set_yticks([])
     fig.colorbar(im, ax=ax, label="z-scored program score")
@@ -300,12 +303,12 @@ class NotDrawn(Exception):
     """A figure whose input this result does not hold, by configuration (not an error)."""
 
 
-def top_genes_dotplot(adata, path: Path, n_genes: int = 5) -> Path:
+def top_genes_dotplot(adata, path: Path, n_genes: int = 5, *, keys: ResultKeys = ResultKeys()) -> Path:
     """scanpy dot plot of each program's top genes, spots grouped by ``obs['nmf_program']``."""
-    return _save(dotplot_figure(adata, n_genes).fig, path)
+    return _save(dotplot_figure(adata, n_genes, keys=keys).fig, path)
 
 
-def dotplot_figure(adata, n_genes: int = 5):
+def dotplot_figure(adata, n_genes: int = 5, *, keys: ResultKeys = ResultKeys()):
     """The drawn :class:`scanpy.pl.DotPlot` of :func:`top_genes_dotplot`: one row per program
     (``'<program> (<n> spots)'``, empty for a program that is no spot's label), one column
     group per program's top genes."""
@@ -315,7 +318,7 @@ def dotplot_figure(adata, n_genes: int = 5):
         raise NotDrawn("needs X: this result was saved without it (save_result=results) and X could not "
                        "be restored from the stage cache (disabled, or the entry is gone); run the "
                        "overrides in the run's overrides.txt again with save_result=full")
-    table = adata.uns["nmf_programs"]
+    table = adata.uns[keys.score.programs]
     table = table.sort_values(["program", "rank"])
     genes: dict[str, list[str]] = {}
     seen: set[str] = set()
@@ -325,7 +328,7 @@ def dotplot_figure(adata, n_genes: int = 5):
         if top:
             genes[str(p)] = top
     if not genes:
-        raise ValueError("no top gene of uns['nmf_programs'] is in var_names")
+        raise ValueError(f"no top gene of uns['{keys.score.programs}'] is in var_names")
     import anndata as ad
     import pandas as pd
 
@@ -335,7 +338,7 @@ def dotplot_figure(adata, n_genes: int = 5):
     X = adata[:, cols].X
     X = X.compute() if is_dask(X) else X  # data.backend=dask: read only the plotted genes' columns
     X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
-    key = _label_key(adata) or "nmf_cluster"
+    key = _label_key(adata, keys) or keys.score.cluster
     labels = adata.obs[key]
     if not isinstance(labels.dtype, pd.CategoricalDtype):
         labels = labels.astype("category")
@@ -367,19 +370,24 @@ PLOTS = {
 }
 
 
-def make_plots(adata, out_dir) -> list[Path]:
+def make_plots(adata, out_dir, *, nmf_key: str = NMF, consensus_key: str = CONSENSUS,
+               score_key: str = SCORE) -> list[Path]:
     """Draw every figure into ``out_dir``; return the files written.
+
+    ``nmf_key``, ``consensus_key``, ``score_key``: the stages' ``key_added`` of the result to
+    draw (:mod:`tardis_exp.keys`), when an AnnData holds more than one.
 
     A figure that cannot be drawn (missing input, plotting error) is skipped with a
     warning naming it: plots are a view of the result, never a reason to lose it.
     """
+    keys = result_keys(nmf_key, consensus_key, score_key)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, fn in PLOTS.items():
         t0 = time.perf_counter()
         try:
-            written.append(fn(adata, out_dir / name))
+            written.append(fn(adata, out_dir / name, keys=keys))
         except NotDrawn as e:
             log.info("plot %s not drawn: %s", name, e)
         except Exception as e:  # noqa: BLE001 -- any plotting failure is non-fatal by design

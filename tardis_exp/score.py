@@ -35,6 +35,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .config import check_genes  # noqa: F401 -- re-exported
+from . import keys
 from .errors import InputError
 from .outputs import Metric, Output, StageSpec
 from .params import ScoreParams as _P
@@ -209,6 +210,8 @@ def score(
     n_spatial_neighbors: int = _P.n_spatial_neighbors,
     truth_key: str = _P.truth_key,
     silhouette_max_spots: int = _P.silhouette_max_spots,
+    consensus_key: str = keys.CONSENSUS,
+    key_added: str = keys.SCORE,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Score every spot for every consensus program.
@@ -232,16 +235,25 @@ def score(
         ``obs`` column of true labels; ARI is computed when present.
     silhouette_max_spots
         Silhouette on a seeded subsample of at most this many spots.
+    consensus_key
+        The consensus result to score: ``uns[consensus_key]`` and its usages
+        ``obsm['X_<consensus_key>']`` (the consensus stage's ``key_added``).
+    key_added
+        Prefix of what is written: ``obs['<key_added>_cluster_{i}']``,
+        ``obs['<key_added>_cluster']``, ``obs['<key_added>_program']``,
+        ``uns['<key_added>_programs']``, ``uns['<key_added>_metrics']`` (:mod:`tardis_exp.keys`;
+        the default ``nmf`` gives the seed's ``nmf_cluster_{i}``).
     copy
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(n_cluster_genes=n_cluster_genes, gene_ranking=gene_ranking, ctrl_size=ctrl_size,
                  random_state=random_state, spatial_key=spatial_key, n_spatial_neighbors=n_spatial_neighbors,
                  truth_key=truth_key, silhouette_max_spots=silhouette_max_spots)
-    if "nmf_consensus" not in adata.uns:
-        raise InputError("score needs uns['nmf_consensus']: run the consensus stage first")
+    src, out = keys.consensus_keys(consensus_key, "consensus_key"), keys.score_keys(key_added)
+    if src.uns not in adata.uns:
+        raise InputError(f"score needs uns['{src.uns}']: run the consensus stage first")
     adata = adata.copy() if copy else adata
-    spectra = np.asarray(adata.uns["nmf_consensus"]["spectra"])
+    spectra = np.asarray(adata.uns[src.uns]["spectra"])
     K = spectra.shape[0]
     table = top_genes_table(spectra, adata.var_names, n_cluster_genes, gene_ranking)
 
@@ -252,16 +264,18 @@ def score(
         s = raw[:, p]
         sd = s.std()
         z[:, p] = (s - s.mean()) / (sd if sd > 0 else 1)
-        adata.obs[f"nmf_cluster_{p}"] = z[:, p]
+        adata.obs[out.score(p)] = z[:, p]
     cats = [str(p) for p in range(K)]
-    adata.obs["nmf_cluster"] = pd.Categorical.from_codes(z.argmax(1), categories=cats)
-    if "X_nmf_consensus" in adata.obsm:
-        adata.obs["nmf_program"] = program_labels(adata.obsm["X_nmf_consensus"])
-    adata.uns["nmf_programs"] = table
+    adata.obs[out.cluster] = pd.Categorical.from_codes(z.argmax(1), categories=cats)
+    if src.usage in adata.obsm:
+        adata.obs[out.program] = program_labels(adata.obsm[src.usage])
+    elif out.program in adata.obs:  # another result's labels must not pass for these
+        del adata.obs[out.program]
+    adata.uns[out.programs] = table
 
     metrics = _metrics(adata, z, spatial_key, n_spatial_neighbors, truth_key, silhouette_max_spots,
-                       random_state, spectra, n_cluster_genes, gene_ranking)
-    adata.uns["nmf_metrics"] = metrics
+                       random_state, spectra, n_cluster_genes, gene_ranking, src=src, out=out)
+    adata.uns[out.metrics] = metrics
     log.info("score: %d programs; %s", K, {k: v for k, v in metrics.items() if np.isscalar(v)})
     return adata if copy else None
 
@@ -279,33 +293,34 @@ def program_labels(usages) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, categories=cats)
 
 
-def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n_genes, ranking):
+def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n_genes, ranking, *,
+             src: keys.ConsensusKeys, out: keys.ScoreKeys):
     from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-    out: dict = {}
+    res: dict = {}
     # the program label (argmax of the usages) when there are usages, else the seed's label
-    key = "nmf_program" if "nmf_program" in adata.obs else "nmf_cluster"
+    key = out.program if out.program in adata.obs else out.cluster
     labels = adata.obs[key].cat.codes.to_numpy()
-    U = adata.obsm.get("X_nmf_consensus")
+    U = adata.obsm.get(src.usage)
     if U is not None and len(np.unique(labels)) > 1:
         Un = U / np.maximum(U.sum(1, keepdims=True), 1e-12)
         rng = np.random.default_rng(seed)
         idx = rng.choice(adata.n_obs, size=min(max_spots, adata.n_obs), replace=False)
         # sklearn defines the silhouette for 2 .. n_samples - 1 labels only
         if 1 < len(np.unique(labels[idx])) < len(idx):
-            out["silhouette"] = float(silhouette_score(Un[idx], labels[idx]))
+            res["silhouette"] = float(silhouette_score(Un[idx], labels[idx]))
     if spatial_key in adata.obsm:
         G = spatial_graph(np.asarray(adata.obsm[spatial_key]), n_nb)
         mi = np.atleast_1d(sc.metrics.morans_i(G, z.T))
-        out["morans_i"] = np.asarray(mi, dtype=np.float64)
-        out["morans_i_mean"] = float(np.nanmean(mi))
+        res["morans_i"] = np.asarray(mi, dtype=np.float64)
+        res["morans_i_mean"] = float(np.nanmean(mi))
     if truth_key in adata.obs:
         truth = adata.obs[truth_key].astype(str).to_numpy()
-        out["ari_truth"] = float(adjusted_rand_score(truth, labels))
-        out["ari_truth_nmf_cluster"] = float(adjusted_rand_score(truth, adata.obs["nmf_cluster"].cat.codes))
+        res["ari_truth"] = float(adjusted_rand_score(truth, labels))
+        res["ari_truth_nmf_cluster"] = float(adjusted_rand_score(truth, adata.obs[out.cluster].cat.codes))
     if "true_program" in adata.var:
         rec, match = program_recovery(spectra, adata.var["true_program"].astype(str).to_numpy(),
                                       n_genes=n_genes, ranking=ranking)
-        out["program_recovery"] = rec
-        out["program_match"] = match
-    return out
+        res["program_recovery"] = rec
+        res["program_match"] = match
+    return res
