@@ -1,7 +1,8 @@
 """Validation against published and planted answers: K chosen, sweep objectives, label ARI.
 
-One command runs every set and writes the tables into ``docs/validation.md``, the main table
-also into ``README.md`` (and prints them)::
+One command runs every set and writes the tables into ``docs/validation.md`` (and prints
+them; a README with the ``validate.py:table`` markers gets the main table too; the front page
+has none since it links to the page)::
 
     python scripts/validate.py            # full run (about 80 min of CPU, 2 processes: docs/validation.md)
     python scripts/validate.py --quick    # small versions of the sets (the tests run this)

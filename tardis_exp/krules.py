@@ -176,6 +176,8 @@ _COMPONENTS_ONLY = "it counts the components of each replicate in a meta-program
 
 _COPHENETIC = KRule("cophenetic", "cophenetic", True, "cophenetic correlation",
                    "the last K before the cophenetic correlation first falls (Brunet et al. 2004)", _last_before_drop)
+#: The K rules by name: ``consensus.k_selection``'s choices, the dispatch of :func:`select_k`
+#: and the panels of ``k_selection.png``.
 RULES: dict[str, KRule] = {r.name: r for r in (
     KRule("recurrence", "recurrence", True, "replicate recurrence",
           "the K whose clusters come closest to one component of every replicate each", _best_value,
@@ -189,7 +191,7 @@ RULES: dict[str, KRule] = {r.name: r for r in (
     KRule("silhouette", "silhouette", True, "silhouette", "the K with the best silhouette of the items",
           _best_silhouette),
 )}
-# ``auto``, per method: the validated default (docs/validation.md, 'K selection')
+#: ``auto``, per method: the validated default (docs/validation.md, "K selection").
 AUTO = {"components": "recurrence", "spots": "pac"}
 K_RULES = ("auto", *RULES)
 
