@@ -89,9 +89,12 @@ register(Solver("hals", "batched accelerated HALS (Gillis & Glineur 2012; froben
 register(Solver("mu", "batched multiplicative updates (Lee & Seung; the seed's solver)",
                 ("frobenius", "kullback-leibler"), spots_copies=3))
 def _fit_cd(X, k, seeds, max_iter, tol):
-    from .factorize import _fit_cd as fit  # scikit-learn: imported when used
+    # resolved by name, not by an import statement: params.py imports this registry, and the
+    # stage cache keys each stage on the modules its code imports (tardis_exp.store.module_closure);
+    # an import of factorize here would key preprocessing on the factorize stage's code
+    import importlib
 
-    return fit(X, k, seeds, max_iter, tol)
+    return importlib.import_module(f"{__package__}.factorize")._fit_cd(X, k, seeds, max_iter, tol)
 
 
 register(Solver("cd", "scikit-learn's coordinate descent, one replicate at a time, X in memory", ("frobenius",),
