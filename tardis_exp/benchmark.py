@@ -179,17 +179,18 @@ def _identity_design(pr, dr, k_id, k_act, group_p, n_genes, p):
     """Gene profiles of identity and activity programs (Splatter-like, as cNMF's simulation).
 
     Base gene means are log-normal; each program raises its own differentially expressed
-    genes (probability ``de_prob``) by a log-normal fold (location ``de_loc``, scale 0.4).
-    A gene raised by two programs marks neither.
+    genes (``n_de`` of them, ``activity_n_de`` for an activity program: counts, not probabilities,
+    so that capping the genes keeps the signal) by a log-normal fold (location ``de_loc``,
+    scale 0.5). A gene raised by two programs marks neither.
     """
     base = dr.lognormal(0.0, 1.2, size=n_genes)
     k = k_id + k_act
     up = np.zeros((n_genes, k), dtype=bool)
     fold = np.ones((n_genes, k))
     for q in range(k):
-        prob = p["de_prob"] if q < k_id else p["activity_de_prob"]
-        up[:, q] = dr.random(n_genes) < prob
-        fold[up[:, q], q] = dr.lognormal(p["de_loc"], 0.4, size=int(up[:, q].sum()))
+        n_de = p["n_de"] if q < k_id else p["activity_n_de"]
+        up[dr.choice(n_genes, size=n_de, replace=False), q] = True
+        fold[up[:, q], q] = dr.lognormal(p["de_loc"], 0.5, size=n_de)
     profiles = base[:, None] * fold
     profiles /= profiles.sum(0, keepdims=True)
     marker_of = np.where(up.sum(1) == 1, up.argmax(1), -1)
@@ -223,7 +224,7 @@ def draw_cnmf(seed: int, **caps):
     The design of Kotliar et al. 2019 (cNMF): identity programs of unequal group sizes
     (Dirichlet, alpha 3); 0-2 activity programs, each used by ``activity_frac`` of the cells
     at a usage uniform in [0.1, 0.7] (the identity taking the rest). Depth ``library``,
-    biological coefficient of variation (dispersion = bcv^2), DE probability and fold drawn.
+    biological coefficient of variation (dispersion = bcv^2), DE genes per program and fold drawn.
     """
     pr, dr = _rngs("cnmf", seed)
     k_act = int(pr.choice([0, 1, 2], p=[0.2, 0.5, 0.3]))
@@ -231,8 +232,10 @@ def draw_cnmf(seed: int, **caps):
     n_spots, n_genes = _size(pr, caps)
     p = dict(k=k_id + k_act, n_identity=k_id, n_activity=k_act, n_spots=n_spots, n_genes=n_genes,
              library=_loguniform(pr, 1000.0, 10000.0), dispersion=float(pr.uniform(0.1, 0.4) ** 2),
-             de_prob=float(pr.uniform(0.02, 0.08)), activity_de_prob=float(pr.uniform(0.02, 0.05)),
-             de_loc=float(pr.uniform(0.5, 1.0)), activity_frac=float(pr.uniform(0.2, 0.5)))
+             n_de=int(pr.integers(20, 101)), activity_n_de=int(pr.integers(20, 61)),
+             de_loc=float(pr.uniform(0.7, 1.2)), activity_frac=float(pr.uniform(0.2, 0.5)))
+    p["n_de"] = int(min(p["n_de"], n_genes // (2 * p["k"])))
+    p["activity_n_de"] = int(min(p["activity_n_de"], n_genes // (2 * p["k"])))
     group_p = pr.dirichlet(np.full(k_id, 3.0))
     p["group_p"] = np.round(group_p, 4).tolist()
     return _single_cell("cnmf", seed, pr, dr, k_id, k_act, group_p, n_spots, n_genes, p)
@@ -252,9 +255,9 @@ def draw_rare(seed: int, **caps):
     common = pr.dirichlet(np.full(k - n_rare, 5.0)) * (1 - rare.sum())
     group_p = np.concatenate([common, rare])
     p = dict(k=k, n_rare=n_rare, n_spots=n_spots, n_genes=n_genes, library=_loguniform(pr, 1000.0, 10000.0),
-             dispersion=float(pr.uniform(0.1, 0.4) ** 2), de_prob=float(pr.uniform(0.02, 0.08)),
-             activity_de_prob=0.0, de_loc=float(pr.uniform(0.5, 1.0)), activity_frac=0.0,
-             group_p=np.round(group_p, 4).tolist())
+             dispersion=float(pr.uniform(0.1, 0.4) ** 2), n_de=int(pr.integers(20, 101)), activity_n_de=0,
+             de_loc=float(pr.uniform(0.7, 1.2)), activity_frac=0.0, group_p=np.round(group_p, 4).tolist())
+    p["n_de"] = int(min(p["n_de"], n_genes // (2 * k)))
     return _single_cell("rare", seed, pr, dr, k, 0, group_p, n_spots, n_genes, p)
 
 
@@ -413,6 +416,7 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
     usage recovery (:func:`usage_recovery`).
     """
     from .consensus import consensus
+    from .errors import InputError
     from .factorize import factorize
     from .metrics import program_recovery
     from .preprocess import preprocess
@@ -431,11 +435,22 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
             b = a.copy() if len(rules) > 1 else a
             flag = _WarningFlag()
             clog = logging.getLogger("tardis_exp.consensus")
+            level, propagate = clog.level, clog.propagate
             clog.addHandler(flag)
+            clog.setLevel(logging.WARNING)  # records reach the flag whatever the root level is
+            clog.propagate = False  # and not stderr: the table is the output
             try:
                 consensus(b, progress=False, **{**cfg["consensus"], "k_selection": rule})
+            except InputError as e:  # the stage refuses (e.g. the outlier filter left nothing): a miss
+                per_rule[rule] = {"k": None, "runner_up": None, "margin": float("nan"), "warned": False,
+                                  "error": str(e)}
+                if i == 0:
+                    row = {**per_rule[rule], "recovery": 0.0, "usage_r": 0.0, "n_background": 0}
+                continue
             finally:
                 clog.removeHandler(flag)
+                clog.setLevel(level)
+                clog.propagate = propagate
             c = b.uns["nmf_consensus"]
             r = {"k": int(c["best_k"]), "runner_up": int(c["runner_up_k"]), "margin": float(c["k_margin"]),
                  "warned": bool(flag.fired)}
@@ -455,11 +470,12 @@ def summarize(rows, rule: str | None = None) -> dict[str, Any]:
     """Exact-K and within-one rates with 95 % Wilson intervals (``rule``: that rule's K)."""
     ks = [(r["rules"][rule]["k"] if rule else r["k"], r["planted_k"]) for r in rows]
     n = len(ks)
-    exact = sum(k == t for k, t in ks)
-    near = sum(abs(k - t) <= 1 for k, t in ks)
+    exact = sum(k == t for k, t in ks)  # a run the stage refused (K None) is a miss
+    near = sum(k is not None and abs(k - t) <= 1 for k, t in ks)
     return {"n": n, "exact": exact, "exact_rate": exact / n if n else float("nan"), "exact_ci": wilson(exact, n),
             "within_one": near, "within_one_rate": near / n if n else float("nan"), "within_one_ci": wilson(near, n),
-            "over": sum(k > t for k, t in ks), "under": sum(k < t for k, t in ks)}
+            "over": sum(k is not None and k > t for k, t in ks), "under": sum(k is not None and k < t for k, t in ks),
+            "failed": sum(k is None for k, _ in ks)}
 
 
 def _fmt_rate(s, key):
@@ -522,13 +538,18 @@ def main(argv=None) -> list[dict[str, Any]]:
                     fh.write(json.dumps(r) + "\n")
         rows.append(r)
         other = " ".join(f"{k}={v['k']}" for k, v in r["rules"].items() if k != rules[0])
+        if r["k"] is None:
+            print(f"{seed:>6} {r['n_spots']:>6} {r['n_genes']:>6} {r['planted_k']:>3}  refused: {r['error']}",
+                  flush=True)
+            continue
         print(f"{seed:>6} {r['n_spots']:>6} {r['n_genes']:>6} {r['planted_k']:>3} {r['k']:>4} {r['runner_up']:>4} "
               f"{r['margin']:>7.2f} {'yes' if r['warned'] else 'no':>5} {r['recovery']:>5.2f} {r['usage_r']:>6.2f} "
               f"{r['seconds']:>5.0f}  {other}", flush=True)
     for rule in rules:
         s = summarize(rows, rule)
         print(f"{a.family} rule {rule}: exact K {_fmt_rate(s, 'exact')}; within one "
-              f"{_fmt_rate(s, 'within_one')}; over {s['over']}, under {s['under']} (95 % Wilson intervals, "
+              f"{_fmt_rate(s, 'within_one')}; over {s['over']}, under {s['under']}, refused {s['failed']} "
+              f"(95 % Wilson intervals, "
               f"n = {s['n']})", flush=True)
     return rows
 
