@@ -390,7 +390,13 @@ def parse_overrides(items) -> dict[str, dict[str, Any]]:
         if not sep or stage not in known or name not in {f.name for f in dataclasses.fields(known[stage])}:
             raise ConfigError(f"--override {item!r}: expected <stage>.<key>=<value> with a key of "
                               f"{'/'.join(known)} (tardis_exp/params.py)")
-        out[stage][name] = yaml.safe_load(value)
+        v = yaml.safe_load(value)
+        if isinstance(v, str):  # YAML 1.1 reads 1e-6 (no dot) as a string; Hydra reads it as a number
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        out[stage][name] = v
     return out
 
 
