@@ -103,10 +103,11 @@ def _anndata(counts, usage, profiles, marker_of, family, seed, params, obs_extra
     a = ad.AnnData(X=sp.csr_matrix(counts.astype(np.float32)),
                    obs=pd.DataFrame(index=[f"spot{i}" for i in range(n_spots)]),
                    var=pd.DataFrame(index=[f"gene{g}" for g in range(n_genes)]))
+    usage = usage.astype(np.float32)  # the domain is the argmax of the usage as stored (ties in float32)
     a.obs["true_domain"] = pd.Categorical.from_codes(usage.argmax(1), categories=labels)
     for key, v in (obs_extra or {}).items():
         a.obs[key] = v
-    a.obsm["true_usage"] = usage.astype(np.float32)
+    a.obsm["true_usage"] = usage
     for key, v in (obsm_extra or {}).items():
         a.obsm[key] = v
     a.var["true_program"] = pd.Categorical([labels[m] if m >= 0 else "none" for m in marker_of],
@@ -115,6 +116,18 @@ def _anndata(counts, usage, profiles, marker_of, family, seed, params, obs_extra
     a.uns["benchmark"] = {"family": family, "seed": int(seed), "planted_k": int(k),
                           "params": {key: (v.item() if isinstance(v, np.generic) else v) for key, v in params.items()}}
     return a
+
+
+def _strict_markers(profiles, marker_of):
+    """The truth marks a gene only where its own program's profile exceeds every other's
+    (a marker drawn below its gene's base level, or a small fold lost to the normalization,
+    does not mark the program)."""
+    marker_of = marker_of.copy()
+    rows = np.flatnonzero(marker_of >= 0)
+    own = profiles[rows, marker_of[rows]]
+    others = np.where(np.arange(profiles.shape[1])[None, :] == marker_of[rows, None], -np.inf, profiles[rows])
+    marker_of[rows[own <= others.max(1)]] = -1
+    return marker_of
 
 
 def _counts(rng, mu, dispersion):
@@ -164,6 +177,7 @@ def draw_spatial(seed: int, **caps):
         marker_of[genes] = q
         programs[genes, q] = np.median(base) * p["marker_fold"] * dr.lognormal(0.0, 0.3, size=m)
     programs /= programs.sum(0, keepdims=True)
+    marker_of = _strict_markers(programs, marker_of)
     background = dr.lognormal(0.0, 1.0, size=n_genes)
     background /= background.sum()
     b = np.clip(p["background"] * dr.lognormal(0.0, 0.25, size=n_spots), 0.0, 0.95)[:, None]
@@ -193,8 +207,7 @@ def _identity_design(pr, dr, k_id, k_act, group_p, n_genes, p):
         fold[up[:, q], q] = dr.lognormal(p["de_loc"], 0.5, size=n_de)
     profiles = base[:, None] * fold
     profiles /= profiles.sum(0, keepdims=True)
-    marker_of = np.where(up.sum(1) == 1, up.argmax(1), -1)
-    return profiles, marker_of
+    return profiles, _strict_markers(profiles, np.where(up.sum(1) == 1, up.argmax(1), -1))
 
 
 def _single_cell(family, seed, pr, dr, k_id, k_act, group_p, n_spots, n_genes, p):
@@ -288,6 +301,7 @@ def draw_monti(seed: int, **caps):
         marker_of[genes] = q
         means[genes, q] += p["separation"]
     means = np.clip(means, 0.0, None)
+    marker_of = _strict_markers(means, marker_of)
     cls = dr.choice(k, size=n_spots, p=group_p)
     usage = np.zeros((n_spots, k))
     usage[np.arange(n_spots), cls] = 1.0
