@@ -348,3 +348,6 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         parent.log_artifact(plot_dir, "plots")
+    from .model import log_programs_model  # MLflow's pyfunc: imported only when a run ends
+
+    log_programs_model(adata, run_dir, cfg, parent)
