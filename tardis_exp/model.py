@@ -48,7 +48,7 @@ class ProgramsModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self._programs = Programs.load(Path(context.artifacts["programs"]))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """Usages (spots x programs DataFrame) of ``model_input``: counts, spots x genes,
         gene names as columns (genes the run does not know are ignored)."""
         df = pd.DataFrame(model_input)

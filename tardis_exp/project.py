@@ -341,7 +341,7 @@ def project(adata: ad.AnnData, source, *, key_added: str = "nmf_projected", copy
     adata = adata.copy() if copy else adata
     adata.obsm[cons.usage] = U
     for col in work.obs.columns:
-        adata.obs[col] = work.obs[col].to_numpy()
+        adata.obs[col] = work.obs[col].values  # categorical labels stay categorical
     for key in (out.programs, out.metrics):
         adata.uns[key] = work.uns[key]
     adata.uns[cons.uns] = {
