@@ -16,8 +16,10 @@ class lives in the installed package, so no ``code_paths`` are logged.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -58,6 +60,24 @@ class ProgramsModel(mlflow.pyfunc.PythonModel):
                             columns=[f"program_{i}" for i in range(U.shape[1])])
 
 
+@contextmanager
+def _quiet():
+    """MLflow's notes while saving (the CloudPickle warning, the input-example check and its
+    download progress bar) stay out of a run's console: the model is our own class."""
+    logger = logging.getLogger("mlflow")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def save_programs_model(programs: Programs, path: str | Path, example: pd.DataFrame) -> Path:
     """Save ``programs`` as a pyfunc model folder at ``path`` (replaced if present).
 
@@ -75,7 +95,7 @@ def save_programs_model(programs: Programs, path: str | Path, example: pd.DataFr
     shutil.rmtree(path, ignore_errors=True)
     sig = infer_signature(example, ProgramsModel(programs).predict(None, example))
     inputs = Schema([ColSpec(c.type, c.name, required=False) for c in sig.inputs.inputs])
-    with tempfile.TemporaryDirectory(prefix="tardis_exp_model_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tardis_exp_model_") as tmp, _quiet():
         files = Path(tmp) / "programs"
         programs.save(files)
         mlflow.pyfunc.save_model(

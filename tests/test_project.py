@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 from _ports import free_port
 from conftest import compose_config
-from float32_bounds import close, hals_trajectory_rtol
+from float32_bounds import close, gamma, hals_trajectory_rtol
 
 import tardis_exp
 from tardis_exp.errors import InputError
@@ -118,6 +118,33 @@ def test_pbmc68k_scored_against_its_own_programs_gives_its_labels_back(tmp_path)
     projected = new.obs["nmf_projected_program"].astype(str).loc[result.obs_names]
     ari = adjusted_rand_score(result.obs["nmf_program"].astype(str), projected)
     assert ari >= 0.95, ari
+
+
+def test_scaled_run_projects_with_its_own_gene_scale(tmp_path):
+    """preprocess.scale=true: new data is divided by the run's per-gene standard deviation
+    (var['scale_sd']), not by its own. The run's own spots, projected, give back the run's
+    usages; normalize_total over the run's 200 genes instead of the 300 it kept is the only
+    difference, hence r close to, not equal to, 1."""
+    from tardis_exp.data import load_data
+
+    args = ["data.n_spots=400", "data.n_genes=300", "data.n_programs=3", "data.n_markers=20",
+            "factorize.n_components=6", "consensus.min_clusters=2", "consensus.max_clusters=4",
+            "preprocess.scale=true", "preprocess.n_top_genes=200"]
+    run_dir = _run(tmp_path, *args)
+    result = ad.read_h5ad(run_dir / "result.h5ad")
+    sd = result.var["scale_sd"].to_numpy(np.float64)
+    X = result.X.toarray() if sp.issparse(result.X) else np.asarray(result.X)
+    # X is the log-normalized data divided by the recorded scale, which is that data's spread;
+    # preprocess takes the variance as E[x^2] - E[x]^2 of float32 sums: error gamma(n) E[x^2] / var
+    pre = X * sd
+    bound = (gamma(result.n_obs) * (pre**2).mean(0) / pre.var(0) + 4 * 2.0**-24) * sd
+    assert sd.min() > 0 and (np.abs(pre.std(0) - sd) <= bound).all()
+    new = load_data(compose_config(tmp_path, [*FAST, *args])["data"])
+    tardis_exp.project(new, run_dir)
+    U0 = result.obsm["X_nmf_consensus"]
+    U1 = pd.DataFrame(new.obsm["X_nmf_projected"], index=new.obs_names).loc[result.obs_names].to_numpy()
+    r = [np.corrcoef(U0[:, p], U1[:, p])[0, 1] for p in range(U0.shape[1])]
+    assert min(r) >= 0.99, r
 
 
 # ----------------------------------------------------------------------------- MLflow
