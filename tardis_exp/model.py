@@ -92,18 +92,25 @@ def save_programs_model(programs: Programs, path: str | Path, example: pd.DataFr
     from . import __version__
 
     path = Path(path)
-    shutil.rmtree(path, ignore_errors=True)
+    # saved beside, renamed when complete: a full disk never leaves half a model folder
+    part = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(part, ignore_errors=True)
     sig = infer_signature(example, ProgramsModel(programs).predict(None, example))
     inputs = Schema([ColSpec(c.type, c.name, required=False) for c in sig.inputs.inputs])
-    with tempfile.TemporaryDirectory(prefix="tardis_exp_model_") as tmp, _quiet():
-        files = Path(tmp) / "programs"
-        programs.save(files)
-        mlflow.pyfunc.save_model(
-            path, python_model=ProgramsModel(), artifacts={"programs": str(files)},
-            signature=ModelSignature(inputs=inputs, outputs=sig.outputs), input_example=example,
-            # the class is in this package: no inferred requirements (slow), no code_paths
-            pip_requirements=[f"tardis-exp=={__version__}", f"mlflow=={mlflow.__version__}"],
-        )
+    try:
+        with tempfile.TemporaryDirectory(prefix="tardis_exp_model_") as tmp, _quiet():
+            files = Path(tmp) / "programs"
+            programs.save(files)
+            mlflow.pyfunc.save_model(
+                part, python_model=ProgramsModel(), artifacts={"programs": str(files)},
+                signature=ModelSignature(inputs=inputs, outputs=sig.outputs), input_example=example,
+                # the class is in this package: no inferred requirements (slow), no code_paths
+                pip_requirements=[f"tardis-exp=={__version__}", f"mlflow=={mlflow.__version__}"],
+            )
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(part, path)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
     return path
 
 
