@@ -394,7 +394,8 @@ def main(argv=None) -> int:
                     help="MLflow tracking URI: resolves runs:/ sources and records the projection as a run")
     ap.add_argument("--key-added", default="nmf_projected", help="key of the result (default nmf_projected)")
     ap.add_argument("--max-missing-weight", type=float, default=MAX_MISSING_WEIGHT,
-                    help=f"refuse past this share of a program's weight on missing genes (default {MAX_MISSING_WEIGHT})")
+                    help="refuse past this share of a program's weight on missing genes "
+                         f"(default {MAX_MISSING_WEIGHT})")
     a = ap.parse_args(argv)
     try:
         new = Path(a.new)
