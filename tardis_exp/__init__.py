@@ -22,6 +22,7 @@ _EXPORTS = {
     "BatchedNMF": "nmf",
     "fit_batch": "nmf",
     "make_synthetic": "synthetic",
+    "project": "project",
     # the seed's API (docs/seed_api.md): from tardis_exp import nmf_clustering, nmf_consensus
     "nmf_clustering": "api",
     "nmf_consensus": "api",

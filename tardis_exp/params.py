@@ -308,6 +308,9 @@ class TrackingParams:
     parent_run_id: Any = other(None, "set by the sweeper: nest this run under a study's run")
     log_plots: Any = boolean(True, "draw the figures (logged when tracking is enabled)")
     log_result: Any = boolean(True, "log result.h5ad as an artifact (written to the run folder either way)")
+    register_model: Any = text(None, "register the run's programs model (artifact 'programs') in the Model "
+                               "Registry under this name (null: not registered)", allow_none=True,
+                               what="a model name")
     connect_timeout_s: Any = number(10, "fail fast when the store does not answer within this many seconds",
                                     low=0, low_open=True)
     http_timeout_s: Any = number(30, "per-request timeout of MLflow's HTTP client", low=0, low_open=True)

@@ -348,3 +348,7 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         parent.log_artifact(plot_dir, "plots")
+    if parent.tracker.enabled:  # the programs as an MLflow model (artifact 'programs')
+        from .model import log_programs_model
+
+        log_programs_model(adata, run_dir, cfg, parent)

@@ -349,6 +349,7 @@ def preprocess(
             var_ = X.var(0)
         sd = np.sqrt(np.maximum(var_, 0)).astype(np.float32)
         sd[sd == 0] = 1
+        out.var["scale_sd"] = sd  # what a projection onto these programs divides new data by
         out.X = sp.csr_matrix(X.multiply(1 / sd[None, :])) if sp.issparse(X) else X / sd
     out.X = _to_float32(out.X)
     if _is_dask(out.X):  # read, normalize and select once, not on every pass of the factorization

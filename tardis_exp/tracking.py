@@ -533,6 +533,10 @@ class StageRun:
     def log_text(self, text: str, name: str) -> None:
         self.tracker._text(self, text, name)
 
+    def register_model(self, name: str, artifact_path: str) -> None:
+        """Register the model logged at ``artifact_path`` in the Model Registry as ``name``."""
+        self.tracker._register(self, name, artifact_path)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.tracker._tags(self, tags)
 
@@ -916,6 +920,20 @@ class Tracker:
                          lambda rid: self.client.log_artifacts(rid, str(p), artifact_path))
         else:
             self._submit(st, f"log artifact {p.name}", lambda rid: self.client.log_artifact(rid, str(p), artifact_path))
+
+    def _register(self, st: StageRun, name: str, artifact_path: str) -> None:
+        def send(rid):
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as e:  # registered before: a new version of it
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            source = f"{self.client.get_run(rid).info.artifact_uri}/{artifact_path}"
+            self.client.create_model_version(name, source, run_id=rid)
+
+        self._submit(st, f"register model {name}", send)
 
     def _text(self, st: StageRun, text, name) -> None:
         self._submit(st, f"log {name}", lambda rid: self.client.log_text(rid, text, name))

@@ -29,7 +29,7 @@ RUN_FIRST = ("test_readme.py", "test_sweeper.py", "test_large_data.py", "test_pi
 # one worker (largest first); every other test runs on whichever worker is free.
 # pytest_collection_modifyitems below fails the run when a file is missing here.
 SHARED_FIXTURE_FILES = frozenset({
-    "test_cache.py", "test_defaults.py", "test_keys.py", "test_outputs.py", "test_secrets.py", "test_stages.py",
+    "test_cache.py", "test_defaults.py", "test_keys.py", "test_outputs.py", "test_project.py", "test_secrets.py", "test_stages.py",
     "test_sweep_launchers.py", "test_sweep_pipeline.py", "test_tracking.py", "test_ui.py", "test_validation.py",
 })
 
