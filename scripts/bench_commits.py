@@ -62,6 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="BLAS/numba threads of every run")
     a = ap.parse_args(argv)
+    a.base, a.new = a.base.resolve(), a.new.resolve()  # the runs start in temporary folders
     res: dict[str, list] = {"base": [], "new": []}
     for r in range(a.rounds):
         order = ("base", "new") if r % 2 == 0 else ("new", "base")
