@@ -97,6 +97,17 @@ def uncovered(pg, cols) -> dict[str, bool]:
             return r.width > 0 && e !== null && h.contains(e); })]))""", list(cols))
 
 
+def header_texts(pg, want, timeout_s: float = 30.0) -> list[str]:
+    """The column headers' texts once every one of ``want`` is rendered (the grid adds the
+    parameter columns after the metric ones), or as they are after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        heads = [h.strip() for h in pg.get_by_role("columnheader").all_inner_texts()]
+        if set(want) <= set(heads) or time.monotonic() > deadline:
+            return heads
+        time.sleep(0.5)
+
+
 def assert_model_training_view(pg) -> None:
     lines = set(pg.locator("body").inner_text().splitlines())
     assert not lines & set(GENAI_NAV), sorted(lines & set(GENAI_NAV))  # GenAI's left bar
@@ -211,7 +222,7 @@ def test_documented_urls_open_the_model_training_view(store, server, page, shots
     assert close_assistant(pg), "the Assistant panel did not open: docs/tracking-ui.md says it does"
     # the headline metric columns, no clicks: on screen, nothing over them
     assert uncovered(pg, HEADLINE_METRICS) == {c: True for c in HEADLINE_METRICS}
-    heads = pg.get_by_role("columnheader").all_inner_texts()
+    heads = header_texts(pg, (*HEADLINE_METRICS, "factorize.n_components", "consensus.max_clusters"))
     for col in (*HEADLINE_METRICS, "factorize.n_components", "consensus.max_clusters"):
         assert col in heads, heads
     time.sleep(1)
