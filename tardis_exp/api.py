@@ -25,6 +25,7 @@ from .errors import TardisError
 from .factorize import factorize
 from .preprocess import preprocess
 from .score import score
+from .stages import ORDER
 
 # The stages name their config keys (``consensus.max_clusters``); these two functions'
 # signatures have none of them. Each key an API function sets, mapped to the function and
@@ -77,7 +78,7 @@ class _Rename(logging.Filter):
         return True
 
 
-_STAGE_LOGGERS = [logging.getLogger(f"{__package__}.{m}") for m in ("preprocess", "factorize", "consensus", "score")]
+_STAGE_LOGGERS = [logging.getLogger(f"{__package__}.{m}") for m in ORDER]
 
 
 def _api_names(func):

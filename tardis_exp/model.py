@@ -145,6 +145,6 @@ def log_programs_model(adata, run_dir: Path, cfg, parent) -> None:
         log.warning("MLflow logging failed (%s); the run continues, local results are kept", msg)
         return
     parent.log_artifact(path, ARTIFACT_PATH)
-    name = (cfg["tracking"] or {}).get("register_model")
+    name = cfg["tracking"]["register_model"]  # the pipeline's config, completed with the defaults
     if name:
         parent.register_model(str(name), ARTIFACT_PATH)

@@ -31,13 +31,13 @@ from .consensus import consensus
 from .config import complete, result_mode, validate  # noqa: F401 -- validate: re-exported
 from .data import load_data
 from .keys import ResultKeys
-from .errors import ConfigError, Interrupted, disk_error
+from .errors import Interrupted, disk_error
 from .factorize import check_params as check_factorize
 from .factorize import factorize
 from .preprocess import preprocess
 from .config import check_genes
 from .score import score, top_genes_table
-from .stages import SPECS
+from .stages import ORDER, SPECS
 from .tracking import Tracker, redact, redact_tree, run_description, science_params
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,14 @@ def _stages(cfg, tracker, cache, inputs: list, progress, done: dict):
 PARTIAL = "partial_result.h5ad"
 
 
+def _results_only(adata, X=None, layers=None) -> ad.AnnData:
+    """What the stages wrote, in a new AnnData (``save_result=results``): the input matrices
+    are the same in every trial of a sweep (and in the stage cache), so X and the layers are
+    left out unless given."""
+    return ad.AnnData(X=X, obs=adata.obs.copy(), var=adata.var.copy(), obsm=dict(adata.obsm),
+                      varm=dict(adata.varm), obsp=dict(adata.obsp), layers=layers or {}, uns=dict(adata.uns))
+
+
 def _keep_partial(e: Exception, done: Mapping[str, Any], run_dir: Path, cfg) -> None:
     """After a stage failed: write what the finished stages computed to ``partial_result.h5ad``
     in the run folder and say so in the error's message (the error is re-raised by the caller).
@@ -263,13 +271,12 @@ def _keep_partial(e: Exception, done: Mapping[str, Any], run_dir: Path, cfg) -> 
     mode = result_mode(cfg)
     if adata is None or "factorize" not in finished or mode == "none":
         return
-    order = ["preprocess", "factorize", "consensus", "score"]
-    failed = order[len(finished)] if len(finished) < len(order) else None
+    failed = ORDER[len(finished)] if len(finished) < len(ORDER) else None
     path = run_dir / PARTIAL
     try:
-        saved = ad.AnnData(X=None if mode == "results" else adata.X, obs=adata.obs.copy(), var=adata.var.copy(),
-                           obsm=dict(adata.obsm), varm=dict(adata.varm), obsp=dict(adata.obsp),
-                           layers={} if mode == "results" else dict(adata.layers), uns=dict(adata.uns))
+        # a copy whose keys can be dropped: the failed stage's own are not kept
+        saved = _results_only(adata, X=None if mode == "results" else adata.X,
+                              layers={} if mode == "results" else dict(adata.layers))
         if failed is not None:
             for out in SPECS[failed].writes:
                 if out.key == "*" or out.slot in ("X", "var"):
@@ -324,13 +331,7 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
         parent.log_artifact(run_dir / "background.tsv")
     mode = result_mode(cfg)
     if mode != "none":
-        saved = adata
-        if mode == "results":
-            # the input matrices are the same in every trial of a sweep (and in the stage
-            # cache): leave them out of the file, keep everything the stages wrote
-            saved = ad.AnnData(obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), varm=dict(adata.varm),
-                               obsp=dict(adata.obsp), uns=adata.uns)
-        _atomic_write_h5ad(saved, run_dir / "result.h5ad")
+        _atomic_write_h5ad(adata if mode == "full" else _results_only(adata), run_dir / "result.h5ad")
         if cfg["tracking"]["log_result"]:
             parent.log_artifact(run_dir / "result.h5ad")
     if cfg["tracking"]["log_plots"]:

@@ -148,6 +148,20 @@ def _excluded(var_names, patterns: Sequence[str], gene_file: str | None) -> np.n
     return drop
 
 
+def normalize_counts(adata: ad.AnnData, normalize: str, target_sum: float | None) -> None:
+    """``preprocess.normalize`` in place: ``log1p`` (``normalize_total`` then ``log1p``),
+    ``total`` or ``none``; a projection onto a run's programs repeats it (:mod:`tardis_exp.project`)."""
+    if normalize in ("log1p", "total"):
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+    if normalize == "log1p":
+        sc.pp.log1p(adata)
+
+
+def scale_genes(X, sd: np.ndarray):
+    """``X`` with every gene divided by its ``sd`` (``preprocess.scale``; sparse stays sparse)."""
+    return sp.csr_matrix(X.multiply(1 / sd[None, :])) if sp.issparse(X) else X / sd
+
+
 def check_params(**params) -> dict:
     """Validate preprocess parameters (cheap; runs before any data is touched); missing
     ones take their defaults (:class:`~tardis_exp.params.PreprocessParams`). Keys that are
@@ -290,10 +304,7 @@ def preprocess(
         )
 
     out.layers["counts"] = out.X.copy()
-    if normalize in ("log1p", "total"):
-        sc.pp.normalize_total(out, target_sum=target_sum)
-    if normalize == "log1p":
-        sc.pp.log1p(out)
+    normalize_counts(out, normalize, target_sum)
 
     n_hvg = out.n_vars if n_top_genes is None else int(n_top_genes)
     if n_hvg > out.n_vars:
@@ -350,7 +361,7 @@ def preprocess(
         sd = np.sqrt(np.maximum(var_, 0)).astype(np.float32)
         sd[sd == 0] = 1
         out.var["scale_sd"] = sd  # what a projection onto these programs divides new data by
-        out.X = sp.csr_matrix(X.multiply(1 / sd[None, :])) if sp.issparse(X) else X / sd
+        out.X = scale_genes(X, sd)
     out.X = _to_float32(out.X)
     if _is_dask(out.X):  # read, normalize and select once, not on every pass of the factorization
         from .lazy import spill

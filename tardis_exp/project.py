@@ -38,7 +38,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import keys
 from .errors import InputError, TardisError, redact
+from .params import ConsensusParams, PreprocessParams, check, defaults
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class Programs:
     background: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     preprocess: dict = field(default_factory=dict)
     scale_sd: np.ndarray | None = None
-    refit_max_iter: int = 200
+    refit_max_iter: int = ConsensusParams.refit_max_iter
     source: str = ""
 
     def __post_init__(self):
@@ -111,21 +113,25 @@ class Programs:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads((folder / "programs.json").read_text())
         return cls(arrays["spectra"], arrays["genes"], arrays.get("background", np.zeros((0, 0))),
-                   meta.get("preprocess") or {}, arrays.get("scale_sd"), int(meta.get("refit_max_iter", 200)),
+                   meta.get("preprocess") or {}, arrays.get("scale_sd"),
+                   int(meta.get("refit_max_iter", ConsensusParams.refit_max_iter)),
                    source or meta.get("source", ""))
 
     @classmethod
     def from_result(cls, adata: ad.AnnData, cfg: Mapping[str, Any], source: str = "") -> "Programs":
         """The programs of a run's AnnData (after the consensus stage) and its config."""
-        cons = adata.uns.get("nmf_consensus")
+        key = keys.CONSENSUS  # a run's result holds the stages' default keys
+        cons = adata.uns.get(key)
         if not isinstance(cons, Mapping) or "spectra" not in cons:
             raise InputError(f"{source or 'the run'} has no programs: its result has no "
-                             "uns['nmf_consensus']['spectra'] (did the consensus stage finish?)")
-        pre = dict(cfg.get("preprocess") or {})
-        params = {k: pre.get(k) for k in _PREPROCESS_KEYS if k in pre}
-        params.setdefault("normalize", (adata.uns.get("preprocess") or {}).get("normalize", "log1p"))
+                             f"uns['{key}']['spectra'] (did the consensus stage finish?)")
+        pre = {k: v for k, v in (cfg.get("preprocess") or {}).items() if k in _PREPROCESS_KEYS}
+        if "normalize" not in pre and "normalize" in (adata.uns.get("preprocess") or {}):
+            pre["normalize"] = adata.uns["preprocess"]["normalize"]  # no config.yaml: the result's record
+        params = {k: check("preprocess", pre)[k] for k in _PREPROCESS_KEYS}  # the declared defaults filled in
         sd = adata.var["scale_sd"].to_numpy() if "scale_sd" in adata.var else None
-        refit = int((cfg.get("consensus") or {}).get("refit_max_iter", 200))
+        con = {k: v for k, v in (cfg.get("consensus") or {}).items() if k == "refit_max_iter"}
+        refit = int(check("consensus", con)["refit_max_iter"])
         return cls(np.asarray(cons["spectra"]), adata.var_names, np.asarray(cons.get("background_spectra", [])),
                    params, sd, refit, source)
 
@@ -166,17 +172,13 @@ class Programs:
         return Xn, present, mw
 
     def _normalize(self, X, present):
-        import scanpy as sc
+        from .preprocess import normalize_counts, scale_genes
 
-        p = self.preprocess
+        p = {**defaults(PreprocessParams), **self.preprocess}
         tmp = ad.AnnData(X=sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
-        norm = p.get("normalize", "log1p")
-        if norm in ("log1p", "total"):
-            with warnings.catch_warnings():  # spots without counts in these genes stay zero
-                warnings.simplefilter("ignore", UserWarning)
-                sc.pp.normalize_total(tmp, target_sum=p.get("target_sum"))
-        if norm == "log1p":
-            sc.pp.log1p(tmp)
+        with warnings.catch_warnings():  # spots without counts in these genes stay zero
+            warnings.simplefilter("ignore", UserWarning)
+            normalize_counts(tmp, p["normalize"], p["target_sum"])
         X = tmp.X
         if p.get("scale"):
             if self.scale_sd is not None:
@@ -187,7 +189,7 @@ class Programs:
                 Xd = X.toarray() if sp.issparse(X) else X
                 sd = Xd.std(0).astype(np.float32)
             sd = np.where(sd > 0, sd, 1).astype(np.float32)
-            X = sp.csr_matrix(X.multiply(1 / sd[None, :])) if sp.issparse(X) else X / sd
+            X = scale_genes(X, sd)
         return sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32)
 
     def usages(self, X, var_names, *, max_missing_weight: float = MAX_MISSING_WEIGHT):

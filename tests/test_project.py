@@ -11,12 +11,9 @@ the refit).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 
 import anndata as ad
@@ -26,7 +23,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
-from _ports import free_port
+from _ports import mlflow_server
 from conftest import compose_config
 from float32_bounds import close, gamma, hals_trajectory_rtol
 
@@ -150,34 +147,11 @@ def test_scaled_run_projects_with_its_own_gene_scale(tmp_path):
 # ----------------------------------------------------------------------------- MLflow
 
 
-def _launch_server(tmp: Path):
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination",
-         str(tmp / "server-artifacts"), "--workers", "1"],
-        stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(tmp / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, uri
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("mlflow server did not answer /health")
-
-
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """A CLI run logged to a real MLflow server, its model registered as ``tardis-programs``."""
     tmp = tmp_path_factory.mktemp("project_mlflow")
-    proc, uri = _launch_server(tmp)
-    try:
+    with mlflow_server(tmp) as (uri, _):
         run_dir = tmp / "run"
         env = {**os.environ, "TARDIS_EXP_PROGRESS": "0", "MPLBACKEND": "Agg"}
         cmd = [sys.executable, "-m", "tardis_exp", "data.n_spots=400", "data.n_genes=300", "data.n_programs=3",
@@ -194,12 +168,6 @@ def tracked_run(tmp_path_factory):
         new = tardis_exp.make_synthetic(n_spots=625, n_genes=300, n_programs=3, n_markers=20, seed=0)
         new.write_h5ad(tmp / "new.h5ad")
         yield {"uri": uri, "run_id": rid, "run_dir": run_dir, "tmp": tmp, "new": tmp / "new.h5ad"}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_logged_model_predicts_in_a_fresh_process_what_project_gives(tracked_run):

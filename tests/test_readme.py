@@ -26,7 +26,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
-from _ports import free_port as _free_port
+from _ports import mlflow_server
 
 PW = "PlAnTeD9pw"  # found nowhere else
 SMALL = ["data.n_spots=150", "data.n_genes=200", "data.n_programs=3", "data.n_markers=15",
@@ -36,31 +33,8 @@ SMALL = ["data.n_spots=150", "data.n_genes=200", "data.n_programs=3", "data.n_ma
 def server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (it ignores the basic-auth credentials)."""
     tmp = tmp_path_factory.mktemp("secret_server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination",
-         str(tmp / "artifacts"), "--workers", "1"],
-        stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.3)
+    with mlflow_server(tmp) as (_, port):
         yield port, tmp
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _cli(root: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
