@@ -91,6 +91,10 @@ class ScoreKeys:
     def metrics(self) -> str:  # uns: silhouette, Moran's I, truth
         return f"{self.prefix}_metrics"
 
+    @property
+    def samples(self) -> str:  # uns: programs x samples (share of usage, Moran's I per section)
+        return f"{self.prefix}_samples"
+
 
 def nmf_keys(key: str = NMF, arg: str = "key_added") -> NMFKeys:
     return NMFKeys(_name(key, arg))

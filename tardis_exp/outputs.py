@@ -67,7 +67,7 @@ class Metric:
     key: str
     meaning: str
     value: Callable[[Any], Any]
-    step: str = "none"  # none | K | replicate | program
+    step: str = "none"  # none | K | replicate | program | sample
     headline: bool = False
     steps: Callable[[Any], Any] | None = None
 

@@ -273,6 +273,9 @@ class ScoreParams:
     truth_key: Any = text("true_domain", "obs column of true labels (ARI when present)", what="an obs key")
     silhouette_max_spots: Any = integer(5000, "silhouette on a seeded subsample of at most this many spots",
                                         minimum=2)
+    sample_specific_share: Any = number(
+        0.8, "with data.sample_key: a program is flagged sample-specific when one sample holds at least this "
+        "share of its usage (per-spot means, so section sizes do not count)", low=0.5, high=1.0, low_open=True)
 
 
 def _store_uri(value, key):

@@ -36,7 +36,7 @@ from .factorize import check_params as check_factorize
 from .factorize import factorize
 from .preprocess import preprocess
 from .config import check_genes
-from .score import score, top_genes_table
+from .score import sample_table, score, top_genes_table
 from .stages import ORDER, SPECS
 from .tracking import Tracker, redact, redact_tree, run_description, science_params
 
@@ -120,7 +120,7 @@ def headline_metrics(adata) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in ("factorize", "consensus", "score"):
         spec = SPECS[name]
-        if all(key in adata.uns for slot, key in ((o.slot, o.key) for o in spec.writes if o.slot == "uns")):
+        if all(o.key in adata.uns for o in spec.writes if o.slot == "uns" and not o.when):
             out.update(spec.headline(adata))
     return out
 
@@ -239,7 +239,8 @@ def _stages(cfg, tracker, cache, inputs: list, progress, done: dict):
     done["finished"].append("consensus")
 
     with tracker.stage("score", cfg["score"]) as st:
-        score(adata, **stage_kwargs(cfg["score"]))
+        # data.sample_key: several samples as one study (Moran's I per section, the samples table)
+        score(adata, sample_key=cfg["data"].get("sample_key"), **stage_kwargs(cfg["score"]))
         _report(st, "score", adata)
     done["finished"].append("score")
     return adata
@@ -327,6 +328,10 @@ def _write_outputs(adata, run_dir: Path, cfg, parent) -> None:
     _atomic_write(run_dir / "usages.tsv.gz", lambda tmp: usages.to_csv(tmp, sep="\t", compression=gz))
     parent.log_artifact(run_dir / "programs.tsv")
     parent.log_artifact(run_dir / "usages.tsv.gz")
+    if k.score.samples in adata.uns:  # data.sample_key: programs x samples (score.sample_table)
+        by_sample = sample_table(adata, k.score.prefix)
+        _atomic_write(run_dir / "programs_by_sample.tsv", lambda tmp: by_sample.to_csv(tmp, sep="\t", index=False))
+        parent.log_artifact(run_dir / "programs_by_sample.tsv")
     if background is not None:
         parent.log_artifact(run_dir / "background.tsv")
     mode = result_mode(cfg)

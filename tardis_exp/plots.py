@@ -18,6 +18,11 @@ Every figure reads only what the stages wrote into the AnnData:
 ``top_genes_dotplot.png``
     scanpy dot plot of each program's top genes by ``obs['nmf_program']``; every program
     has its row, an empty one for a program that is no spot's label.
+``programs_by_section.png``
+    With several samples (``data.sample_key``) and spot coordinates: each program's usage
+    on each section's tissue, one row per program, one column per section, one colour
+    scale per program (shared by its sections); a program flagged sample-specific has
+    its label in red (``uns['nmf_samples']``).
 
 The spot label in the figures is ``obs['nmf_program']`` (argmax of the consensus usages);
 results without it (older runs) fall back to the seed's ``obs['nmf_cluster']``.
@@ -360,6 +365,65 @@ def dotplot_figure(adata, n_genes: int = 5, *, keys: ResultKeys = ResultKeys()):
     return dp
 
 
+def programs_by_section_figure(adata, basis: str = "spatial", *, keys: ResultKeys = ResultKeys()):
+    """The figure of :func:`programs_by_section`: a programs x sections grid of panels (their
+    ``Axes`` labelled ``'program <p> | <sample>'``), one colour bar per program.
+
+    Every program has its row (also one that is no spot's argmax). The colour is the
+    consensus usage (``obsm['X_nmf_consensus']``; the z-scored gene-set score without it),
+    on a scale shared by the program's sections (0 to its 99.5th percentile over all
+    spots), so a section where the program is weak looks weak.
+    """
+    t = adata.uns.get(keys.score.samples)
+    if t is None:
+        raise NotDrawn(f"no uns['{keys.score.samples}']: the run has one sample (no data.sample_key)")
+    if basis not in adata.obsm or np.asarray(adata.obsm[basis]).shape[1] < 2:
+        raise NotDrawn(f"no obsm['{basis}'] coordinates: the sections cannot be drawn on the tissue")
+    names = [str(n) for n in np.atleast_1d(t["samples"])]
+    sample_key = str(t["sample_key"])
+    labels = adata.obs[sample_key].astype(str).to_numpy()
+    if keys.consensus.usage in adata.obsm:
+        values, what = np.asarray(adata.obsm[keys.consensus.usage], dtype=np.float64), "usage"
+    else:
+        values, what = adata.obs[_score_keys(adata, keys)].to_numpy(dtype=np.float64), "z-scored score"
+    xy = np.asarray(adata.obsm[basis], dtype=np.float64)[:, :2]
+    specific = np.asarray(t["sample_specific"], dtype=bool)
+    to = np.atleast_1d(np.asarray(t["specific_to"], dtype=str))
+    K, S = values.shape[1], len(names)
+    fig, axes = plt.subplots(K, S, figsize=(2.3 * S + 0.8, 2.3 * K), squeeze=False)
+    for p in range(K):
+        v = values[:, p]
+        lo = float(np.nanmin(v)) if what != "usage" else 0.0
+        hi = float(np.nanpercentile(v, 99.5))
+        hi = hi if hi > lo else lo + 1.0  # a program with no usage: one colour, still drawn
+        im = None
+        for s, name in enumerate(names):
+            ax = axes[p, s]
+            ax.set_label(f"program {p} | {name}")
+            idx = labels == name
+            im = ax.scatter(xy[idx, 0], xy[idx, 1], c=v[idx], s=float(np.clip(15000 / max(idx.sum(), 1), 0.5, 200)),
+                            cmap="viridis", vmin=lo, vmax=hi, linewidths=0, rasterized=True)
+            ax.invert_yaxis()  # tissue-image coordinates, as in program_scores.png
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if p == 0:
+                ax.set_title(name, fontsize=10)
+        flag = bool(specific[p]) if p < len(specific) else False
+        axes[p, 0].set_ylabel(f"program {p}" + (f"\nspecific to {to[p]}" if flag else ""), fontsize=10,
+                              color="crimson" if flag else "black")
+        fig.colorbar(im, ax=list(axes[p]), shrink=0.8, label=what)
+    fig.suptitle(f"programs by section ({sample_key})", fontsize=11)
+    return fig
+
+
+def programs_by_section(adata, path: Path, basis: str = "spatial", *, keys: ResultKeys = ResultKeys()) -> Path:
+    """Each program on each section's tissue (:func:`programs_by_section_figure`)."""
+    return _save(programs_by_section_figure(adata, basis, keys=keys), path, dpi=80)
+
+
 PLOTS = {
     "consensus_matrices.png": consensus_matrices,
     "consensus_cdf.png": consensus_cdf,
@@ -367,6 +431,7 @@ PLOTS = {
     "reconstruction_error.png": reconstruction_error,
     "program_scores.png": program_scores,
     "top_genes_dotplot.png": top_genes_dotplot,
+    "programs_by_section.png": programs_by_section,
 }
 
 

@@ -21,6 +21,9 @@ member components) and writes
     table of the top genes: program, rank, gene, loading, specificity,
 ``uns['nmf_metrics']``
     silhouette, Moran's I per program, and with ground truth ARI and program recovery.
+``uns['nmf_samples']``
+    with ``sample_key`` (several sections as one study): the programs x samples table,
+    :func:`sample_table`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,22 @@ def _metric(key):
     return value
 
 
+def _samples(read):
+    """A metric of ``uns['nmf_samples']`` (None: the run has no ``data.sample_key``)."""
+    def value(adata):
+        t = adata.uns.get(keys.ScoreKeys().samples)
+        return None if t is None else read(t)
+    return value
+
+
+def _mean_morans_i(t):
+    if "morans_i" not in t:
+        return None
+    mi = np.asarray(t["morans_i"], dtype=np.float64)
+    # a section where no program varies has no value; MLflow keeps finite numbers
+    return np.array([np.nanmean(c) if np.isfinite(c).any() else np.nan for c in mi.T])
+
+
 SPEC = StageSpec(
     "score",
     writes=(
@@ -63,6 +82,8 @@ SPEC = StageSpec(
         Output("obs", "nmf_program", "argmax of the consensus usages", when="obsm['X_nmf_consensus'] exists"),
         Output("uns", "nmf_programs", "top genes: program, rank, gene, loading, specificity, score"),
         Output("uns", "nmf_metrics", "silhouette, Moran's I per program; with ground truth ARI and recovery"),
+        Output("uns", "nmf_samples", "programs x samples: share of usage, Moran's I per section, "
+               "sample-specific flags", when="sample_key is given"),
     ),
     metrics=(
         *(Metric(k, f"score stage: {k.replace('_', ' ')} of the final programs", _metric(k), headline=True)
@@ -71,6 +92,16 @@ SPEC = StageSpec(
                _metric("ari_truth_nmf_cluster")),
         Metric("morans_i_by_program", "Moran's I of each program's usage (step = program)",
                lambda a: a.uns["nmf_metrics"].get("morans_i"), step="program"),
+        Metric("n_sample_specific", "score stage: programs whose usage comes from one sample "
+               "(share >= score.sample_specific_share; with data.sample_key)",
+               _samples(lambda t: int(np.sum(t["sample_specific"]))), headline=True),
+        Metric("max_sample_share_by_program", "largest share of each program's usage held by one sample "
+               "(step = program; with data.sample_key)",
+               _samples(lambda t: np.nanmax(np.asarray(t["share"], dtype=np.float64), axis=1, initial=0.0)),
+               step="program"),
+        Metric("morans_i_mean_by_sample", "mean Moran's I of the programs within each section, on the "
+               "section's own graph (step = sample, the order of uns['nmf_samples']['samples'])",
+               _samples(_mean_morans_i), step="sample"),
     ),
 )
 
@@ -210,6 +241,8 @@ def score(
     n_spatial_neighbors: int = _P.n_spatial_neighbors,
     truth_key: str = _P.truth_key,
     silhouette_max_spots: int = _P.silhouette_max_spots,
+    sample_specific_share: float = _P.sample_specific_share,
+    sample_key: str | None = None,
     consensus_key: str = keys.CONSENSUS,
     key_added: str = keys.SCORE,
     copy: bool = False,
@@ -235,23 +268,40 @@ def score(
         ``obs`` column of true labels; ARI is computed when present.
     silhouette_max_spots
         Silhouette on a seeded subsample of at most this many spots.
+    sample_specific_share
+        With ``sample_key``: a program is flagged sample-specific when one sample holds at
+        least this share of its usage (:func:`sample_table`), with a warning naming the
+        program and the sample. The default 0.8 means the program's mean usage per spot is
+        4 times higher in that sample than in all the others together (two samples); a
+        program shared by two sections sits near 0.5, and the batch artefact this flag is
+        for held 0.89 of its usage in one of two sections (issue 25), which 0.9 would miss.
+        Above 0.5, at most one sample can hold it.
+    sample_key
+        ``obs`` column naming each spot's sample (section, batch) when several samples are
+        analysed as one study (the pipeline passes ``data.sample_key``). Then Moran's I is
+        computed per section on the section's own spatial graph (sections' coordinates may
+        overlap: no edge joins two sections), and ``uns['<key_added>_samples']`` holds the
+        programs x samples table (:func:`sample_table`). ``None``: one sample.
     consensus_key
         The consensus result to score: ``uns[consensus_key]`` and its usages
         ``obsm['X_<consensus_key>']`` (the consensus stage's ``key_added``).
     key_added
         Prefix of what is written: ``obs['<key_added>_cluster_{i}']``,
         ``obs['<key_added>_cluster']``, ``obs['<key_added>_program']``,
-        ``uns['<key_added>_programs']``, ``uns['<key_added>_metrics']`` (:mod:`tardis_exp.keys`;
-        the default ``nmf`` gives the seed's ``nmf_cluster_{i}``).
+        ``uns['<key_added>_programs']``, ``uns['<key_added>_metrics']``, with ``sample_key``
+        ``uns['<key_added>_samples']`` (:mod:`tardis_exp.keys`; the default ``nmf`` gives the
+        seed's ``nmf_cluster_{i}``).
     copy
         Return a modified copy instead of writing into ``adata``.
     """
     check_params(n_cluster_genes=n_cluster_genes, gene_ranking=gene_ranking, ctrl_size=ctrl_size,
                  random_state=random_state, spatial_key=spatial_key, n_spatial_neighbors=n_spatial_neighbors,
-                 truth_key=truth_key, silhouette_max_spots=silhouette_max_spots)
+                 truth_key=truth_key, silhouette_max_spots=silhouette_max_spots,
+                 sample_specific_share=sample_specific_share)
     src, out = keys.consensus_keys(consensus_key, "consensus_key"), keys.score_keys(key_added)
     if src.uns not in adata.uns:
         raise InputError(f"score needs uns['{src.uns}']: run the consensus stage first")
+    sections = None if sample_key is None else sample_codes(adata, sample_key)
     adata = adata.copy() if copy else adata
     spectra = np.asarray(adata.uns[src.uns]["spectra"])
     K = spectra.shape[0]
@@ -274,8 +324,13 @@ def score(
     adata.uns[out.programs] = table
 
     metrics = _metrics(adata, z, spatial_key, n_spatial_neighbors, truth_key, silhouette_max_spots,
-                       random_state, spectra, n_cluster_genes, gene_ranking, src=src, out=out)
+                       random_state, spectra, n_cluster_genes, gene_ranking, src=src, out=out, sections=sections)
     adata.uns[out.metrics] = metrics
+    if sections is not None:
+        adata.uns[out.samples] = _sample_uns(adata, sections, sample_key, sample_specific_share, metrics,
+                                             src=src)
+    elif out.samples in adata.uns:  # another run's table must not pass for this one's
+        del adata.uns[out.samples]
     log.info("score: %d programs; %s", K, {k: v for k, v in metrics.items() if np.isscalar(v)})
     return adata if copy else None
 
@@ -293,8 +348,114 @@ def program_labels(usages) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, categories=cats)
 
 
+def sample_codes(adata: ad.AnnData, sample_key: str) -> tuple[list[str], np.ndarray]:
+    """The samples of ``obs[sample_key]`` that have spots (in category order) and each spot's
+    index among them; one line naming the key when the column is missing or incomplete."""
+    if not isinstance(sample_key, str) or not sample_key.strip():
+        raise InputError(f"score: sample_key (data.sample_key) must be an obs column name, got {sample_key!r}")
+    if sample_key not in adata.obs:
+        cols = list(map(str, adata.obs.columns))
+        raise InputError(f"score: sample_key (data.sample_key) {sample_key!r} is not an obs column; obs has "
+                         f"{', '.join(cols[:10]) or 'no column'}{' ...' if len(cols) > 10 else ''}")
+    col = adata.obs[sample_key]
+    cat = (col if isinstance(col.dtype, pd.CategoricalDtype) else col.astype("category")).cat
+    cat = cat.remove_unused_categories().cat
+    if (cat.codes < 0).any():
+        raise InputError(f"score: obs['{sample_key}'] (data.sample_key) has no sample for "
+                         f"{int((cat.codes < 0).sum())} spots")
+    return [str(c) for c in cat.categories], cat.codes.to_numpy().astype(np.int64)
+
+
+def section_morans_i(coords, values, codes, n_samples: int, n_neighbors: int = _P.n_spatial_neighbors) -> np.ndarray:
+    """Moran's I of every column of ``values`` (spots x programs) within each section.
+
+    Each section ``s`` (the spots with ``codes == s``) gets its own spatial kNN graph
+    (:func:`~tardis_exp.metrics.spatial_graph` on its coordinates alone), so no edge joins
+    two sections whose coordinates overlap, and each section is centred on its own mean.
+    Returns programs x sections; NaN for a section of fewer than 3 spots or a program
+    constant within it.
+    """
+    coords, values = np.asarray(coords, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    out = np.full((values.shape[1], n_samples), np.nan)
+    for s in range(n_samples):
+        idx = np.flatnonzero(codes == s)
+        if len(idx) < 3:
+            continue
+        G = spatial_graph(coords[idx], n_neighbors)
+        with warnings.catch_warnings():  # a program constant in a section: NaN, said by the table
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[:, s] = np.atleast_1d(sc.metrics.morans_i(G, values[idx].T))
+    return out
+
+
+def usage_share(usages, codes, n_samples: int) -> np.ndarray:
+    """Share of each program's usage per sample (programs x samples, rows sum to 1).
+
+    ``share[k, s] = m[k, s] / sum_t m[k, t]`` with ``m[k, s]`` the mean usage of program
+    ``k`` over the spots of sample ``s``: per-spot means, so a sample with many spots does
+    not look like the home of every program (with equal section sizes it is the share of
+    the summed usage). NaN for a program with no usage anywhere.
+    """
+    U = np.asarray(usages, dtype=np.float64)
+    n = np.bincount(codes, minlength=n_samples).astype(np.float64)
+    sums = np.zeros((U.shape[1], n_samples))
+    for s in range(n_samples):
+        sums[:, s] = U[codes == s].sum(0)
+    m = sums / np.maximum(n, 1)
+    total = m.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, m / np.where(total > 0, total, 1), np.nan)
+
+
+def _sample_uns(adata, sections, sample_key, threshold, metrics, *, src: keys.ConsensusKeys) -> dict:
+    names, codes = sections
+    S = len(names)
+    U = adata.obsm.get(src.usage)
+    K = np.asarray(adata.uns[src.uns]["spectra"]).shape[0]
+    share = usage_share(U, codes, S) if U is not None else np.full((K, S), np.nan)
+    # one sample holds everything by definition: nothing to flag
+    top = np.nan_to_num(share, nan=0.0).argmax(1)
+    best = np.nan_to_num(share, nan=0.0).max(1)
+    specific = (best >= threshold) & (S > 1)
+    for k in np.flatnonzero(specific):
+        log.warning("score: program %d is sample-specific: %.0f%% of its usage (per-spot means) is in "
+                    "sample %r (obs['%s'])", k, 100 * best[k], names[top[k]], sample_key)
+    res = {"samples": np.asarray(names, dtype=str), "sample_key": sample_key,
+           "n_spots": np.bincount(codes, minlength=S).astype(np.int64), "share": share,
+           "sample_specific": specific, "specific_to": np.asarray([names[t] if f else "" for t, f in
+                                                                   zip(top, specific)], dtype=str),
+           "sample_specific_share": float(threshold)}
+    if "morans_i_by_sample" in metrics:  # computed with the run's Moran's I (spatial data only)
+        res["morans_i"] = metrics.pop("morans_i_by_sample")
+    return res
+
+
+def sample_table(adata: ad.AnnData, key_added: str = keys.SCORE) -> pd.DataFrame:
+    """``uns['<key_added>_samples']`` as one row per program and sample (the run folder's
+    ``programs_by_sample.tsv``).
+
+    Columns: ``program``, ``sample``, ``n_spots`` (the sample's spots), ``share`` (of the
+    program's usage, per-spot means: :func:`usage_share`), ``morans_i`` (the program's
+    Moran's I within that section; spatial data only), ``sample_specific`` (true on the
+    row of the sample a flagged program is specific to).
+    """
+    t = adata.uns[keys.score_keys(key_added).samples]
+    share = np.asarray(t["share"], dtype=np.float64)
+    names = [str(n) for n in np.atleast_1d(t["samples"])]
+    K, S = share.shape
+    frame = pd.DataFrame({"program": np.repeat(np.arange(K), S), "sample": np.tile(names, K),
+                          "n_spots": np.tile(np.asarray(t["n_spots"], dtype=np.int64), K),
+                          "share": share.ravel()})
+    if "morans_i" in t:
+        frame["morans_i"] = np.asarray(t["morans_i"], dtype=np.float64).ravel()
+    to = np.atleast_1d(np.asarray(t["specific_to"], dtype=str))
+    frame["sample_specific"] = np.asarray(t["sample_specific"], dtype=bool).repeat(S) & (
+        frame["sample"].to_numpy() == np.repeat(to, S))
+    return frame
+
+
 def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n_genes, ranking, *,
-             src: keys.ConsensusKeys, out: keys.ScoreKeys):
+             src: keys.ConsensusKeys, out: keys.ScoreKeys, sections=None):
     from sklearn.metrics import adjusted_rand_score, silhouette_score
 
     res: dict = {}
@@ -309,7 +470,20 @@ def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n
         # sklearn defines the silhouette for 2 .. n_samples - 1 labels only
         if 1 < len(np.unique(labels[idx])) < len(idx):
             res["silhouette"] = float(silhouette_score(Un[idx], labels[idx]))
-    if spatial_key in adata.obsm:
+    if spatial_key in adata.obsm and sections is not None:
+        # per section, each on its own graph; the run's value per program is their mean
+        # weighted by the sections' spots (those where the program varies). Not Moran's I on
+        # the block-diagonal graph: centred on the pooled mean, it would count a program's
+        # level differing between sections (a batch effect) as spatial autocorrelation.
+        names, codes = sections
+        per = section_morans_i(np.asarray(adata.obsm[spatial_key]), z, codes, len(names), n_nb)
+        w = np.where(np.isfinite(per), np.bincount(codes, minlength=len(names))[None, :], 0.0)
+        with np.errstate(invalid="ignore"):
+            mi = np.where(w.sum(1) > 0, np.nansum(per * w, 1) / np.where(w.sum(1) > 0, w.sum(1), 1), np.nan)
+        res["morans_i_by_sample"] = per  # moved to uns['<key>_samples'] by score()
+        res["morans_i"] = mi
+        res["morans_i_mean"] = float(np.nanmean(mi))
+    elif spatial_key in adata.obsm:
         G = spatial_graph(np.asarray(adata.obsm[spatial_key]), n_nb)
         mi = np.atleast_1d(sc.metrics.morans_i(G, z.T))
         res["morans_i"] = np.asarray(mi, dtype=np.float64)

@@ -183,7 +183,7 @@ class MetricKey:
     """One metric key, one meaning: ``step`` says what the step axis counts."""
 
     meaning: str
-    step: str = "none"  # none (one value, step 0) | K | replicate | program
+    step: str = "none"  # none (one value, step 0) | K | replicate | program | sample
     runs: tuple = ("pipeline",)  # run kinds that log it: pipeline (parent or trial), <stage>, study
 
 

@@ -4,7 +4,7 @@ Used by test_tracking (pipeline and stage runs), test_sweep_pipeline (study, tri
 stage runs) and test_ui (the store the browser looks at). Every key must be registered
 in :data:`tardis_exp.tracking.METRIC_KEYS` for the kind of run that logs it, its steps
 must be what its meaning says (one value at step 0, one per K, per replicate, per
-program), and a key carried by several runs must hold the same number on each of them.
+program, per sample), and a key carried by several runs must hold the same number on each of them.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def check_metric_keys(client, experiment_id: str) -> dict[str, set[str]]:
                 assert sorted(steps) == list(range(int(r.data.params["factorize.n_replicates"]))), (key, steps)
             elif spec.step == "program":
                 assert sorted(steps) == list(range(len(steps))), (key, steps)
+            elif spec.step == "sample":  # indices into uns['nmf_samples']['samples'] (NaN ones not logged)
+                assert len(steps) == len(set(steps)) and min(steps) >= 0, (key, steps)
 
     # the same key holds the same number wherever it appears
     for r in runs:
