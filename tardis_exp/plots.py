@@ -13,8 +13,9 @@ Every figure reads only what the stages wrote into the AnnData:
     The reconstruction error of every factorization replicate (``uns['nmf']['errors']``).
 ``program_scores.png``
     Every program score ``obs['nmf_cluster_{i}']`` and the argmax label on the spot
-    coordinates (``obsm['spatial']``, scanpy's plotting); without coordinates, a heatmap
-    of the scores of spots sorted by label.
+    coordinates (``obsm['spatial']``, scanpy's plotting; several samples side by side,
+    never drawn over each other); without coordinates, a heatmap of the scores of spots
+    sorted by label.
 ``top_genes_dotplot.png``
     scanpy dot plot of each program's top genes by ``obs['nmf_program']``; every program
     has its row, an empty one for a program that is no spot's label.
@@ -182,6 +183,25 @@ def _score_keys(adata, keys: ResultKeys = ResultKeys()) -> list[str]:
     return out
 
 
+def _side_by_side(adata, basis: str, keys: ResultKeys = ResultKeys()) -> np.ndarray:
+    """The spots' 2-D coordinates; with several samples (``uns['nmf_samples']``) each section
+    shifted right of the previous one, so that sections whose coordinates overlap are not
+    drawn over each other."""
+    xy = np.array(adata.obsm[basis], dtype=np.float64)[:, :2]
+    t = adata.uns.get(keys.score.samples)
+    if t is None or str(t.get("sample_key")) not in adata.obs:
+        return xy
+    labels = adata.obs[str(t["sample_key"])].astype(str).to_numpy()
+    start = 0.0
+    for name in (str(n) for n in np.atleast_1d(t["samples"])):
+        idx = labels == name
+        if idx.any():
+            lo, hi = xy[idx, 0].min(), xy[idx, 0].max()
+            xy[idx, 0] += start - lo
+            start += (hi - lo) * 1.1 + 1.0  # a gap of a tenth of the section between sections
+    return xy
+
+
 def program_scores(adata, path: Path, basis: str = "spatial", *, keys: ResultKeys = ResultKeys()) -> Path:
     """Every program score on the spot coordinates (scanpy), or a heatmap without them."""
     label = _label_key(adata, keys)
@@ -194,7 +214,7 @@ def program_scores(adata, path: Path, basis: str = "spatial", *, keys: ResultKey
 
         # a light copy: scanpy writes colours into .uns; only obs/obsm are needed
         view = adata.__class__(obs=adata.obs[cols + ([label] if label else [])],
-                               obsm={basis: np.asarray(adata.obsm[basis])[:, :2]})
+                               obsm={basis: _side_by_side(adata, basis, keys)})
         # scanpy's scatter on the coordinates: ~4x faster than sc.pl.spatial's circle patches
         # at 3,600 spots; y inverted as sc.pl.spatial does for tissue-image coordinates
         with plt.rc_context({"figure.figsize": (3.4, 3.4)}):

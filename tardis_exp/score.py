@@ -372,8 +372,26 @@ def section_morans_i(coords, values, codes, n_samples: int, n_neighbors: int = _
     Each section ``s`` (the spots with ``codes == s``) gets its own spatial kNN graph
     (:func:`~tardis_exp.metrics.spatial_graph` on its coordinates alone), so no edge joins
     two sections whose coordinates overlap, and each section is centred on its own mean.
-    Returns programs x sections; NaN for a section of fewer than 3 spots or a program
-    constant within it.
+
+    Parameters
+    ----------
+    coords
+        Spot coordinates (spots x 2 or more).
+    values
+        Spots x programs (the score stage passes the z-scored program scores; Moran's I
+        is the same for any affine rescaling within a section).
+    codes
+        Each spot's section, ``0 .. n_samples - 1`` (:func:`sample_codes`).
+    n_samples
+        Number of sections.
+    n_neighbors
+        Neighbours in each section's kNN graph.
+
+    Returns
+    -------
+    numpy.ndarray
+        Programs x sections; NaN for a section of fewer than 3 spots or a program constant
+        within it.
     """
     coords, values = np.asarray(coords, dtype=np.float64), np.asarray(values, dtype=np.float64)
     out = np.full((values.shape[1], n_samples), np.nan)
@@ -395,6 +413,20 @@ def usage_share(usages, codes, n_samples: int) -> np.ndarray:
     ``k`` over the spots of sample ``s``: per-spot means, so a sample with many spots does
     not look like the home of every program (with equal section sizes it is the share of
     the summed usage). NaN for a program with no usage anywhere.
+
+    Parameters
+    ----------
+    usages
+        Spots x programs, non-negative (``obsm['X_nmf_consensus']``).
+    codes
+        Each spot's sample, ``0 .. n_samples - 1`` (:func:`sample_codes`).
+    n_samples
+        Number of samples.
+
+    Returns
+    -------
+    numpy.ndarray
+        Programs x samples, float64.
     """
     U = np.asarray(usages, dtype=np.float64)
     n = np.bincount(codes, minlength=n_samples).astype(np.float64)
@@ -438,6 +470,18 @@ def sample_table(adata: ad.AnnData, key_added: str = keys.SCORE) -> pd.DataFrame
     program's usage, per-spot means: :func:`usage_share`), ``morans_i`` (the program's
     Moran's I within that section; spatial data only), ``sample_specific`` (true on the
     row of the sample a flagged program is specific to).
+
+    Parameters
+    ----------
+    adata
+        Scored with ``sample_key`` (:func:`score`).
+    key_added
+        The score stage's ``key_added``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Programs x samples rows, program-major.
     """
     t = adata.uns[keys.score_keys(key_added).samples]
     share = np.asarray(t["share"], dtype=np.float64)

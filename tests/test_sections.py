@@ -178,6 +178,13 @@ def test_figure_has_one_panel_per_program_and_section(tmp_path):
             col = ax.collections[0]
             np.testing.assert_array_equal(col.get_array(), U[(adata.obs["sample"] == s).to_numpy(), int(p)])
             assert col.norm.vmax == pytest.approx(np.percentile(U[:, int(p)], 99.5))
+    # program_scores.png lays the sections side by side: no spot of B on one of A
+    from tardis_exp.plots import _side_by_side
+
+    xy = _side_by_side(adata, "spatial")
+    a, b = (adata.obs["sample"] == "A").to_numpy(), (adata.obs["sample"] == "B").to_numpy()
+    assert xy[b, 0].min() > xy[a, 0].max()
+    np.testing.assert_array_equal(xy[:, 1], adata.obsm["spatial"][:, 1])
     written = make_plots(adata, tmp_path)
     png = tmp_path / "programs_by_section.png"
     assert png in written
