@@ -318,13 +318,16 @@ def project(adata: ad.AnnData, source, *, key_added: str = "nmf_projected", copy
     tracking_uri
         Where to resolve ``runs:/`` sources (default: MLflow's, ``MLFLOW_TRACKING_URI``).
     **score_params
-        Passed to :func:`tardis_exp.score.score` (``n_cluster_genes``, ``spatial_key``, ...).
+        Passed to :func:`tardis_exp.score.score` (``n_cluster_genes``, ``spatial_key``,
+        ``sample_key`` for several sections: ``uns['<key_added>_samples']``, ...).
     """
     from .keys import consensus_keys, score_keys
-    from .score import check_params, score
+    from .score import check_params, sample_codes, score
 
     cons, out = consensus_keys(key_added), score_keys(key_added)
     check_params(**score_params)
+    if score_params.get("sample_key") is not None:  # a missing column: one line, before any compute
+        sample_codes(adata, score_params["sample_key"])
     programs = load_programs(source, tracking_uri=tracking_uri)
     X, var_names = _counts(adata, programs.preprocess)
     U, present, mw, Xn = programs.usages(X, var_names, max_missing_weight=max_missing_weight)
@@ -334,7 +337,9 @@ def project(adata: ad.AnnData, source, *, key_added: str = "nmf_projected", copy
 
     # the score stage on the normalized counts over the present genes: the same code, the same keys
     genes = programs.genes[present]
-    work = ad.AnnData(X=Xn, obs=adata.obs[[]].copy(), var=pd.DataFrame(index=genes),
+    sample_key = score_params.get("sample_key")  # several sections: Moran's I and shares per section
+    work = ad.AnnData(X=Xn, obs=adata.obs[[sample_key] if sample_key in adata.obs else []].copy(),
+                      var=pd.DataFrame(index=genes),
                       obsm={k: v for k, v in adata.obsm.items() if k == score_params.get("spatial_key", "spatial")})
     work.obsm[cons.usage] = U
     work.uns[cons.uns] = {"spectra": programs.spectra[:, present]}
@@ -342,10 +347,13 @@ def project(adata: ad.AnnData, source, *, key_added: str = "nmf_projected", copy
 
     adata = adata.copy() if copy else adata
     adata.obsm[cons.usage] = U
-    for col in work.obs.columns:
+    for col in work.obs.columns.drop(sample_key, errors="ignore"):
         adata.obs[col] = work.obs[col].values  # categorical labels stay categorical
-    for key in (out.programs, out.metrics):
-        adata.uns[key] = work.uns[key]
+    for key in (out.programs, out.metrics, out.samples):
+        if key in work.uns:
+            adata.uns[key] = work.uns[key]
+        elif key in adata.uns:  # an earlier projection's table must not pass for this one's
+            del adata.uns[key]
     adata.uns[cons.uns] = {
         "spectra": programs.spectra, "genes": np.asarray(programs.genes, dtype=str),
         "missing_weight": mw, "n_missing_genes": int((~present).sum()), "source": redact(programs.source),

@@ -267,3 +267,15 @@ def test_run_writes_the_table_and_logs_it_to_mlflow(tmp_path):
                         key=lambda h: h.step)
     np.testing.assert_allclose([h.value for h in share_hist], np.asarray(t["share"]).max(1), rtol=1e-12)
     check_metric_keys(client, parent.info.experiment_id)  # every key registered, with its steps
+
+    # the projection onto the same two sections, per section too
+    from tardis_exp.project import project
+
+    proj = project(data.copy(), run_dir, sample_key="sample", n_cluster_genes=20, copy=True)
+    pt = proj.uns["nmf_projected_samples"]
+    Up = np.asarray(proj.obsm["X_nmf_projected"], dtype=np.float64)
+    m = np.stack([Up[proj.obs["sample"].to_numpy() == s].mean(0) for s in ("A", "B")], axis=1)
+    np.testing.assert_allclose(np.asarray(pt["share"]), m / m.sum(1, keepdims=True), rtol=gamma(400), atol=gamma(400))
+    assert np.asarray(pt["morans_i"]).shape == (K, 2)
+    with pytest.raises(InputError, match="'batch' is not an obs column"):
+        project(data.copy(), run_dir, sample_key="batch")
