@@ -241,6 +241,13 @@ def read_samples(cfg) -> ad.AnnData:
     return out
 
 
+def _canonical(X):
+    """CSR with sorted column indices: the same matrix hashes the same however it was built
+    (a row subset or ``anndata.concat``'s gene join leaves them unsorted)."""
+    X = sp.csr_matrix(X)
+    return X if X.has_sorted_indices else X.sorted_indices()
+
+
 def digest(adata: ad.AnnData) -> str:
     """Content digest of X, the spot and the gene names (16 hex digits)."""
     h = hashlib.sha256()
@@ -256,13 +263,13 @@ def digest(adata: ad.AnnData) -> str:
         for b in X.to_delayed().ravel():
             blk = dask.compute(b)[0]
             if sp.issparse(blk):
-                blk = sp.csr_matrix(blk)
+                blk = _canonical(blk)
                 for arr in (blk.indptr - blk.indptr[0], blk.indices, blk.data):
                     h.update(np.ascontiguousarray(arr).tobytes())
             else:
                 h.update(np.ascontiguousarray(blk).tobytes())
     elif sp.issparse(X):
-        X = sp.csr_matrix(X)
+        X = _canonical(X)
         for arr in (X.indptr, X.indices, X.data):
             h.update(np.ascontiguousarray(arr).tobytes())
     else:
