@@ -223,6 +223,7 @@ def test_cli_study_logs_one_dataset_input_per_sample(tmp_path):
     assert parent.data.tags["data.n_samples"] == "2" and parent.data.tags["data.sample_key"] == "sample"
 
 
+@pytest.mark.slow
 def test_sweep_over_a_study(tmp_path):
     """The Optuna sweep preset runs a two-file study unchanged; the second trial reads the
     input from the stage cache's memo (the cache is on in the preset)."""
