@@ -177,6 +177,9 @@ def key_inputs(stage: str, input_dig: str, cfg: Mapping[str, Any]) -> dict[str, 
         raise ValueError(f"no cache for stage {stage!r}; cached stages are {STAGES}")
     configs = {s: dict(cfg[s]) for s in UPSTREAM[stage]}
     extra = {}
+    sample_key = (cfg.get("data") or {}).get("sample_key")
+    if sample_key is not None:  # the HVG selection is per sample (absent: the keys of one-sample runs unchanged)
+        extra["data.sample_key"] = sample_key
     gene_file = configs["preprocess"].get("exclude_genes_file")
     if gene_file and Path(str(gene_file)).is_file():
         # the list's content decides the genes, not its path
@@ -203,11 +206,15 @@ class Input:
         ``(n_obs, n_vars)``.
     from_memo
         ``True`` when the digests came from the cache and the data has not been read.
+    samples
+        With ``data.sample_key``: one record per sample (:func:`tardis_exp.data.sample_digests`).
     """
 
     def __init__(self, digest: str, shape: tuple[int, int], adata: ad.AnnData | None = None,
-                 load: Callable[[], ad.AnnData] | None = None, input_digest: str | None = None):
+                 load: Callable[[], ad.AnnData] | None = None, input_digest: str | None = None,
+                 samples: list | None = None):
         self.digest = digest
+        self.samples = list(samples or [])
         self.shape = tuple(int(x) for x in shape)
         self.input_digest = input_digest
         self._adata = adata
@@ -250,7 +257,13 @@ def source_key(data_cfg: Mapping[str, Any], pre_cfg: Mapping[str, Any]) -> str |
     source = SOURCES.get(cfg.get("source"))
     if source is None:
         return None
-    if source.path is not None:  # a file or folder: keyed by its path, sizes and times
+    if source.path == "list":  # several inputs (data=samples): every one of them
+        try:
+            ps = [Path(str(x)).expanduser().resolve() for x in cfg.get("paths") or ()]
+            parts["files"] = [[str(p), _stat_files(p)] for p in ps]
+        except OSError:
+            return None
+    elif source.path is not None:  # a file or folder: keyed by its path, sizes and times
         path = cfg.get("path")
         if not path:
             return None
@@ -317,7 +330,7 @@ class StageCache(Store):
         ``load()`` reads the data (``tardis_exp.data.load_data``); with the cache disabled
         or a source seen for the first time it runs now and the digests are remembered.
         """
-        from .data import digest
+        from .data import digest, sample_digests
 
         memo_path, m = self._read_memo(cfg)
         if m is not None:
@@ -325,16 +338,16 @@ class StageCache(Store):
                 os.utime(memo_path)  # recently used, for eviction
             except OSError:
                 pass  # a read-only cache still serves its memos
-            return Input(m["digest"], m["shape"], load=load, input_digest=m["input_digest"])
+            return Input(m["digest"], m["shape"], load=load, input_digest=m["input_digest"], samples=m["samples"])
         a = load()
-        inp = Input(digest(a), a.shape, adata=a)
+        inp = Input(digest(a), a.shape, adata=a, samples=sample_digests(a, cfg["data"]))
         if memo_path is not None:
             inp.input_digest = input_digest(a, inp.digest, cfg["preprocess"])
             try:
                 memo_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = memo_path.with_name(f".{memo_path.name}.{uuid.uuid4().hex[:8]}.tmp")
                 tmp.write_text(json.dumps({"digest": inp.digest, "input_digest": inp.input_digest,
-                                           "shape": list(inp.shape)}))
+                                           "shape": list(inp.shape), "samples": inp.samples}))
                 os.replace(tmp, memo_path)
             except OSError as e:
                 log.warning("stage cache: could not store the input memo %s: %s", memo_path, e)
@@ -361,8 +374,13 @@ class StageCache(Store):
             return path, None
         try:
             m = json.loads(path.read_text())
+            samples = m.get("samples") or []
+            if cfg["data"].get("sample_key") is not None and not samples:
+                return path, None  # a memo of before the samples were recorded: read the data again
             return path, {"digest": str(m["digest"]), "input_digest": str(m["input_digest"]),
-                          "shape": tuple(int(x) for x in m["shape"])}
+                          "shape": tuple(int(x) for x in m["shape"]),
+                          "samples": [{k: s[k] for k in ("name", "digest", "n_obs", "n_vars", "source")}
+                                      for s in samples]}
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("stage cache: ignoring damaged input memo %s (%s)", path, e)
             return path, None

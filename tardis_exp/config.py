@@ -92,9 +92,11 @@ def check_memory_early(cfg: Mapping[str, Any]) -> None:
 
 
 def complete(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``cfg`` with every stage, tracking and cache group completed with its declared defaults
+    """``cfg`` with every stage, data, tracking and cache group completed with its declared defaults
     (``params.check``): later code reads ``cfg[group][key]`` and restates no default."""
     out = dict(cfg)
+    # data: the keys every source has (data.sample_key), beside the source's own
+    out["data"] = {**cfg["data"], **check_params("data", cfg["data"], known_only=True)}
     for group in (*ORDER, "tracking"):
         out[group] = {**cfg[group], **check_params(group, cfg[group])}
     out["cache"] = {**(cfg.get("cache") or {}), **check_params("cache", cfg.get("cache"), known_only=True)}

@@ -11,6 +11,12 @@ array of ``data.chunk_rows`` spots (:func:`tardis_exp.lazy.read_lazy`, docs/larg
 
 Every failure to read is an :class:`~tardis_exp.errors.InputError` naming ``data.path``
 and the file.
+
+Several samples as one study: ``data=samples`` reads every entry of ``data.paths`` with the
+source its name or folder says (:func:`read_samples`) and concatenates them; any source
+with ``data.sample_key=<obs column>`` names the samples of one AnnData. Either way, once
+loaded, ``cfg['data']['sample_key']`` is ``None`` (one sample) or the name of a categorical
+column of ``obs`` with at least one sample (:func:`check_sample_key`).
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import logging
+from collections.abc import Mapping
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError, TardisError
+from .errors import InputError, TardisError, redact
 from .sources import BACKENDS, SOURCES, check_data, need_path, peek_shape  # noqa: F401 -- re-exported
+from .sources import sample_inputs
+
+log = logging.getLogger(__name__)
 
 # Space Ranger's tissue positions (10x documentation order)
 _POSITION_COLUMNS = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
@@ -124,20 +136,116 @@ def load_data(cfg) -> ad.AnnData:
     check_data(cfg, check_path=False)
     source = SOURCES[cfg["source"]]
     if source.path is None:  # made or shipped: an error there is ours, not the user's file
-        return source.read(cfg, None)
-    p = need_path(cfg)
+        adata = source.read(cfg, None)
+    elif source.path == "list":  # data=samples: each input read (and blamed) by _read_one
+        adata = source.read(cfg, None)
+    else:
+        adata = _read_one(cfg, "data.path")
+    check_sample_key(adata, cfg)
+    return adata
+
+
+def _read_one(cfg, key: str) -> ad.AnnData:
+    """The input ``cfg['path']`` read by its source; every failure names ``key`` and the file."""
+    source = SOURCES[cfg["source"]]
+    p = need_path(cfg, key)
     try:
         adata = source.read(cfg, p)
-    except TardisError:
+    except TardisError as e:
+        if key != "data.path" and str(e).startswith("data.path: "):  # a reader's message, about this input
+            raise type(e)(f"{key}: {str(e)[len('data.path: '):]}") from e
         raise
     except Exception as e:  # whatever the reader hit, the cause is the file: say which
         msg = " ".join(str(e).split())[:500]
-        raise InputError(f"data.path: cannot read {p} as data={source.name}: {type(e).__name__}: {msg}") from e
+        raise InputError(f"{key}: cannot read {p} as data={source.name}: {type(e).__name__}: {msg}") from e
     if not isinstance(adata, ad.AnnData):
-        raise InputError(f"data.path: {p} holds a {type(adata).__name__}, not an AnnData")
+        raise InputError(f"{key}: {p} holds a {type(adata).__name__}, not an AnnData")
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(f"data.path: {p} holds {adata.n_obs} spots x {adata.n_vars} genes: nothing to analyse")
+        raise InputError(f"{key}: {p} holds {adata.n_obs} spots x {adata.n_vars} genes: nothing to analyse")
     return adata
+
+
+def check_sample_key(adata: ad.AnnData, cfg) -> None:
+    """``obs[data.sample_key]`` made categorical (in place), or an :class:`InputError` naming
+    the key and the columns there are. Nothing to do without a sample key."""
+    key = cfg.get("sample_key")
+    if key is None:
+        return
+    where = f"data.path={redact(str(cfg['path']))}" if cfg.get("path") not in (None, "", "???") \
+        else f"data={cfg['source']}"
+    if key not in adata.obs.columns:
+        raise InputError(f"data.sample_key={key!r} is not an obs column of {where}; its obs columns: "
+                         f"{list(map(str, adata.obs.columns))}")
+    col = adata.obs[key]
+    if col.isna().any():
+        raise InputError(f"data.sample_key={key!r}: {int(col.isna().sum())} spots of {where} have no sample "
+                         f"(missing values in obs[{key!r}])")
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype(str).astype("category")  # sample labels are names: 1 and '1' are one sample
+    adata.obs[key] = col.cat.remove_unused_categories()
+
+
+def read_samples(cfg) -> ad.AnnData:
+    """The inputs of ``data=samples`` as one AnnData (``anndata.concat``).
+
+    Each entry of ``data.paths`` is read by the source its suffix or folder names
+    (:func:`tardis_exp.sources.infer_source`). Genes are intersected; each spot's sample is
+    ``obs[data.sample_key]`` (categorical, in the order of ``data.paths``) and its name gets
+    ``-<sample>`` appended (spot barcodes repeat across sections). ``obsm['spatial']`` keeps
+    each section's own coordinates (sections may overlap: per-section statistics read the
+    sample column); a Space Ranger folder's ``uns['spatial']`` entry is kept under the
+    sample's name, as squidpy reads ``uns['spatial'][library_id]`` with
+    ``library_key=data.sample_key``. ``var`` columns equal in every input are kept; the rest of
+    the inputs' ``uns`` is not (a merge would mix one section's records with another's).
+    """
+    key = cfg["sample_key"]
+    parts: dict[str, ad.AnnData] = {}
+    files: dict[str, str] = {}
+    for name, sub, where in sample_inputs(cfg):
+        a = _read_one(sub, where)
+        if key in a.obs.columns:
+            raise InputError(f"{where}: {redact(sub['path'])} already has an obs column {key!r}; choose another "
+                             "data.sample_key for the samples' names")
+        if not a.var_names.is_unique:  # the intersection below needs unique names
+            a.var_names_make_unique()
+        parts[name], files[name] = a, redact(sub["path"])
+    common = set.intersection(*(set(a.var_names) for a in parts.values()))
+    if not common:
+        sizes = ", ".join(f"{files[n]} ({a.n_vars} genes, e.g. {list(a.var_names[:2])})" for n, a in parts.items())
+        raise InputError(f"data.paths: the samples share no gene name: {sizes}; are they the same organism and "
+                         "the same gene naming (symbols or ids: data.var_names)?")
+    for n, a in parts.items():
+        if a.n_vars > len(common):
+            log.info("data.paths: %s keeps %d of its %d genes (those every sample has)", files[n], len(common), a.n_vars)
+    with_xy = [n for n, a in parts.items() if "spatial" in a.obsm]
+    if with_xy and len(with_xy) < len(parts):
+        log.warning("data.paths: only %s have spatial coordinates (obsm['spatial']); the study has none",
+                    ", ".join(files[n] for n in with_xy))
+    libraries: dict[str, Any] = {}
+    for n, a in parts.items():
+        lib = a.uns.get("spatial")
+        if isinstance(lib, Mapping) and len(lib) == 1:  # one section: its library under the sample's name
+            libraries[n] = next(iter(lib.values()))
+        elif isinstance(lib, Mapping):
+            libraries.update({f"{n}_{k}": v for k, v in lib.items()})
+    import warnings
+
+    with warnings.catch_warnings():  # "observation names are not unique": index_unique makes them so
+        warnings.simplefilter("ignore", UserWarning)
+        out = ad.concat(parts, join="inner", label=key, index_unique="-", merge="same")
+    out.obs[key] = pd.Categorical(out.obs[key].astype(str), categories=list(parts))
+    if libraries:
+        out.uns["spatial"] = libraries
+    else:
+        out.uns.pop("spatial", None)
+    return out
+
+
+def _canonical(X):
+    """CSR with sorted column indices: the same matrix hashes the same however it was built
+    (a row subset or ``anndata.concat``'s gene join leaves them unsorted)."""
+    X = sp.csr_matrix(X)
+    return X if X.has_sorted_indices else X.sorted_indices()
 
 
 def digest(adata: ad.AnnData) -> str:
@@ -155,13 +263,13 @@ def digest(adata: ad.AnnData) -> str:
         for b in X.to_delayed().ravel():
             blk = dask.compute(b)[0]
             if sp.issparse(blk):
-                blk = sp.csr_matrix(blk)
+                blk = _canonical(blk)
                 for arr in (blk.indptr - blk.indptr[0], blk.indices, blk.data):
                     h.update(np.ascontiguousarray(arr).tobytes())
             else:
                 h.update(np.ascontiguousarray(blk).tobytes())
     elif sp.issparse(X):
-        X = sp.csr_matrix(X)
+        X = _canonical(X)
         for arr in (X.indptr, X.indices, X.data):
             h.update(np.ascontiguousarray(arr).tobytes())
     else:
@@ -169,3 +277,22 @@ def digest(adata: ad.AnnData) -> str:
     h.update("\n".join(map(str, adata.obs_names)).encode())
     h.update("\n".join(map(str, adata.var_names)).encode())
     return h.hexdigest()[:16]
+
+
+def sample_digests(adata: ad.AnnData, cfg) -> list[dict[str, Any]]:
+    """One record per sample of a study (empty without ``data.sample_key``): ``name``,
+    ``digest`` (:func:`digest` of the sample's spots, as the run reads them), ``n_obs``,
+    ``n_vars`` and ``source`` (its file, or the study's)."""
+    key = cfg.get("sample_key")
+    if key is None:
+        return []
+    files = {n: str(Path(sub["path"]).expanduser().resolve()) for n, sub, _ in sample_inputs(cfg)} \
+        if SOURCES[cfg["source"]].path == "list" else {}
+    study = str(cfg.get("path") or cfg["source"])
+    labels = adata.obs[key].to_numpy()
+    out = []
+    for name in adata.obs[key].cat.categories:
+        part = adata[labels == name]
+        out.append({"name": str(name), "digest": digest(part), "n_obs": int(part.n_obs), "n_vars": int(part.n_vars),
+                    "source": str(files.get(str(name), study))})
+    return out

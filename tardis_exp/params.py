@@ -1,6 +1,6 @@
 """Every stage parameter, declared once: default, type, allowed values, meaning.
 
-One dataclass per config group (:class:`PreprocessParams`, :class:`FactorizeParams`,
+One dataclass per config group (:class:`DataParams`, :class:`PreprocessParams`, :class:`FactorizeParams`,
 :class:`ConsensusParams`, :class:`ScoreParams`, :class:`TrackingParams`,
 :class:`CacheParams`). Each field is used three ways:
 
@@ -145,6 +145,9 @@ class PreprocessParams:
     hvg_flavor: Any = choice("seurat", "scanpy's highly_variable_genes flavor", HVG_FLAVORS)
     scale: Any = boolean(False, "unit variance per gene, no centering (cNMF)")
     make_unique: Any = boolean(False, "make duplicated gene and spot names unique instead of failing")
+    min_spots_per_sample: Any = integer(10, "with data.sample_key: refuse a sample left with fewer spots after "
+                                        "QC (its per-sample gene statistics and Moran's I would rest on too few "
+                                        "spots)", minimum=1)
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:
@@ -162,6 +165,27 @@ def _dask(value, key):
 
     check_dask_config(value, key)
     return value
+
+
+def _sample_key(value, key):
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{key} must be an obs column name or null, got {value!r}")
+    return value
+
+
+@dataclass
+class DataParams:
+    """The keys every ``data`` preset has, whatever its source (config group ``data``; each
+    source's own keys are checked by its entry in :data:`tardis_exp.sources.SOURCES`).
+
+    The group has no Hydra schema: its presets (``conf/data/<source>.yaml``) hold their
+    source's keys, and each restates these with their declared default
+    (``tests/test_samples.py`` checks it).
+    """
+
+    sample_key: Any = other(None, "obs column naming each spot's sample (section, batch): null = one sample; "
+                            "the HVG selection is per sample (scanpy's batch_key); data=samples sets it to "
+                            "'sample' (docs/usage.md, 'Several samples as one study')", _sample_key)
 
 
 @dataclass
@@ -341,7 +365,7 @@ class CacheParams:
             raise ConfigError("cache.dir must be set when cache.enabled=true")
 
 
-PARAMS: dict[str, type] = {"preprocess": PreprocessParams, "factorize": FactorizeParams,
+PARAMS: dict[str, type] = {"data": DataParams, "preprocess": PreprocessParams, "factorize": FactorizeParams,
                            "consensus": ConsensusParams, "score": ScoreParams,
                            "tracking": TrackingParams, "cache": CacheParams}
 
@@ -432,6 +456,8 @@ def _schema(params: type) -> type:
 
 
 SCHEMA_NAME = "schema"
+# groups whose presets hold keys of their own (a data source's), so no schema fixes the keys
+NO_SCHEMA = frozenset({"data"})
 
 
 _REGISTERED: set[int] = set()
@@ -450,4 +476,6 @@ def register_configs() -> None:
         return
     _REGISTERED.add(id(cs))
     for group, params in PARAMS.items():
+        if group in NO_SCHEMA:
+            continue
         cs.store(group=group, name=SCHEMA_NAME, node=_schema(params), provider="tardis_exp")

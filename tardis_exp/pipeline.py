@@ -180,8 +180,13 @@ def _run(cfg, run_dir: Path, overrides) -> dict[str, Any]:
         shape = f"{data.shape[0]}x{data.shape[1]}"
         parent.set_tags({"data.digest": data.digest, "data.shape": shape,
                          **({"cache.input": "hit"} if data.from_memo else {})})
-        tracker.log_input(data.shape, name=str(cfg["data"].get("name")), digest=data.digest,
-                          source=str(cfg["data"].get("path") or cfg["data"]["source"]))
+        if data.samples:  # a study of several samples: each one is an input of the run
+            parent.set_tags({"data.sample_key": cfg["data"]["sample_key"], "data.n_samples": str(len(data.samples))})
+            for s in data.samples:
+                tracker.log_input((s["n_obs"], s["n_vars"]), name=s["name"], digest=s["digest"], source=s["source"])
+        else:
+            tracker.log_input(data.shape, name=str(cfg["data"].get("name")), digest=data.digest,
+                              source=str(cfg["data"].get("path") or cfg["data"]["source"]))
 
         # the stages that finished, and their AnnData: kept in the run folder when a later one fails
         done: dict[str, Any] = {"finished": [], "adata": None}
@@ -214,7 +219,8 @@ def _stages(cfg, tracker, cache, inputs: list, progress, done: dict):
     data = inputs.pop()
     with tracker.stage("preprocess", cfg["preprocess"]) as st:
         adata = cache.preprocess(data, cfg, stage_run=st,
-                                 compute=lambda a: preprocess(a, **stage_kwargs(cfg["preprocess"])))
+                                 compute=lambda a: preprocess(a, sample_key=cfg["data"]["sample_key"],
+                                                              **stage_kwargs(cfg["preprocess"])))
         _report(st, "preprocess", adata)
     del data  # the raw counts: free them before the factorization needs the memory
     done.update(adata=adata, finished=["preprocess"])
@@ -240,7 +246,7 @@ def _stages(cfg, tracker, cache, inputs: list, progress, done: dict):
 
     with tracker.stage("score", cfg["score"]) as st:
         # data.sample_key: several samples as one study (Moran's I per section, the samples table)
-        score(adata, sample_key=cfg["data"].get("sample_key"), **stage_kwargs(cfg["score"]))
+        score(adata, sample_key=cfg["data"]["sample_key"], **stage_kwargs(cfg["score"]))
         _report(st, "score", adata)
     done["finished"].append("score")
     return adata

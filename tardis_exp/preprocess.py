@@ -13,6 +13,15 @@ highly variable genes with
     the parameters and what QC removed.
 
 ``obsm`` (``spatial`` included) and ``obs`` are carried over.
+
+Several samples (``sample_key``, from ``data.sample_key``): the highly variable genes are
+chosen per sample (scanpy's ``batch_key``: genes variable within the samples, not genes that
+differ between them), and a sample left with fewer than ``min_spots_per_sample`` spots after
+QC is refused. The rest needs nothing per sample: the QC thresholds (``min_cells``,
+``min_counts``) are fixed numbers, not derived from the data, and the normalization is per
+spot (each spot divided by its own total, times one ``target_sum`` for every spot; with
+``target_sum=null`` the median over the whole study, so that samples are not rescaled
+against each other).
 """
 
 from __future__ import annotations
@@ -184,6 +193,8 @@ def preprocess(
     hvg_flavor: str = _P.hvg_flavor,
     scale: bool = _P.scale,
     make_unique: bool = _P.make_unique,
+    min_spots_per_sample: int = _P.min_spots_per_sample,
+    sample_key: str | None = None,
 ) -> ad.AnnData:
     """Select and normalize the genes the factorization will see.
 
@@ -217,6 +228,11 @@ def preprocess(
         Make duplicated gene and spot names unique (``var_names_make_unique``,
         ``obs_names_make_unique``) instead of failing. Duplicated spot names would give
         duplicated rows in ``usages.tsv.gz`` that no one can tell apart.
+    min_spots_per_sample
+        With ``sample_key``: refuse a sample left with fewer spots after QC.
+    sample_key
+        ``obs`` column naming each spot's sample (``data.sample_key``): the HVG selection is
+        per sample (scanpy's ``batch_key``). ``None``: one sample.
 
     Returns
     -------
@@ -225,7 +241,13 @@ def preprocess(
     check_params(layer=layer, use_raw=use_raw, min_cells=min_cells, min_counts=min_counts,
                  exclude_regex=exclude_regex, exclude_genes_file=exclude_genes_file, normalize=normalize,
                  target_sum=target_sum, n_top_genes=n_top_genes, hvg_flavor=hvg_flavor, scale=scale,
-                 make_unique=make_unique)
+                 make_unique=make_unique, min_spots_per_sample=min_spots_per_sample)
+    samples_in = None
+    if sample_key is not None:
+        if sample_key not in adata.obs.columns:
+            raise InputError(f"data.sample_key={sample_key!r} is not an obs column; the AnnData has "
+                             f"{list(map(str, adata.obs.columns))}")
+        samples_in = adata.obs[sample_key].astype("category").cat.categories
     if use_raw:
         if adata.raw is None:
             raise InputError("preprocess.use_raw=true but the AnnData has no .raw")
@@ -297,6 +319,17 @@ def preprocess(
                 f"no spots left after QC: none has preprocess.min_counts={min_counts} counts in the "
                 f"{out.n_vars} genes kept (preprocess.min_cells={min_cells}); lower preprocess.min_counts"
             )
+    if samples_in is not None:  # before the per-sample HVG statistics, which need spots to rest on
+        left = out.obs[sample_key].astype(str).value_counts().reindex(samples_in.astype(str), fill_value=0)
+        small = left[left < min_spots_per_sample]
+        if len(small):
+            name, n = small.index[0], int(small.iloc[0])
+            raise InputError(
+                f"sample {name!r} (obs[{sample_key!r}]) has {n} spots left after QC (preprocess.min_counts="
+                f"{min_counts}, of {int((adata.obs[sample_key].astype(str) == name).sum())}), fewer than "
+                f"preprocess.min_spots_per_sample={min_spots_per_sample}"
+                f"{f' ({len(small)} samples are)' if len(small) > 1 else ''}; leave it out of the study "
+                "or lower preprocess.min_spots_per_sample")
     if _values(out.X).max(initial=0) == 0:
         raise InputError(
             f"{src} is all zeros in the genes left after excluding {int(drop.sum())} by name "
@@ -326,16 +359,17 @@ def preprocess(
                 f"{float(_values(out.X).max()):.3g} (preprocess.normalize={normalize}); "
                 "ranking genes on log1p(X)", UserWarning, stacklevel=2,
             )
-            hvg_in = ad.AnnData(X=out.X.copy(), obs=out.obs[[]], var=out.var[[]])
+            hvg_in = ad.AnnData(X=out.X.copy(), obs=out.obs[[sample_key] if sample_key else []], var=out.var[[]])
             sc.pp.log1p(hvg_in)
         try:
             if hvg_flavor == "pearson_residuals":
                 sc.experimental.pp.highly_variable_genes(hvg_in, flavor="pearson_residuals",
-                                                         n_top_genes=n_hvg, layer="counts")
+                                                         n_top_genes=n_hvg, layer="counts", batch_key=sample_key)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
-                    sc.pp.highly_variable_genes(hvg_in, n_top_genes=n_hvg, flavor=hvg_flavor, layer=hvg_layer)
+                    sc.pp.highly_variable_genes(hvg_in, n_top_genes=n_hvg, flavor=hvg_flavor, layer=hvg_layer,
+                                                batch_key=sample_key)
         except (IndexError, ValueError, ZeroDivisionError) as e:
             # scanpy fails when no gene has a defined normalized dispersion (e.g. every gene
             # detected in one spot): too little variation to rank on
@@ -379,5 +413,7 @@ def preprocess(
         "hvg_flavor": hvg_flavor,
         "scale": bool(scale),
     }
+    if sample_key is not None:  # the HVG selection was per sample (scanpy's batch_key)
+        out.uns["preprocess"].update(sample_key=sample_key, n_samples=len(samples_in))
     log.info("preprocess: %d x %d -> %d spots x %d genes", n0_spots, n0_genes, *out.shape)
     return out

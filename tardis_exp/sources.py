@@ -39,8 +39,9 @@ class Source:
         ``read(cfg, path) -> AnnData``; ``path`` is the checked ``data.path`` (``None`` for a
         source without one). Imports what it needs when called.
     path
-        ``"file"``, ``"folder"`` or ``None`` (the source needs no ``data.path``: the data are
-        made or shipped, and the stage cache keys them by their config).
+        ``"file"``, ``"folder"``, ``"list"`` (``data.paths``: several inputs, one sample each)
+        or ``None`` (the source needs no ``data.path``: the data are made or shipped, and the
+        stage cache keys them by their config).
     lazy
         ``data.backend=dask`` can read it (AnnData stores).
     check
@@ -65,8 +66,8 @@ def register(source: Source) -> Source:
     """Add ``source`` to :data:`SOURCES` (its name must be new)."""
     if source.name in SOURCES:
         raise ValueError(f"data source {source.name!r} is registered twice")
-    if source.path not in ("file", "folder", None):
-        raise ValueError(f"data source {source.name!r}: path must be 'file', 'folder' or None")
+    if source.path not in ("file", "folder", "list", None):
+        raise ValueError(f"data source {source.name!r}: path must be 'file', 'folder', 'list' or None")
     SOURCES[source.name] = source
     return source
 
@@ -78,6 +79,13 @@ def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
     """Validate a ``data`` config without reading any data (cheap; runs first)."""
     source = SOURCES[check_choice(cfg.get("source"), "data.source", tuple(SOURCES))]
     backend = check_choice(cfg.get("backend") or "memory", "data.backend", BACKENDS)
+    from .params import check as check_params  # light: no scientific stack
+
+    sample_key = check_params("data", cfg, known_only=True)["sample_key"]
+    if backend == "dask" and sample_key is not None:
+        # scanpy's per-batch HVG selection subsets X by sample: not on a chunked X
+        raise ConfigError(f"data.sample_key={sample_key} selects genes per sample, which data.backend=dask "
+                          "does not do; use data.backend=memory or data.sample_key=null")
     if backend == "dask":
         if not source.lazy:
             lazy = " and ".join(n for n, s in SOURCES.items() if s.lazy)
@@ -90,29 +98,76 @@ def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
             raise ConfigError("data.backend=dask needs Dask, which is not installed; pip install 'dask[array]' distributed")
     if source.check is not None:
         source.check(cfg)
-    if source.path is not None and check_path:
+    if source.path == "list" and check_path:
+        sample_inputs(cfg)
+    elif source.path is not None and check_path:
         need_path(cfg)
 
 
-def need_path(cfg: Mapping[str, Any]) -> Path:
-    """``data.path`` checked against what its source needs (a file or a folder, readable)."""
+def need_path(cfg: Mapping[str, Any], key: str = "data.path") -> Path:
+    """``data.path`` (or the config key ``key``) checked against what its source needs (a
+    file or a folder, readable)."""
     source = SOURCES[cfg["source"]]
     path = cfg.get("path")
     if path in _UNSET:
-        raise ConfigError(f"data.path is required for data={source.name}; e.g. data.path=/path/to/input")
+        raise ConfigError(f"{key} is required for data={source.name}; e.g. {key}=/path/to/input")
     p = Path(str(path)).expanduser()
     # messages quote the configured string, credentials hidden (Path() would mangle "://")
     shown = redact(str(path))
     if not p.exists():
-        raise InputError(f"data.path: {shown} does not exist")
+        raise InputError(f"{key}: {shown} does not exist")
     folder = source.path == "folder"
     if folder and not p.is_dir():
-        raise InputError(f"data.path: {shown} must be a folder for data={source.name}")
+        raise InputError(f"{key}: {shown} must be a folder for data={source.name}")
     if not folder and p.is_dir():
-        raise InputError(f"data.path: {shown} is a folder; data={source.name} needs a file")
+        raise InputError(f"{key}: {shown} is a folder; data={source.name} needs a file")
     if not folder and not _readable(p):
-        raise InputError(f"data.path: {shown} is not readable (permission denied)")
+        raise InputError(f"{key}: {shown} is not readable (permission denied)")
     return p
+
+
+# ---------------------------------------------------------------- several inputs (data=samples)
+
+_SUFFIXES = {".h5ad": "h5ad", ".h5": "tenx_h5", ".zarr": "zarr"}
+_ACCEPTED = "an .h5ad file, a 10x .h5 file, a 10x matrix folder, a Space Ranger folder or a .zarr store"
+
+
+def infer_source(path: Path, key: str) -> str:
+    """The source that reads ``path`` (one input of ``data=samples``), from its name or content."""
+    if path.is_dir():
+        if (path / "spatial").is_dir():
+            return "visium"
+        if path.suffix == ".zarr" or any((path / f).exists() for f in (".zgroup", "zarr.json")):
+            return "zarr"
+        if any((path / f).is_file() for f in ("matrix.mtx", "matrix.mtx.gz")):
+            return "tenx_mtx"
+    elif path.suffix in _SUFFIXES and _SUFFIXES[path.suffix] != "zarr":
+        return _SUFFIXES[path.suffix]
+    raise InputError(f"{key}: cannot tell how to read {redact(str(path))}; give {_ACCEPTED}")
+
+
+def sample_name(path: Path) -> str:
+    """A sample's default name: its file name without the format's suffix, or its folder's name."""
+    return path.name[: -len(path.suffix)] if path.suffix in _SUFFIXES else path.name
+
+
+def sample_inputs(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """``(name, config, key)`` of every input of ``data=samples``, each path checked.
+
+    ``config`` is ``cfg`` with the source and path of that input (the other keys, e.g.
+    ``data.count_file``, apply to every input of their source); ``key`` names it in messages
+    (``data.paths[1]``).
+    """
+    out = []
+    for i, path in enumerate(cfg["paths"]):
+        key = f"data.paths[{i}]"
+        p = Path(str(path)).expanduser()
+        if not p.exists():
+            raise InputError(f"{key}: {redact(str(path))} does not exist")
+        sub = {**cfg, "source": infer_source(p, key), "path": str(path), "backend": "memory"}
+        need_path(sub, key)
+        out.append((str(cfg["names"][i]) if cfg.get("names") else sample_name(p), sub, key))
+    return out
 
 
 def _readable(p: Path) -> bool:
@@ -130,7 +185,7 @@ def peek_shape(cfg: Mapping[str, Any]) -> tuple[int, int, int | None] | None:
     source = SOURCES.get(cfg.get("source"))
     if source is None or source.peek is None:
         return None
-    if source.path is not None and cfg.get("path") in _UNSET:
+    if source.path not in (None, "list") and cfg.get("path") in _UNSET:
         return None
     return source.peek(cfg)
 
@@ -139,7 +194,8 @@ def describe() -> str:
     """The sources as a Markdown table (the documentation's list)."""
     rows = ["| `data=` | reads | `data.path` | `data.backend=dask` |", "|---|---|---|---|"]
     for s in SOURCES.values():
-        rows.append(f"| `{s.name}` | {s.doc} | {s.path or '-'} | {'yes' if s.lazy else '-'} |")
+        path = "`data.paths`: a list" if s.path == "list" else s.path or "-"
+        rows.append(f"| `{s.name}` | {s.doc} | {path} | {'yes' if s.lazy else '-'} |")
     return "\n".join(rows)
 
 
@@ -252,6 +308,52 @@ def _read_dataset(cfg, path):
     return load(cfg["dataset"], seed=int(cfg.get("seed") or 0))
 
 
+def _check_samples(cfg):
+    paths, names = cfg.get("paths"), cfg.get("names")
+    if isinstance(paths, str) or not isinstance(paths, (list, tuple)) or not paths:
+        raise ConfigError(f"data.paths must be a list of inputs for data=samples, e.g. 'data.paths=[a.h5ad,b.h5ad]'; "
+                          f"got {redact(paths)!r}")
+    if cfg.get("sample_key") is None:
+        raise ConfigError("data=samples needs data.sample_key: the obs column that will name each spot's sample")
+    if names is not None:
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or len(names) != len(paths):
+            raise ConfigError(f"data.names must be a list of {len(paths)} sample names (one per data.paths entry) "
+                              f"or null, got {names!r}")
+        shown = [str(n) for n in names]
+        where = "data.names"
+    else:  # the default names: the inputs' file or folder names
+        shown = [sample_name(Path(str(p)).expanduser()) for p in paths]
+        where = "data.paths (names from the file names; set data.names)"
+    for n in shown:
+        if not n.strip() or "/" in n:
+            raise ConfigError(f"{where}: sample name {n!r} must be non-empty and without '/' (an h5ad key)")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(shown):
+        if n in seen:
+            raise ConfigError(f"{where}: duplicate sample name {n!r} (data.paths[{seen[n]}] "
+                              f"{redact(str(paths[seen[n]]))} and data.paths[{i}] {redact(str(paths[i]))})")
+        seen[n] = i
+
+
+def _read_samples(cfg, path):
+    from .data import read_samples
+
+    return read_samples(cfg)
+
+
+def _peek_samples(cfg):
+    """Spots summed and genes bounded by the smallest input (the genes are intersected), or None."""
+    try:
+        inputs = sample_inputs(cfg)
+    except (InputError, ConfigError):
+        return None
+    shapes = [peek_shape(sub) for _, sub, _ in inputs]
+    if any(s is None for s in shapes):
+        return None
+    nnz = None if any(s[2] is None for s in shapes) else sum(s[2] for s in shapes)
+    return sum(s[0] for s in shapes), min(s[1] for s in shapes), nnz
+
+
 register(Source("synthetic", "generated spatial counts with planted programs, ground truth inside (the default)",
                 _read_synthetic, path=None, check=_check_synthetic, peek=_peek_synthetic))
 register(Source("h5ad", "an AnnData file (`anndata.read_h5ad`)", _read_store("read_h5ad"), lazy=True,
@@ -265,5 +367,9 @@ register(Source("visium", "a Space Ranger output folder: counts and `spatial/` (
                 "`obsm['spatial']`; images optional)", _read_visium, path="folder"))
 register(Source("pbmc68k", "scanpy's bundled pbmc68k_reduced (700 cells, counts from its non-negative `.raw`)",
                 _read_pbmc68k, path=None))
+register(Source("samples", "several inputs as one study, one sample each (`data.paths`, `data.names`): "
+                "each read by its suffix or folder (h5ad, 10x h5 or matrix folder, Space Ranger folder, zarr), "
+                "concatenated with `anndata.concat` (genes intersected, sample in `obs[data.sample_key]`)",
+                _read_samples, path="list", check=_check_samples, peek=_peek_samples))
 register(Source("dataset", "a benchmark set with a published answer (`data.dataset`: Brunet's leukemia and "
                 "medulloblastoma, shipped; Monti's simulations)", _read_dataset, path=None, check=_check_dataset))

@@ -224,7 +224,7 @@ def test_run_writes_the_table_and_logs_it_to_mlflow(tmp_path):
 
     run_dir = tmp_path / "run"
     ov = [f"paths.root_dir={tmp_path}", f"paths.run_dir={run_dir}", "data=h5ad", f"data.path={path}",
-          "+data.sample_key=sample", "factorize.n_components=5", "factorize.n_replicates=3",
+          "data.sample_key=sample", "factorize.n_components=5", "factorize.n_replicates=3",
           "consensus.n_resamples=10", "preprocess.n_top_genes=400", "score.n_cluster_genes=20"]
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="config", overrides=ov), resolve=True)
