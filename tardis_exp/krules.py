@@ -192,17 +192,17 @@ def _one_se(c: Curve):
 
 
 def _last_above_null(c: Curve):
-    """Horn: the largest K whose statistic (the smallest data / null ratio of the
-    eigenvalues it needs) is above 1; the runner-up is the next K, the margin how far the
-    closer of the two stands from 1 in units of the tolerance."""
+    """Horn: the largest K whose statistic (the smallest log data / null ratio of the
+    eigenvalues it needs) is above 0; the runner-up is the next K, the margin how far the
+    closer of the two stands from 0 in units of the tolerance."""
     v, idx = c.v, c.idx
-    above = [i for i in idx if v[i] > 1]
+    above = [i for i in idx if v[i] > 0]
     best = above[-1] if above else idx[0]
     rest = [i for i in idx if i > best] or [i for i in idx if i < best]
     if not rest:
         return best, best, float("inf")
     runner = min(rest, key=lambda i: abs(i - best))
-    gap = min(abs(v[best] - 1), abs(v[runner] - 1))
+    gap = min(abs(v[best]), abs(v[runner]))
     return best, runner, float(gap / c.tol2(best, runner))
 
 
@@ -230,7 +230,7 @@ RULES: dict[str, KRule] = {r.name: r for r in (
     KRule("bicv", "bicv", False, "held-out error (bi-cross-validation)",
           "the smallest K within one SE of the least held-out NMF error (Owen & Perry 2009)", _one_se,
           methods=("components",), requires="it is computed by the components method's stage", source="data"),
-    KRule("parallel", "parallel", True, "eigenvalue / permuted null",
+    KRule("parallel", "parallel", True, "log eigenvalue / permuted null",
           "Horn's parallel analysis: 1 + the leading centred eigenvalues above gene-permuted copies' 95th "
           "percentile", _last_above_null, methods=("components",),
           requires="it is computed by the components method's stage", source="data"),

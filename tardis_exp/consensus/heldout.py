@@ -136,8 +136,8 @@ def data_rule_stats(statistic: str, X, random_state):
                 cache["pa"] = parallel_eigen(X, seed)
             pa = cache["pa"]
             # K programs need the K - 1 leading centred eigenvalues above the null: the
-            # statistic at K is the smallest of their ratios (1 at K = 1)
-            ratio = np.concatenate([[np.inf], np.minimum.accumulate(pa["eigen"] / pa["null"])])
+            # statistic at K is the smallest of their log ratios (> 0: above; K = 1 needs none)
+            ratio = np.concatenate([[np.inf], np.minimum.accumulate(np.log(pa["eigen"] / pa["null"]))])
             se = np.concatenate([[0.0], pa["null_sd"] / pa["null"]])
             top = len(ratio) - 1
             return ({"parallel": np.array([ratio[min(k - 1, top)] for k in ks])},
