@@ -486,6 +486,44 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0}
 
 
+def run_matrix_rules(adata, overrides=(), rules=("bicv", "parallel")) -> dict[str, Any]:
+    """The K of rules that read the matrix (``KRule.source == "data"``) without the factorization.
+
+    Such a rule's K is a function of the preprocessed matrix, ``consensus.random_state`` and
+    the K range (``consensus.min_clusters..max_clusters`` clipped to ``factorize.n_components``)
+    only -- what the consensus stage computes (its background pass aside) whatever the solver.
+    One result row as :func:`run_draw`'s, K only.
+    """
+    from .consensus.heldout import data_rule_stats
+    from .krules import RULES, select_k
+    from .params import ConsensusParams, FactorizeParams
+    from .preprocess import preprocess
+
+    cfg = parse_overrides([*SEARCH_RANGE, *overrides])
+    c = {**{f.name: f.default for f in dataclasses.fields(ConsensusParams)}, **cfg["consensus"]}
+    rank = cfg["factorize"].get("n_components", FactorizeParams.n_components)
+    ks = list(range(int(c["min_clusters"]), min(int(c["max_clusters"]), int(rank)) + 1))
+    truth = adata.uns["benchmark"]
+    t0 = time.perf_counter()
+    per_rule = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = adata.copy()
+        preprocess(a, **cfg["preprocess"])
+        for rule in rules:
+            if RULES[rule].source != "data":
+                raise ValueError(f"--matrix-only: rule {rule!r} reads the replicates; run it without --matrix-only")
+            st, spread = data_rule_stats(RULES[rule].statistic, a.X, c["random_state"])(ks)
+            k, info = select_k(ks, st, rule, c["k_tolerance"], spread=spread, z=c["k_z"], return_info=True)
+            per_rule[rule] = {"k": int(k), "runner_up": int(info["runner_up_k"]), "margin": float(info["margin"]),
+                              "warned": bool(info["runner_up_k"] != k and info["margin"] < 1)}
+    first = per_rule[rules[0]]
+    return {"family": truth["family"], "seed": truth["seed"], "planted_k": truth["planted_k"],
+            "n_spots": int(adata.n_obs), "n_genes": int(adata.n_vars), **first, "recovery": float("nan"),
+            "usage_r": float("nan"), "n_background": 0, "rules": per_rule, "matrix_only": True,
+            "seconds": time.perf_counter() - t0}
+
+
 def summarize(rows, rule: str | None = None) -> dict[str, Any]:
     """Exact-K and within-one rates with 95 % Wilson intervals (``rule``: that rule's K)."""
     ks = [(r["rules"][rule]["k"] if rule else r["k"], r["planted_k"]) for r in rows]
@@ -516,6 +554,9 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="stage parameters, e.g. factorize.tol=1e-6 consensus.k_selection=pac")
     ap.add_argument("--rules", nargs="*", default=None,
                     help="consensus.k_selection values measured on the same factorizations (first reported)")
+    ap.add_argument("--matrix-only", action="store_true",
+                    help="rules that read the matrix (bicv, parallel) only, without the factorization "
+                         "(their K does not depend on it)")
     ap.add_argument("--max-spots", type=int, default=None)
     ap.add_argument("--max-genes", type=int, default=None)
     ap.add_argument("--jsonl", type=Path, default=None,
@@ -551,7 +592,8 @@ def main(argv=None) -> list[dict[str, Any]]:
             r = done[seed]
         else:
             print(f"  [{i + 1}/{a.draws}] seed {seed} ...", file=sys.stderr, flush=True)
-            r = run_draw(draw(a.family, seed, **caps), overrides, rules)
+            d = draw(a.family, seed, **caps)
+            r = run_matrix_rules(d, overrides, rules) if a.matrix_only else run_draw(d, overrides, rules)
             r["overrides"] = overrides
             if a.jsonl:
                 with a.jsonl.open("a") as fh:

@@ -90,6 +90,10 @@ class KRule:
     methods: tuple[str, ...] = ("components", "spots")
     requires: str = ""
     alias: str = ""  # the rule this one is under another name (for the help)
+    #: ``"data"``: the statistic is measured on the matrix itself (tardis_exp.consensus.heldout),
+    #: not on the replicates -- the K does not depend on factorize.solver or its tolerance, and
+    #: the replicates' admissibility (consensus.min_cluster_replicates) does not restrict it
+    source: str = "replicates"
 
     @property
     def panel(self) -> str:
@@ -170,6 +174,38 @@ def _last_before_drop(c: Curve):
     return best, best, float("inf")
 
 
+def _one_se(c: Curve):
+    """The smallest K whose held-out error is within one standard error of the smallest
+    (Breiman's one-SE rule; ``se`` is that of each K's difference to the best K over the
+    folds, which share their splits). The runner-up is the K next to it, below where
+    there is one; the margin is their difference in units of its tolerance."""
+    import numpy as np
+
+    v, se, idx = c.v, c.se, c.idx
+    top = idx[np.argmax(v[idx])]
+    best = next(i for i in idx if v[i] >= v[top] - max(se[i], c.tolerance))
+    near = [i for i in idx if i != best]
+    if not near:
+        return best, best, float("inf")
+    runner = min(near, key=lambda i: (abs(i - best), i > best))
+    return best, runner, float(abs(v[best] - v[runner]) / c.tol2(best, runner))
+
+
+def _last_above_null(c: Curve):
+    """Horn: the largest K whose statistic (the smallest log data / null ratio of the
+    eigenvalues it needs) is above 0; the runner-up is the next K, the margin how far the
+    closer of the two stands from 0 in units of the tolerance."""
+    v, idx = c.v, c.idx
+    above = [i for i in idx if v[i] > 0]
+    best = above[-1] if above else idx[0]
+    rest = [i for i in idx if i > best] or [i for i in idx if i < best]
+    if not rest:
+        return best, best, float("inf")
+    runner = min(rest, key=lambda i: abs(i - best))
+    gap = min(abs(v[best]), abs(v[runner]))
+    return best, runner, float(gap / c.tol2(best, runner))
+
+
 # ---------------------------------------------------------------- the registry
 
 _COMPONENTS_ONLY = "it counts the components of each replicate in a meta-program"
@@ -190,6 +226,14 @@ RULES: dict[str, KRule] = {r.name: r for r in (
           "the last K whose CDF area gains over K - 1 (Monti et al. 2003)", _last_gain),
     KRule("silhouette", "silhouette", True, "silhouette", "the K with the best silhouette of the items",
           _best_silhouette),
+    # the two below read the matrix, not the replicates (docs/benchmark.md, "Candidate rules")
+    KRule("bicv", "bicv", False, "held-out error (bi-cross-validation)",
+          "the smallest K within one SE of the least held-out NMF error (Owen & Perry 2009)", _one_se,
+          methods=("components",), requires="it is computed by the components method's stage", source="data"),
+    KRule("parallel", "parallel", True, "log eigenvalue / permuted null",
+          "Horn's parallel analysis: 1 + the leading centred eigenvalues above gene-permuted copies' 95th "
+          "percentile", _last_above_null, methods=("components",),
+          requires="it is computed by the components method's stage", source="data"),
 )}
 #: ``auto``, per method: the validated default (docs/validation.md, "K selection").
 AUTO = {"components": "recurrence", "spots": "pac"}
@@ -295,6 +339,8 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
         raise ConfigError(f"consensus.k_selection={rule!r} is unknown; choose one of {K_RULES}")
     k_rule = RULES[resolve_k_rule(rule, stats=stats)]
     adm = np.ones(len(ks), bool) if admissible is None else np.asarray(admissible, bool).copy()
+    if k_rule.source == "data":  # the matrix decides K; the replicates' recurrence does not restrict it
+        adm[:] = True
     if not adm.any():
         warnings.warn("no K in the range gives clusters that recur in enough replicates "
                       "(consensus.min_cluster_replicates); choosing among all K", UserWarning, stacklevel=3)

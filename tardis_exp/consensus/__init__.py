@@ -71,6 +71,7 @@ from ..params import check
 from .background import _find_background, background_programs
 from .components import ComponentsSettings, _components, _pooled_components, _warn_converged_replicates
 from .components import local_density_outliers
+from .heldout import bicv_curve, data_rule_stats, parallel_eigen  # noqa: F401 -- re-exported
 from .rank import _k_cophenetic, parallel_analysis, rank_evidence, reproducibility  # noqa: F401 -- re-exported
 from .spots import SpotsSettings, _spots
 from .statistics import (CDF_GRID, cdf_stats, cluster_consensus, consensus_from_labels, half_spread,
@@ -365,14 +366,20 @@ def consensus(
                                       outlier_neighbors_frac=outlier_neighbors_frac,
                                       min_replicates=min_cluster_replicates, nmf=nmf)
         k_cap = None if pa is None else pa["rank"]
-        res = _components(adata, rng=rng, settings=settings, k_cap=k_cap, report=False)  # said about the K kept
+        # a rule that reads the matrix (bicv, parallel): its own seeded stream, the same K
+        # whatever factorize.solver and its tolerance; measured once, read by both passes
+        data_stats = (data_rule_stats(RULES[k_selection].statistic, adata.X, random_state)
+                      if RULES[k_selection].source == "data" else None)
+        res = _components(adata, rng=rng, settings=settings, k_cap=k_cap, report=False,  # said about the K kept
+                          data_stats=data_stats)
         # its own stream: runs without a background draw exactly what they drew before
         bg_rng = np.random.default_rng(None if random_state is None else [random_state, 1])
         bg = _find_background(adata, res, background_ratio, bg_rng, refit_max_iter)
         if bg is not None and bg["items"].any():
             # K counts the programs that tell spots apart: choose it again without the background
             first_k = res["best_k"]
-            res = _components(adata, rng=rng, settings=settings, k_cap=k_cap, exclude=bg["items"])
+            res = _components(adata, rng=rng, settings=settings, k_cap=k_cap, exclude=bg["items"],
+                              data_stats=data_stats)
             background = bg["spectra"]
             res.update(k_with_background=first_k, background_items=np.flatnonzero(bg["items"]))
             res["item_labels"][bg["items"]] = -2

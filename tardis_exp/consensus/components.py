@@ -92,12 +92,13 @@ def _warn_converged_replicates(adata, rule: str, nmf: NMFKeys = NMFKeys()) -> No
 
 
 def _components(adata, *, rng, settings: ComponentsSettings, exclude=None, report: bool = True,
-                k_cap: int | None = None) -> dict:
+                k_cap: int | None = None, data_stats=None) -> dict:
     """Consensus over the pooled components of every replicate at each K of the range.
 
     ``exclude``: components left out (the background's, second pass); ``report``: log the
     choice of K (the first pass does not, when a second follows); ``k_cap``: the largest K
-    (parallel analysis). Returns the entries of ``uns['nmf_consensus']`` with ``spectra``.
+    (parallel analysis); ``data_stats``: ``ks -> (stats, spread)`` of a rule that reads the matrix
+    (:mod:`~tardis_exp.consensus.heldout`). Returns the entries of ``uns['nmf_consensus']`` with ``spectra``.
     """
     s = settings
     min_k, max_k, n_resamples, frac, rule, tol = s.min_k, s.max_k, s.n_resamples, s.frac, s.rule, s.tol
@@ -164,6 +165,10 @@ def _components(adata, *, rng, settings: ComponentsSettings, exclude=None, repor
     stats["recurrence"] = [replicate_recurrence(final_labels[kk], replicate[items], R, kk) for kk in ks]
     spread = half_spread(ks, label_sets, n_splits=spread_splits, rng=rng, item_dist=D)
     spread["recurrence"] = recurrence_spread(ks, final_labels, replicate[items], R, spread_splits, rng)
+    if data_stats is not None:
+        extra, extra_spread = data_stats(ks)
+        stats.update(extra)
+        spread.update(extra_spread)
     # the rules that stop at a change take the largest stable K here (select_k, KRule.pick)
     best, info = select_k(ks, stats, rule, tol, admissible, spread=spread, z=k_z, return_info=True,
                           largest_stable=True)

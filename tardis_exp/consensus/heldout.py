@@ -1,0 +1,147 @@
+"""K from the matrix the factorization sees, not from the replicates: the statistics of the
+rules ``bicv`` and ``parallel`` (:mod:`tardis_exp.krules`).
+
+Both read only ``adata.X`` (a seeded subsample of spots) and a seed, never the replicates, so
+the K they give does not depend on ``factorize.solver`` or on when it stops.
+
+``bicv``
+    Bi-cross-validation of the rank (Owen & Perry 2009), with non-negative fits: the spots
+    and genes are split into ``folds`` groups each; in fold f the block ``X[I_f, J_f]`` is
+    held out, a rank-k NMF is fitted to ``X[-I, -J]`` (HALS run to a fixed tolerance, one
+    seeded start per rank), ``H_J`` is solved from ``X[-I, J]`` and ``W_I`` from
+    ``X[I, -J]`` by NNLS, and the held-out error is ``||X[I, J] - W_I H_J||^2 / ||X[I, J]||^2``.
+    Below the true rank a program is missing from the prediction; above it the surplus
+    components fit the noise of the training block and predict the held-out block worse.
+``parallel``
+    Horn's parallel analysis (1965) on the eigenvalues: the column-centred matrix's
+    eigenvalues against the 95th percentile of those of ``permutations`` copies whose genes
+    are each permuted across spots (co-expression gone, every gene's values kept). Centring
+    removes one dimension of a mixture whose usages sum to (nearly) one, so K is the number of
+    leading eigenvalues above the null plus one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..nmf import derive_seeds, fit_batch, prepare_matrix, refit_usage
+
+#: The fixed internal solver of ``bicv``: HALS to this tolerance (relative change per check).
+BICV_TOL = 1e-5
+BICV_MAX_ITER = 2000
+
+
+def _dense_subsample(X, max_spots: int, rng) -> np.ndarray:
+    X = prepare_matrix(X)
+    n = X.shape[0]
+    rows = np.sort(rng.choice(n, size=min(int(max_spots), n), replace=False))
+    S = X[rows]
+    return np.ascontiguousarray(S.toarray() if sp.issparse(S) else np.asarray(S), dtype=np.float32)
+
+
+def bicv_curve(X, ks, random_state, folds: int = 3, max_spots: int = 1000, tol: float = BICV_TOL,
+               max_iter: int = BICV_MAX_ITER) -> dict:
+    """Held-out error of rank-k NMF per k in ``ks`` by bi-cross-validation (module docstring).
+
+    Parameters
+    ----------
+    X
+        Non-negative spots x genes matrix (the one the factorization sees).
+    ks
+        Ranks to score (each >= 1).
+    random_state
+        Seed of the subsample, the splits and the fits' starts.
+    folds
+        Groups of spots and of genes; fold f holds out the block (spot group f, gene group f).
+    max_spots
+        Spots in the seeded subsample the statistic is measured on.
+
+    Returns
+    -------
+    dict
+        ``bicv`` (mean relative held-out error per k, lower is better), ``bicv_se`` (its
+        standard error over the folds), ``bicv_folds`` (folds x ks).
+    """
+    ks = [int(k) for k in ks]
+    rng = np.random.default_rng(random_state)
+    D = _dense_subsample(X, max_spots, rng)
+    n, m = D.shape
+    row_group = rng.permutation(n) % folds
+    col_group = rng.permutation(m) % folds
+    seeds = derive_seeds(int(rng.integers(2**31)), folds * len(ks))
+    err = np.full((folds, len(ks)), np.nan)
+    for f in range(folds):
+        I, J = row_group == f, col_group == f
+        train = np.ascontiguousarray(D[~I][:, ~J])
+        fits = fit_batch(train, ks, seeds[f * len(ks):(f + 1) * len(ks)], solver="hals", tol=tol,
+                         max_iter=max_iter, progress=False, warn=False, desc="bicv")
+        held = D[I][:, J].astype(np.float64)
+        norm = float(np.einsum("ij,ij->", held, held))
+        for j, res in enumerate(fits):
+            # H_J from the training spots' usages, W_I from the training genes' loadings (NNLS)
+            HJ, _ = refit_usage(D[~I][:, J].T, res.W.T, max_iter=500, tol=1e-6, progress=False)
+            WI, _ = refit_usage(D[I][:, ~J], res.H, max_iter=500, tol=1e-6, progress=False)
+            r = held - WI.astype(np.float64) @ HJ.T.astype(np.float64)
+            err[f, j] = float(np.einsum("ij,ij->", r, r)) / max(norm, np.finfo(np.float64).tiny)
+    return {"bicv": err.mean(0), "bicv_se": err.std(0, ddof=1) / np.sqrt(folds) if folds > 1
+            else np.zeros(len(ks)), "bicv_folds": err}
+
+
+def parallel_eigen(X, random_state, permutations: int = 10, max_spots: int = 2000, quantile: float = 0.95,
+                   max_rank: int = 50) -> dict:
+    """Horn's parallel analysis on the eigenvalues of the column-centred matrix.
+
+    Returns ``eigen`` (the data's leading eigenvalues), ``null`` (their ``quantile`` over the
+    permuted copies), ``null_sd`` (their standard deviation), ``above`` (the number of leading eigenvalues above the null before the
+    first that is not) and ``k`` (``above + 1``: centring removes one dimension of a mixture).
+    """
+    rng = np.random.default_rng(random_state)
+    D = _dense_subsample(X, max_spots, rng).astype(np.float64)
+    D -= D.mean(0)
+    top = min(int(max_rank), min(D.shape) - 1)
+    ev = np.linalg.svd(D, compute_uv=False)[:top] ** 2
+    null = np.empty((permutations, top))
+    for p in range(permutations):
+        P = np.take_along_axis(D, np.argsort(rng.random(D.shape), axis=0), axis=0)
+        null[p] = np.linalg.svd(P, compute_uv=False)[:top] ** 2
+    thr = np.quantile(null, quantile, axis=0)
+    fail = np.flatnonzero(ev <= thr)
+    above = int(fail[0]) if len(fail) else top
+    return {"eigen": ev, "null": thr, "null_sd": null.std(0, ddof=1) if permutations > 1 else np.zeros(top),
+            "above": above, "k": above + 1}
+
+
+def data_rule_stats(statistic: str, X, random_state):
+    """``ks -> (stats, spread)`` for the consensus stage (``_components``' ``data_stats``): the
+    per-K statistic of the rule reading ``statistic`` and its standard errors, measured once
+    (the first call) over every K up to the largest asked, on a stream seeded by
+    ``random_state`` alone."""
+    seed = None if random_state is None else [int(random_state), 3]
+    cache: dict = {}
+
+    def at(ks):
+        ks = [int(k) for k in ks]
+        if statistic == "bicv":
+            if "all" not in cache or max(ks) > cache["top"]:
+                cache["all"], cache["top"] = bicv_curve(X, range(1, max(ks) + 1), seed), max(ks)
+            folds = cache["all"]["bicv_folds"][:, [k - 1 for k in ks]]
+            err = folds.mean(0)
+            # the one-SE rule's error: of each K's difference to the best K over the same folds
+            d = folds - folds[:, [int(np.argmin(err))]]
+            se = d.std(0, ddof=1) / np.sqrt(len(folds)) if len(folds) > 1 else np.zeros(len(ks))
+            return {"bicv": err}, {"bicv": se}
+        if statistic == "parallel":
+            if "pa" not in cache:
+                cache["pa"] = parallel_eigen(X, seed)
+            pa = cache["pa"]
+            # K programs need the K - 1 leading centred eigenvalues above the null: the
+            # statistic at K is the smallest of their log ratios (> 0: above; K = 1 needs none)
+            ratio = np.concatenate([[np.inf], np.minimum.accumulate(np.log(pa["eigen"] / pa["null"]))])
+            se = np.concatenate([[0.0], pa["null_sd"] / pa["null"]])
+            top = len(ratio) - 1
+            return ({"parallel": np.array([ratio[min(k - 1, top)] for k in ks])},
+                    {"parallel": np.array([se[min(k - 1, top)] for k in ks])})
+        raise ValueError(f"no matrix statistic {statistic!r}")
+
+    return at
