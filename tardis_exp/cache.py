@@ -33,6 +33,8 @@ ordinary write changes the time.
 Layout under ``cache.dir``::
 
     preprocess/<key>/data.h5ad   the preprocessed AnnData (anndata's own format)
+    preprocess/<key>/data.zarr   the same for a Dask input (data.backend=dask): a zarr store
+                                 written and read one chunk at a time (store.write_zarr)
     preprocess/<key>/meta.json   sha256 and size of data.h5ad, key inputs, created time
     factorize/<key>/data.npz     the factorize outputs (np.savez; read with allow_pickle=False)
     factorize/<key>/meta.json
