@@ -33,6 +33,8 @@ ordinary write changes the time.
 Layout under ``cache.dir``::
 
     preprocess/<key>/data.h5ad   the preprocessed AnnData (anndata's own format)
+    preprocess/<key>/data.zarr   the same for a Dask input (data.backend=dask): a zarr store
+                                 written and read one chunk at a time (store.write_zarr)
     preprocess/<key>/meta.json   sha256 and size of data.h5ad, key inputs, created time
     factorize/<key>/data.npz     the factorize outputs (np.savez; read with allow_pickle=False)
     factorize/<key>/meta.json
@@ -388,6 +390,7 @@ class StageCache(Store):
     # -- the cached stages ------------------------------------------------------------------
     def _tag(self, stage_run, stage: str, key: str, status: str, seconds: float) -> None:
         self._record(stage, key, status, seconds)
+        log.info("stage cache: %s %s (key %s, %.2f s)", stage, status, key[:12], seconds)
         if stage_run is not None:
             stage_run.set_tags({"cache": status, "cache.key": key})
             stage_run.log_metric("cache_seconds", seconds)
@@ -413,6 +416,7 @@ class StageCache(Store):
         key = make_key(inputs)
         out = self.get("preprocess", key)
         if out is not None:
+            out = _spilled(out)
             self._tag(stage_run, "preprocess", key, "hit", time.perf_counter() - t0)
             return out
         try:
@@ -475,6 +479,21 @@ class StageCache(Store):
         else:
             self.put(stage, key, arrays, inputs)
         self._tag(stage_run, stage, key, "miss", time.perf_counter() - t0)
+
+
+def _spilled(adata: ad.AnnData) -> ad.AnnData:
+    """A preprocess entry read back lazily (``data.backend=dask``): its ``X`` copied once to
+    the scratch folder the factorization reads (:func:`tardis_exp.lazy.spill`), as the stage
+    itself leaves it -- raw chunks, not the entry's compressed ones decoded on every pass,
+    and not files that another process's eviction could remove mid-run. The counts layer
+    stays on the entry (read only when written out or shown)."""
+    from .chunked import is_dask
+
+    if is_dask(adata.X):
+        from .lazy import spill
+
+        adata.X = spill(adata.X)
+    return adata
 
 
 # ------------------------------------------------------------------------ stage outputs

@@ -36,9 +36,6 @@ def validate(cfg: Mapping[str, Any]) -> None:
     check_params("cache", cfg.get("cache"), known_only=True)
     check_data(cfg["data"])
     result_mode(cfg)
-    if cfg["data"].get("backend") == "dask" and (cfg.get("cache") or {}).get("enabled"):
-        raise ConfigError("cache.enabled=true keeps stage results as in-memory h5ad files, which "
-                          "data.backend=dask exists to avoid; set cache.enabled=false")
     check_memory_early(cfg)
     top = cfg["preprocess"].get("n_top_genes")
     if top is not None:  # preprocessing keeps at most n_top_genes: the score's need is known now

@@ -6,8 +6,9 @@ Sources (``data.source``, chosen with ``data=<name>`` on the command line) are t
 and ``spatial/`` through pandas and json (``scanpy.read_visium`` is deprecated since scanpy
 1.11 and fails without the tissue images, which the pipeline does not need).
 
-``data.backend=dask`` (the AnnData stores) leaves ``X`` on disk as a row-chunked Dask
-array of ``data.chunk_rows`` spots (:func:`tardis_exp.lazy.read_lazy`, docs/large-data.md).
+``data.backend=dask`` (the AnnData stores and 10x HDF5 files) leaves ``X`` on disk as a
+row-chunked Dask array of ``data.chunk_rows`` spots (:func:`tardis_exp.lazy.read_lazy`,
+:func:`read_10x_h5_lazy`, docs/large-data.md).
 
 Every failure to read is an :class:`~tardis_exp.errors.InputError` naming ``data.path``
 and the file.
@@ -121,6 +122,79 @@ def read_visium_folder(path: str | Path, count_file: str = "filtered_feature_bc_
             lib["metadata"][k] = v.decode() if isinstance(v, bytes) else str(v)
     adata.uns["spatial"] = {library_id: lib}
     return adata
+
+
+def _tenx_rows(path: str, start: int, stop: int, lo: int, hi: int, indptr: np.ndarray, n_features: int,
+               keep: np.ndarray | None) -> sp.csr_matrix:
+    """Spots ``start:stop`` of a 10x matrix: its entries ``lo:hi`` of ``matrix/data`` and
+    ``matrix/indices`` (a spot's entries are contiguous: the file's CSC of genes x spots is
+    the CSR of spots x genes), as ``scanpy.read_10x_h5`` builds them (int32 counts as float32)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:  # opened per chunk: an h5py handle does not cross processes
+        data = f["matrix/data"][lo:hi]
+        indices = f["matrix/indices"][lo:hi]
+    if data.dtype == np.int32:
+        data = data.astype(np.float32)
+    M = sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, n_features))
+    return M[:, keep] if keep is not None else M
+
+
+def read_10x_h5_lazy(path: str | Path, genome: str | None = None, chunk_rows: int = 50_000) -> ad.AnnData:
+    """A 10x ``filtered_feature_bc_matrix.h5`` (v3 layout, ``/matrix``) with ``X`` left in the
+    file as a Dask array of ``chunk_rows`` spots, read chunk by chunk with h5py.
+
+    What ``scanpy.read_10x_h5(path, genome)`` returns, with the same names, ``var`` columns,
+    dtype and values: Gene Expression features only, of ``genome`` if given. In memory:
+    ``indptr`` (8 bytes a spot), the barcodes and the features; one chunk when computed.
+    """
+    import dask
+    import dask.array as da
+    import h5py
+
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if "matrix" not in f:
+            raise InputError(f"data.path: {path} is a 10x HDF5 file of the legacy (v2, Cell Ranger < 3) layout, "
+                             "which data.backend=dask does not read; use data.backend=memory")
+        g = f["matrix"]
+        n_features, n_spots = (int(x) for x in g["shape"][()])  # genes x spots (CSC by spot)
+        indptr = g["indptr"][()].astype(np.int64)
+        barcodes = g["barcodes"][()].astype(str)
+        feats = g["features"]
+        var = pd.DataFrame(index=pd.Index(feats["name"][()].astype(str)))
+        if "gene_id" in feats:  # a probe-barcode matrix (scanpy's columns)
+            var["gene_ids"] = feats["gene_id"][()].astype(str)
+            var["probe_ids"] = feats["id"][()].astype(str)
+        else:
+            var["gene_ids"] = feats["id"][()].astype(str)
+        var["feature_types"] = feats["feature_type"][()].astype(str)
+        for k, v in feats.items():
+            if isinstance(v, h5py.Dataset) and k not in ("name", "feature_type", "id", "gene_id", "_all_tag_keys"):
+                var[k] = v[()].astype(bool if v.dtype.kind == "b" else str)
+        obs = pd.DataFrame(index=pd.Index(barcodes))
+        if "filtered_barcodes" in g:
+            obs["filtered_barcodes"] = g["filtered_barcodes"][()].astype(bool)
+        dtype = np.dtype(np.float32) if g["data"].dtype == np.int32 else g["data"].dtype
+    keep = np.ones(n_features, bool)
+    if genome:
+        if genome not in var["genome"].to_numpy():
+            raise InputError(f"data.genome={genome!r} is not in {path}; it holds {sorted(var['genome'].unique())}")
+        keep &= (var["genome"] == genome).to_numpy()
+    keep &= (var["feature_types"] == "Gene Expression").to_numpy()  # scanpy's gex_only
+    var = var[keep]
+    n_keep = int(keep.sum())
+    cols = None if keep.all() else keep
+    step = max(1, min(int(chunk_rows), n_spots))
+    meta = sp.csr_matrix((0, 0), dtype=dtype)
+    parts = []
+    for a in range(0, n_spots, step):
+        b = min(a + step, n_spots)
+        blk = dask.delayed(_tenx_rows, pure=True)(str(path), a, b, int(indptr[a]), int(indptr[b]), indptr[a:b + 1],
+                                                  n_features, cols)
+        parts.append(da.from_delayed(blk, shape=(b - a, n_keep), dtype=dtype, meta=meta))
+    X = da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    return ad.AnnData(X=X, obs=obs, var=var)
 
 
 def load_data(cfg) -> ad.AnnData:

@@ -43,7 +43,7 @@ class Source:
         or ``None`` (the source needs no ``data.path``: the data are made or shipped, and the
         stage cache keys them by their config).
     lazy
-        ``data.backend=dask`` can read it (AnnData stores).
+        ``data.backend=dask`` can read it (AnnData stores, 10x HDF5).
     check
         ``check(cfg)``: the source's own keys, before anything is read.
     peek
@@ -88,8 +88,9 @@ def check_data(cfg: Mapping[str, Any], check_path: bool = True) -> None:
                           "does not do; use data.backend=memory or data.sample_key=null")
     if backend == "dask":
         if not source.lazy:
-            lazy = " and ".join(n for n, s in SOURCES.items() if s.lazy)
-            raise ConfigError(f"data.backend=dask reads {lazy} stores only, not data={source.name}; "
+            lazy = [n for n, s in SOURCES.items() if s.lazy]
+            lazy = ", ".join(lazy[:-1]) + " and " + lazy[-1] if len(lazy) > 1 else lazy[0]
+            raise ConfigError(f"data.backend=dask reads {lazy} files only, not data={source.name}; "
                               "convert the data to zarr first (python -m tardis_exp.convert)")
         check_int(cfg.get("chunk_rows") or 1, "data.chunk_rows", minimum=1)
         import importlib.util
@@ -262,9 +263,26 @@ def _read_store(reader: str):
 
 
 def _read_tenx_h5(cfg, path):
+    if (cfg.get("backend") or "memory") == "dask":  # row chunks straight from the file (data.read_10x_h5_lazy)
+        from .data import read_10x_h5_lazy
+        from .lazy import DEFAULT_CHUNK_ROWS
+
+        return read_10x_h5_lazy(path, genome=cfg.get("genome"), chunk_rows=cfg.get("chunk_rows") or DEFAULT_CHUNK_ROWS)
     import scanpy as sc
 
     return sc.read_10x_h5(path, genome=cfg.get("genome"))
+
+
+def _peek_tenx_h5(cfg):
+    """Spots, features and stored entries of a 10x HDF5 matrix (v3 layout), from its metadata."""
+    import h5py
+
+    try:
+        with h5py.File(Path(str(cfg["path"])).expanduser(), "r") as f:
+            n_features, n_spots = (int(x) for x in f["matrix/shape"][()])
+            return n_spots, n_features, int(f["matrix/data"].shape[0])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None  # the loader says what is wrong with the file
 
 
 def _check_tenx_mtx(cfg):
@@ -360,7 +378,8 @@ register(Source("h5ad", "an AnnData file (`anndata.read_h5ad`)", _read_store("re
                 peek=_peek_store))
 register(Source("zarr", "an AnnData zarr store, e.g. from `python -m tardis_exp.convert in.h5ad out.zarr`",
                 _read_store("read_zarr"), path="folder", lazy=True, peek=_peek_store))
-register(Source("tenx_h5", "a 10x `filtered_feature_bc_matrix.h5` (`scanpy.read_10x_h5`)", _read_tenx_h5))
+register(Source("tenx_h5", "a 10x `filtered_feature_bc_matrix.h5` (`scanpy.read_10x_h5`; with "
+                "`data.backend=dask`, row chunks read from the file)", _read_tenx_h5, lazy=True, peek=_peek_tenx_h5))
 register(Source("tenx_mtx", "a 10x matrix folder: `matrix.mtx(.gz)`, `features.tsv(.gz)`, `barcodes.tsv(.gz)` "
                 "(`scanpy.read_10x_mtx`)", _read_tenx_mtx, path="folder", check=_check_tenx_mtx))
 register(Source("visium", "a Space Ranger output folder: counts and `spatial/` (coordinates in "

@@ -1,9 +1,12 @@
 """A content-addressed store on disk: keys, atomic writes, integrity checks, an LRU bound.
 
 Knows nothing of stages or AnnData semantics: it stores a payload -- an AnnData (written
-as h5ad) or a mapping of NumPy arrays (npz, read with ``allow_pickle=False``) -- under
-``<dir>/<namespace>/<key>/`` with a ``meta.json`` holding its sha256 and size, and gives
-it back only if the checksum still matches. :mod:`tardis_exp.cache` builds the stage
+as h5ad), an AnnData whose ``X`` or a layer is a Dask array (``data.backend=dask``: written
+one chunk at a time as a zarr store and read back lazily, so neither writing nor reading
+needs memory in proportion to the matrix) or a mapping of NumPy arrays (npz, read with
+``allow_pickle=False``) -- under ``<dir>/<namespace>/<key>/`` with a ``meta.json`` holding
+its sha256 (for a zarr store: of the list of its files' paths, sizes and sha256s) and size,
+and gives it back only if the checksum still matches. :mod:`tardis_exp.cache` builds the stage
 cache on top of it (what a key is made of, what a stage's result is).
 
 Keys: :func:`make_key` (sha256 of a JSON description) and :func:`code_digest` (the
@@ -119,6 +122,61 @@ def _has_dask(adata) -> bool:
     from .chunked import is_dask
 
     return is_dask(adata.X) or any(is_dask(v) for v in adata.layers.values())
+
+
+def write_zarr(adata: ad.AnnData, path: str | os.PathLike) -> int:
+    """Write an AnnData whose ``X`` or layers are row-chunked Dask arrays as a zarr store,
+    one chunk at a time (anndata's ``write_elem``); return the spots per chunk to read it
+    back with (the largest row chunk of ``X``)."""
+    import zarr
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+    from .chunked import is_dask
+
+    adata.strings_to_categoricals()
+    with warnings.catch_warnings():  # zarr 3's notice about its future sharding default
+        warnings.simplefilter("ignore", UserWarning)
+        write_elem(zarr.open_group(str(path), mode="w"), "/", adata)
+    return int(max(adata.X.chunks[0])) if is_dask(adata.X) else int(adata.n_obs)
+
+
+def read_zarr_lazy(path: str | os.PathLike, chunk_rows: int) -> ad.AnnData:
+    """The AnnData of :func:`write_zarr`: ``X`` and the layers row-chunked Dask arrays on
+    the store (read when computed), the rest in memory (gene-, spot- or spot x K-sized)."""
+    import zarr
+    from anndata.experimental import read_elem_lazy
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+
+    g = zarr.open_group(str(path), mode="r")
+
+    def lazy(elem):
+        n, m = (int(x) for x in (elem.attrs["shape"] if "shape" in elem.attrs else elem.shape))
+        return read_elem_lazy(elem, chunks=(min(chunk_rows, n) or 1, m))
+
+    layers = {k: lazy(g["layers"][k]) for k in g["layers"].keys()} if "layers" in g else {}
+    parts = {k: read_elem(g[k]) for k in ("obs", "var", "obsm", "varm", "uns") if k in g}
+    return ad.AnnData(X=lazy(g["X"]) if "X" in g else None, layers=layers, **parts)
+
+
+def _tree_digest(folder: Path) -> tuple[int, str]:
+    """Total size and sha256 of a folder tree: of every file's relative path, size and sha256."""
+    h = hashlib.sha256()
+    total = 0
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(folder)
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        h.update(f"{f.relative_to(folder).as_posix()}\0{size}\0{_file_digest(f)}\n".encode())
+    return total, h.hexdigest()
 
 
 def _glob(folder: Path, pattern: str) -> list[Path]:
@@ -292,16 +350,19 @@ class Store:
     @staticmethod
     def _size(entry: Path) -> int:
         """Bytes of an entry folder (its files) or of a loose file; 0 once removed."""
-        total = 0
-        try:
-            files = list(entry.iterdir()) if entry.is_dir() else [entry]
-        except OSError:  # removed meanwhile, or another user's folder we may not list
-            return 0
-        for f in files:
+        if not entry.is_dir():
             try:
-                total += f.stat().st_size
-            except OSError:
-                pass
+                return entry.stat().st_size
+            except OSError:  # removed meanwhile
+                return 0
+        total = 0
+        # a zarr payload is a folder tree; a folder we may not list (another user's) counts 0
+        for root, _, files in os.walk(entry):
+            for f in files:
+                try:
+                    total += os.stat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
         return total
 
     def loose_files(self) -> list[Path]:
@@ -339,9 +400,12 @@ class Store:
             data = entry / meta["file"]
             if meta.get("key") != key or meta.get("stage") != stage:
                 raise CacheCorrupt("meta.json names another entry")
-            if data.stat().st_size != meta["size"] or _file_digest(data) != meta["sha256"]:
+            size, sha = _tree_digest(data) if data.suffix == ".zarr" else (data.stat().st_size, None)
+            if size != meta["size"] or (sha or _file_digest(data)) != meta["sha256"]:
                 raise CacheCorrupt(f"{data.name} does not match the sha256 in meta.json")
-            if data.suffix == ".h5ad":
+            if data.suffix == ".zarr":
+                payload = read_zarr_lazy(data, int(meta["chunk_rows"]))
+            elif data.suffix == ".h5ad":
                 payload = ad.read_h5ad(data)
             else:
                 with np.load(data, allow_pickle=False) as z:
@@ -400,21 +464,25 @@ class Store:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
             _shareable(tmp)
-            data = tmp / ("data.h5ad" if isinstance(payload, ad.AnnData) else "data.npz")
-            if isinstance(payload, ad.AnnData):
+            chunked = isinstance(payload, ad.AnnData) and _has_dask(payload)
+            data = tmp / ("data.zarr" if chunked else "data.h5ad" if isinstance(payload, ad.AnnData) else "data.npz")
+            extra = {}
+            if chunked:  # one chunk at a time: an entry never needs the matrix whole in memory
+                extra["chunk_rows"] = write_zarr(payload, data)
+            elif isinstance(payload, ad.AnnData):
                 write_h5ad(payload, data)
             else:
                 with open(data, "wb") as f:
                     np.savez(f, **payload)
                     f.flush()
                     os.fsync(f.fileno())
-            size = data.stat().st_size
+            size, sha = _tree_digest(data) if chunked else (data.stat().st_size, None)
             if size > self.max_bytes:
                 log.warning("stage cache: the %s result (%.2f GB) is larger than cache.max_size_gb; not cached",
                             stage, size / 1024**3)
                 return False
-            meta = {"key": key, "stage": stage, "file": data.name, "size": size, "sha256": _file_digest(data),
-                    "created": time.time(), "inputs": inputs or {}}
+            meta = {"key": key, "stage": stage, "file": data.name, "size": size, "sha256": sha or _file_digest(data),
+                    "created": time.time(), "inputs": inputs or {}, **extra}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
             try:
                 os.rename(tmp, final)

@@ -86,6 +86,40 @@ def test_tenx_h5_genome_filter(tmp_path):
         load_data({"source": "tenx_h5", "path": str(p), "genome": "GRCh38"})
 
 
+@pytest.mark.parametrize("genome", [None, "mm10"])
+def test_tenx_h5_dask_equals_in_memory(tmp_path, genome):
+    """data.backend=dask reads a 10x HDF5 file in row chunks straight from the file: the same
+    AnnData as scanpy's reader (names, var columns, dtype, every value), never built whole."""
+    pytest.importorskip("dask.array")
+    from tardis_exp.chunked import is_dask
+
+    X, bc, ids, names = _truth()
+    ft = ["Gene Expression"] * (N_GENES - 2) + ["Antibody Capture"] * 2
+    p = tmp_path / "filtered_feature_bc_matrix.h5"
+    write_10x_h5(p, X, bc, ids, names, feature_types=ft, genome="mm10")
+    cfg = {"source": "tenx_h5", "path": str(p), "genome": genome}
+    ref = load_data(cfg)
+    got = load_data({**cfg, "backend": "dask", "chunk_rows": 7})  # 40 spots: 5 chunks of 7 and one of 5
+    assert is_dask(got.X) and got.X.chunks[0] == (7, 7, 7, 7, 7, 5) and sp.issparse(got.X._meta)
+    Xg = got.X.compute()
+    assert Xg.dtype == ref.X.dtype == np.float32 and Xg.shape == (N_CELLS, N_GENES - 2)
+    np.testing.assert_array_equal(Xg.toarray(), X[:, :-2])  # the counts written, ground truth
+    np.testing.assert_array_equal(Xg.toarray(), ref.X.toarray())
+    pd.testing.assert_frame_equal(got.obs, ref.obs)
+    pd.testing.assert_frame_equal(got.var, ref.var)
+    with pytest.raises(InputError, match=r"data.genome='GRCh38' is not in .*\['mm10'\]"):
+        load_data({**cfg, "genome": "GRCh38", "backend": "dask"})
+
+
+def test_tenx_h5_dask_refuses_the_legacy_layout(tmp_path):
+    pytest.importorskip("dask.array")
+    p = tmp_path / "v2.h5"
+    with h5py.File(p, "w") as f:
+        f.create_group("GRCh38").create_dataset("data", data=np.ones(3, np.int32))
+    with pytest.raises(InputError, match="legacy .* layout, which data.backend=dask does not read"):
+        load_data({"source": "tenx_h5", "path": str(p), "backend": "dask", "chunk_rows": 10})
+
+
 def _gz(src: Path, dst: Path) -> None:
     with open(src, "rb") as fi, gzip.open(dst, "wb") as fo:
         shutil.copyfileobj(fi, fo)
@@ -279,7 +313,7 @@ def test_a_source_is_one_registry_entry(tmp_path):
             check_data({"source": "npz"})
         with pytest.raises(InputError, match="is a folder; data=npz needs a file"):
             check_data({"source": "npz", "path": str(tmp_path)})
-        with pytest.raises(ConfigError, match="data.backend=dask reads h5ad and zarr stores only, not data=npz"):
+        with pytest.raises(ConfigError, match="data.backend=dask reads h5ad, zarr and tenx_h5 files only, not data=npz"):
             check_data({"source": "npz", "path": str(f), "backend": "dask"})
         a = load_data({"source": "npz", "path": str(f)})
         np.testing.assert_array_equal(a.X.toarray(), X.toarray())
