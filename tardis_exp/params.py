@@ -42,6 +42,7 @@ from .krules import describe as _describe_k_rules
 # ---------------------------------------------------------------- field helpers
 
 NORMALIZATIONS = ("log1p", "total", "none")
+BATCH_CORRECTIONS = ("none", "scale")  # tardis_exp.batch.METHODS
 HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
 SOLVERS = tuple(_SOLVERS)  # the registry tardis_exp.solvers, in preference order
 LOSSES = ("frobenius", "kullback-leibler")
@@ -145,6 +146,9 @@ class PreprocessParams:
     hvg_flavor: Any = choice("seurat", "scanpy's highly_variable_genes flavor", HVG_FLAVORS)
     scale: Any = boolean(False, "unit variance per gene, no centering (cNMF)")
     make_unique: Any = boolean(False, "make duplicated gene and spot names unique instead of failing")
+    batch_correction: Any = choice("none", "none | scale: divide each gene by its per-sample mean ratio after "
+                                   "the normalization (needs data.sample_key; tardis_exp/batch.py)",
+                                   BATCH_CORRECTIONS)
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:

@@ -184,6 +184,8 @@ def preprocess(
     hvg_flavor: str = _P.hvg_flavor,
     scale: bool = _P.scale,
     make_unique: bool = _P.make_unique,
+    batch_correction: str = _P.batch_correction,
+    sample_key: str | None = None,
 ) -> ad.AnnData:
     """Select and normalize the genes the factorization will see.
 
@@ -217,6 +219,10 @@ def preprocess(
         Make duplicated gene and spot names unique (``var_names_make_unique``,
         ``obs_names_make_unique``) instead of failing. Duplicated spot names would give
         duplicated rows in ``usages.tsv.gz`` that no one can tell apart.
+    batch_correction
+        ``'none'`` or ``'scale'`` (:func:`tardis_exp.batch.correct`, after the normalization).
+    sample_key
+        ``obs`` column of the sample labels (``data.sample_key``), for ``batch_correction``.
 
     Returns
     -------
@@ -225,7 +231,11 @@ def preprocess(
     check_params(layer=layer, use_raw=use_raw, min_cells=min_cells, min_counts=min_counts,
                  exclude_regex=exclude_regex, exclude_genes_file=exclude_genes_file, normalize=normalize,
                  target_sum=target_sum, n_top_genes=n_top_genes, hvg_flavor=hvg_flavor, scale=scale,
-                 make_unique=make_unique)
+                 make_unique=make_unique, batch_correction=batch_correction)
+    if batch_correction != "none":  # a missing sample key fails before any compute
+        from .batch import sample_codes
+
+        sample_codes(adata, sample_key, batch_correction)
     if use_raw:
         if adata.raw is None:
             raise InputError("preprocess.use_raw=true but the AnnData has no .raw")
@@ -305,6 +315,10 @@ def preprocess(
 
     out.layers["counts"] = out.X.copy()
     normalize_counts(out, normalize, target_sum)
+    if batch_correction != "none":
+        from .batch import correct
+
+        correct(out, sample_key, batch_correction, normalize)
 
     n_hvg = out.n_vars if n_top_genes is None else int(n_top_genes)
     if n_hvg > out.n_vars:
@@ -378,6 +392,7 @@ def preprocess(
         "normalize": normalize,
         "hvg_flavor": hvg_flavor,
         "scale": bool(scale),
+        "batch_correction": batch_correction,
     }
     log.info("preprocess: %d x %d -> %d spots x %d genes", n0_spots, n0_genes, *out.shape)
     return out

@@ -1,0 +1,89 @@
+"""Batch correction between the samples of one study (``preprocess.batch_correction``).
+
+``scale``: per-sample gene scaling. A technical batch effect that multiplies a gene's
+expression in one sample (capture efficiency, probe bias) is a per-gene, per-sample factor on
+the linear scale. After the normalization, every gene's values in sample ``s`` are divided by
+``r_sg = m_sg / mean_s(m_sg)``, the ratio of the gene's mean in that sample (``m_sg``) to its
+mean over the samples (each sample weighted equally), on the linear scale (``expm1`` of
+``log1p`` data, undone afterwards). Zeros stay zeros (sparse stays sparse), so the input of the
+factorization stays non-negative. A gene absent from a sample keeps its values (``r`` is 1).
+
+The ratio also removes real differences in a gene's mean between samples (a program more
+abundant in one section): what is left is each gene's variation within the samples.
+docs/benchmark.md measures it against ``none`` on the ``batch`` family.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import ConfigError, InputError
+
+METHODS = ("none", "scale")
+
+
+def sample_codes(adata, sample_key: str | None, method: str) -> np.ndarray:
+    """Integer sample code of every spot; one clear error if the key is missing or not in ``obs``."""
+    if sample_key is None:
+        raise ConfigError(f"preprocess.batch_correction={method} needs the samples: set data.sample_key "
+                          "to the obs column holding each spot's sample")
+    if sample_key not in adata.obs:
+        raise InputError(f"data.sample_key={sample_key!r} is not a column of obs (columns: "
+                         f"{list(adata.obs.columns)[:10]})")
+    import pandas as pd
+
+    return pd.Categorical(adata.obs[sample_key].astype(str)).codes.astype(np.intp)
+
+
+def sample_ratios(L, codes: np.ndarray) -> np.ndarray:
+    """``r`` (samples x genes): each gene's mean in a sample over its mean across the samples."""
+    n = int(codes.max()) + 1
+    ind = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n, len(codes)))
+    counts = np.asarray(ind.sum(1)).ravel()
+    means = np.asarray(ind @ L, dtype=np.float64) / counts[:, None]  # samples x genes
+    overall = means.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = means / overall[None, :]
+    r[~np.isfinite(r) | (r <= 0)] = 1.0  # a gene absent from a sample (or from all): left as it is
+    return r
+
+
+def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p") -> None:
+    """Apply ``method`` to ``adata.X`` in place (normalized data, before the HVG selection).
+
+    Parameters
+    ----------
+    adata
+        Normalized spots x genes (``preprocess.normalize`` already applied).
+    sample_key
+        ``obs`` column with the sample labels (``data.sample_key``).
+    method
+        ``'none'`` (nothing) or ``'scale'`` (module docstring).
+    normalize
+        The normalization applied: ``'log1p'`` data are corrected on the linear scale.
+    """
+    if method == "none":
+        return
+    if method not in METHODS:
+        raise ConfigError(f"preprocess.batch_correction={method!r}; choose one of {METHODS}")
+    codes = sample_codes(adata, sample_key, method)
+    X = adata.X
+    log = normalize == "log1p"
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        L = X.copy()
+        if log:
+            L.data = np.expm1(L.data)
+        r = sample_ratios(L, codes)
+        rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+        L.data = (L.data / r[codes[rows], X.indices]).astype(np.float32)
+        if log:
+            L.data = np.log1p(L.data)
+        adata.X = L
+    else:
+        X = np.asarray(X, dtype=np.float32)
+        L = np.expm1(X) if log else X
+        r = sample_ratios(L, codes)
+        L = (L / r[codes]).astype(np.float32)
+        adata.X = np.log1p(L) if log else L
