@@ -41,7 +41,9 @@ def sample_ratios(L, codes: np.ndarray) -> np.ndarray:
     n = int(codes.max()) + 1
     ind = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n, len(codes)))
     counts = np.asarray(ind.sum(1)).ravel()
-    means = np.asarray(ind @ L, dtype=np.float64) / counts[:, None]  # samples x genes
+    sums = ind @ L
+    sums = sums.toarray() if sp.issparse(sums) else sums
+    means = np.asarray(sums, dtype=np.float64) / counts[:, None]  # samples x genes
     overall = means.mean(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = means / overall[None, :]

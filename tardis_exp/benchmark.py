@@ -756,6 +756,9 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--max-genes", type=int, default=None)
     ap.add_argument("--jsonl", type=Path, default=None,
                     help="append one JSON line per draw; draws already there are read back, not rerun")
+    ap.add_argument("--write", type=Path, default=None, metavar="DIR",
+                    help="write the draws as h5ad to DIR (batch: one file per section, e.g. DIR/batch_3_S0.h5ad, "
+                         "each readable by data=h5ad data.path=...) and run nothing")
     a = ap.parse_args(argv)
     if a.draws < 1:
         ap.error("--draws must be >= 1")
@@ -776,6 +779,11 @@ def main(argv=None) -> list[dict[str, Any]]:
             r = json.loads(line)
             done[r["seed"]] = r
     caps = {"max_spots": a.max_spots, "max_genes": a.max_genes}
+    if a.write is not None:
+        for seed in range(a.seed_start, a.seed_start + a.draws):
+            for path in write_draw(draw(a.family, seed, **caps), a.write):
+                print(path, flush=True)
+        return []
     fresh = "fresh" if a.seed_start >= DESIGN_SEEDS else "DESIGN"
     print(f"# family {a.family}, seeds {a.seed_start}..{a.seed_start + a.draws - 1} ({fresh}), "
           f"overrides {' '.join([*SEARCH_RANGE, *overrides]) or '-'}, rules {' '.join(rules)}", flush=True)
@@ -801,6 +809,17 @@ def main(argv=None) -> list[dict[str, Any]]:
         print(f"{seed:>6} {r['n_spots']:>6} {r['n_genes']:>6} {r['planted_k']:>3} {r['k']:>4} {r['runner_up']:>4} "
               f"{r['margin']:>7.2f} {'yes' if r['warned'] else 'no':>5} {r['recovery']:>5.2f} {r['usage_r']:>6.2f} "
               f"{r['seconds']:>5.0f}  {other}", flush=True)
+    if a.family == "batch":  # a run the consensus refused is a miss on every count
+        for key, what in (("shared_found_once", "each shared program found once"),
+                          ("specific_found", "section-only program found"),
+                          ("specific_flagged", "section-only program flagged sample_specific")):
+            vals = [r["batch"][key] if "batch" in r else False for r in rows]
+            if any(v is None for v in vals):
+                print(f"{a.family}: {what}: not measured (the runs have no uns['nmf_samples'])", flush=True)
+                continue
+            hit, n = sum(map(bool, vals)), len(vals)
+            lo, hi = wilson(hit, n)
+            print(f"{a.family}: {what} {hit}/{n} = {hit / n:.2f} [{lo:.2f}, {hi:.2f}] (95 % Wilson)", flush=True)
     for rule in rules:
         s = summarize(rows, rule)
         print(f"{a.family} rule {rule}: exact K {_fmt_rate(s, 'exact')}; within one "
