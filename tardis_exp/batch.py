@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, InputError
 
-METHODS = ("none", "scale")
+METHODS = ("none", "scale", "scale_trimmed")
 
 
 def sample_codes(adata, sample_key: str | None, method: str) -> np.ndarray:
@@ -36,14 +36,40 @@ def sample_codes(adata, sample_key: str | None, method: str) -> np.ndarray:
     return pd.Categorical(adata.obs[sample_key].astype(str)).codes.astype(np.intp)
 
 
-def sample_ratios(L, codes: np.ndarray) -> np.ndarray:
-    """``r`` (samples x genes): each gene's mean in a sample over its mean across the samples."""
+TRIM = 0.25  # scale_trimmed: the top quarter of each gene's values in a sample left out of its mean
+_BLOCK_GENES = 512  # genes densified at a time (trimmed means sort a sample's column)
+
+
+def _trimmed_means(L, codes: np.ndarray, n: int, trim: float) -> np.ndarray:
+    """Mean of the lowest ``1 - trim`` of each gene's values per sample (samples x genes).
+
+    Multiplying a gene in a sample by a factor multiplies this by the factor too, as the mean;
+    a program held by fewer than ``trim`` of a sample's spots moves it little."""
+    out = np.zeros((n, L.shape[1]))
+    for s in range(n):
+        rows = np.flatnonzero(codes == s)
+        keep = max(1, int(np.ceil((1 - trim) * len(rows))))
+        for g0 in range(0, L.shape[1], _BLOCK_GENES):
+            block = L[rows, g0:g0 + _BLOCK_GENES]
+            block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+            if keep < len(rows):
+                block = np.partition(block, keep - 1, axis=0)[:keep]
+            out[s, g0:g0 + block.shape[1]] = block.mean(0)
+    return out
+
+
+def sample_ratios(L, codes: np.ndarray, trim: float = 0.0) -> np.ndarray:
+    """``r`` (samples x genes): each gene's mean in a sample over its mean across the samples
+    (``trim`` > 0: trimmed means, :func:`_trimmed_means`)."""
     n = int(codes.max()) + 1
-    ind = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n, len(codes)))
-    counts = np.asarray(ind.sum(1)).ravel()
-    sums = ind @ L
-    sums = sums.toarray() if sp.issparse(sums) else sums
-    means = np.asarray(sums, dtype=np.float64) / counts[:, None]  # samples x genes
+    if trim > 0:
+        means = _trimmed_means(L, codes, n, trim)
+    else:
+        ind = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n, len(codes)))
+        counts = np.asarray(ind.sum(1)).ravel()
+        sums = ind @ L
+        sums = sums.toarray() if sp.issparse(sums) else sums
+        means = np.asarray(sums, dtype=np.float64) / counts[:, None]  # samples x genes
     overall = means.mean(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = means / overall[None, :]
@@ -70,6 +96,7 @@ def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p"
     if method not in METHODS:
         raise ConfigError(f"preprocess.batch_correction={method!r}; choose one of {METHODS}")
     codes = sample_codes(adata, sample_key, method)
+    trim = TRIM if method == "scale_trimmed" else 0.0
     X = adata.X
     log = normalize == "log1p"
     if sp.issparse(X):
@@ -77,7 +104,7 @@ def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p"
         L = X.copy()
         if log:
             L.data = np.expm1(L.data)
-        r = sample_ratios(L, codes)
+        r = sample_ratios(L, codes, trim)
         rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
         L.data = (L.data / r[codes[rows], X.indices]).astype(np.float32)
         if log:
@@ -86,6 +113,6 @@ def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p"
     else:
         X = np.asarray(X, dtype=np.float32)
         L = np.expm1(X) if log else X
-        r = sample_ratios(L, codes)
+        r = sample_ratios(L, codes, trim)
         L = (L / r[codes]).astype(np.float32)
         adata.X = np.log1p(L) if log else L

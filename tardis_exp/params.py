@@ -42,7 +42,7 @@ from .krules import describe as _describe_k_rules
 # ---------------------------------------------------------------- field helpers
 
 NORMALIZATIONS = ("log1p", "total", "none")
-BATCH_CORRECTIONS = ("none", "scale")  # tardis_exp.batch.METHODS
+BATCH_CORRECTIONS = ("none", "scale", "scale_trimmed")  # tardis_exp.batch.METHODS
 HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
 SOLVERS = tuple(_SOLVERS)  # the registry tardis_exp.solvers, in preference order
 LOSSES = ("frobenius", "kullback-leibler")

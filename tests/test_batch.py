@@ -129,6 +129,8 @@ def test_evaluator_counts_a_batch_split_program_twice():
     r = bm.evaluate_batch(a, truth)
     assert r["found_per_planted"] == [1, 1, 1, 1] and r["shared_found_once"] and r["specific_found"]
     assert r["specific_share"] == 1.0
+    # the top decile of its spots by usage: 40 spots, all in S1 (the only spots with usage > 0)
+    assert r["specific_top_share"] == 1.0
     # no uns['nmf_samples'] (score stage without per-sample shares): reported missing, not guessed
     assert r["specific_flagged"] is None and r["flags_missing"]
 

@@ -27,7 +27,8 @@ STAGES = {"preprocess": (tardis_exp.preprocess, check_preprocess),
           "consensus": (tardis_exp.consensus, check_consensus),
           "score": (tardis_exp.score, check_score)}
 # stage arguments that are calls' business, not configuration
-NOT_CONFIG = {"progress", "copy", "key_added", "nmf_key", "consensus_key"}  # keys: calls' business (tardis_exp.keys)
+NOT_CONFIG = {"progress", "copy", "key_added", "nmf_key", "consensus_key",  # keys: calls' business (tardis_exp.keys)
+              "sample_key"}  # data.sample_key, which the pipeline passes
 # what validation needs even to start (factorize.n_components is required there)
 REQUIRED = {"factorize": {"n_components": 10}}
 
