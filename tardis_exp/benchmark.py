@@ -19,7 +19,9 @@ second one, so capping the size changes the data but not the design. The truth i
 
 Families (:data:`FAMILIES`): ``spatial`` (smooth domains over a shared background),
 ``cnmf`` (identity + activity programs, Kotliar et al. 2019), ``monti`` (Gaussian sample
-classes, Monti et al. 2003) and ``rare`` (programs held by 1-5 % of the spots).
+classes, Monti et al. 2003), ``rare`` (programs held by 1-5 % of the spots) and ``batch``
+(2-6 sections sharing spatial programs, gene-wise technical factors per section, one program
+in one section only; scored by :func:`evaluate_batch`).
 
 Seeds below :data:`DESIGN_SEEDS` are for designing rules; figures are reported on seeds at or
 above it (fresh draws nobody tuned on). The runner::
@@ -28,7 +30,9 @@ above it (fresh draws nobody tuned on). The runner::
 
 runs preprocess -> factorize -> consensus -> score with the stages' defaults on each draw
 (the K search range widened to the families' 2..15, see :data:`SEARCH_RANGE`) and prints one
-line per draw and the exact-K and within-one rates with 95 % Wilson intervals.
+line per draw and the exact-K and within-one rates with 95 % Wilson intervals (``batch``: also
+each shared program found once, the section-only program found and flagged). ``--write DIR``
+writes the draws as h5ad instead and runs nothing (``batch``: one file per section).
 """
 
 from __future__ import annotations
@@ -819,9 +823,12 @@ def main(argv=None) -> list[dict[str, Any]]:
             print(f"{seed:>6} {r['n_spots']:>6} {r['n_genes']:>6} {r['planted_k']:>3}  refused: {r['error']}",
                   flush=True)
             continue
+        bt = r.get("batch")
+        extra = (f"  found/planted {bt['found_per_planted']} once {'yes' if bt['shared_found_once'] else 'no'} "
+                 f"section-only {'found' if bt['specific_found'] else 'missed'}" if bt else "")
         print(f"{seed:>6} {r['n_spots']:>6} {r['n_genes']:>6} {r['planted_k']:>3} {r['k']:>4} {r['runner_up']:>4} "
               f"{r['margin']:>7.2f} {'yes' if r['warned'] else 'no':>5} {r['recovery']:>5.2f} {r['usage_r']:>6.2f} "
-              f"{r['seconds']:>5.0f}  {other}", flush=True)
+              f"{r['seconds']:>5.0f}  {other}{extra}", flush=True)
     if a.family == "batch":  # a run the consensus refused is a miss on every count
         for key, what in (("shared_found_once", "each shared program found once"),
                           ("specific_found", "section-only program found"),

@@ -195,3 +195,14 @@ def test_batch_correction_needs_a_sample_key():
     assert out.uns["preprocess"]["batch_correction"] == "scale"
     ref = preprocess(a, n_top_genes=None)
     assert not np.allclose(out.X.toarray(), ref.X.toarray())
+
+
+def test_runner_reports_the_batch_rates(capsys):
+    rows = bm.main(["--family", "batch", "--draws", "1", "--seed-start", "2", "--max-spots", "400",
+                    "--max-genes", "300"])
+    out = capsys.readouterr().out
+    r = rows[0]["batch"]
+    assert len(r["found_per_planted"]) == rows[0]["planted_k"] == 6
+    once = int(r["shared_found_once"])
+    assert f"batch: each shared program found once {once}/1 = {once:.2f}" in out
+    assert "section-only program flagged sample_specific: not measured (the runs have no uns['nmf_samples'])" in out
