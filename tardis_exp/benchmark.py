@@ -387,10 +387,10 @@ def draw_batch(seed: int, **caps):
         usage[np.ix_(rows, np.arange(n_here))] = _domains(ij / side, n_here, p["sharpness"], dr)
     b = np.clip(p["background"] * dr.lognormal(0.0, 0.25, size=n_spots), 0.0, 0.95)
     library = p["library"] * np.asarray(p["section_depth"])[section] * dr.lognormal(0.0, 0.3, size=n_spots)
-    # float32 as stored, so that the stored truth reproduces the expected counts exactly
+    # the usages as stored (float32), so that the truth reproduces the expected counts within float32 rounding
     usage = usage.astype(np.float32).astype(np.float64)
     usage /= usage.sum(1, keepdims=True)
-    mu = (library * 1.0)[:, None] * factors.T[section] * (
+    mu = library[:, None] * factors.T[section] * (
         (1 - b)[:, None] * (usage @ programs.T) + b[:, None] * background[None, :])
     counts = _counts(dr, mu, p["dispersion"])
     labels = [f"S{s}" for s in range(n_sections)]
