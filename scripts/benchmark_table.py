@@ -93,10 +93,11 @@ def batch_table(paths):
             cells.append(f"{hit}/{n} = {hit / n:.2f} [{lo:.2f}, {hi:.2f}]")
         top = sorted(r["batch"]["specific_top_share"] for r in rows
                      if "batch" in r and r["batch"].get("specific_top_share") is not None)
-        k = Counter("refused" if r["k"] is None else ("exact" if r["k"] == r["planted_k"] else f"{r['k'] - r['planted_k']:+d}")
-                    for r in rows)
+        k = Counter("refused" if r["k"] is None else
+                    ("exact" if r["k"] == r["planted_k"] else f"{r['k'] - r['planted_k']:+d}") for r in rows)
+        dist = ", ".join(f"{a}: {b}" for a, b in sorted(k.items()))
         out.append(f"| {Path(p).stem.split('_', 1)[1]} | {len(rows)} | {' | '.join(cells)} | "
-                   f"{', '.join(f'{v:.2f}' for v in top) or '-'} | {', '.join(f'{a}: {b}' for a, b in sorted(k.items()))} |")
+                   f"{', '.join(f'{v:.2f}' for v in top) or '-'} | {dist} |")
     if out:
         print()
         print("| batch setting | n | each shared program found once [95 % CI] | section-only program found [95 % CI] | "

@@ -158,9 +158,8 @@ def _two_sections(log: bool, sparse: bool):
     f = rng.lognormal(0.0, 0.5, size=30)
     L = np.concatenate([L0, L0 * f], 0).astype(np.float32)
     X = np.log1p(L) if log else L
-    a = ad.AnnData(X=sp.csr_matrix(X) if sparse else X,
-                   obs=pd.DataFrame({"s": pd.Categorical(["a"] * 50 + ["b"] * 50)}, index=[f"c{i}" for i in range(100)]))
-    return a
+    obs = pd.DataFrame({"s": pd.Categorical(["a"] * 50 + ["b"] * 50)}, index=[f"c{i}" for i in range(100)])
+    return ad.AnnData(X=sp.csr_matrix(X) if sparse else X, obs=obs)
 
 
 @pytest.mark.parametrize("log", [True, False])
