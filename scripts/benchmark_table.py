@@ -72,6 +72,42 @@ def agreement(paths):
         print(f"| {fam} | {', '.join(sets)} | {len(common)} | {same} |")
 
 
+def batch_table(paths):
+    """The batch family (rows with ``batch``): shared programs found once, the section-only one
+    found / flagged, with 95 % Wilson intervals; a run the consensus refused is a miss."""
+    from tardis_exp.benchmark import wilson
+
+    out = []
+    for p in paths:
+        rows = [json.loads(x) for x in Path(p).read_text().splitlines()]
+        if not rows or rows[0]["family"] != "batch":
+            continue
+        cells = []
+        for key in ("shared_found_once", "specific_found", "specific_flagged"):
+            vals = [r["batch"][key] if "batch" in r else False for r in rows]
+            if any(v is None for v in vals):
+                cells.append("not measured (no uns['nmf_samples'])")
+                continue
+            hit, n = sum(map(bool, vals)), len(vals)
+            lo, hi = wilson(hit, n)
+            cells.append(f"{hit}/{n} = {hit / n:.2f} [{lo:.2f}, {hi:.2f}]")
+        top = sorted(r["batch"]["specific_top_share"] for r in rows
+                     if "batch" in r and r["batch"].get("specific_top_share") is not None)
+        k = Counter("refused" if r["k"] is None else
+                    ("exact" if r["k"] == r["planted_k"] else f"{r['k'] - r['planted_k']:+d}") for r in rows)
+        dist = ", ".join(f"{a}: {b}" for a, b in sorted(k.items()))
+        out.append(f"| {Path(p).stem.split('_', 1)[1]} | {len(rows)} | {' | '.join(cells)} | "
+                   f"{', '.join(f'{v:.2f}' for v in top) or '-'} | {dist} |")
+    if out:
+        print()
+        print("| batch setting | n | each shared program found once [95 % CI] | section-only program found [95 % CI] | "
+              "section-only program flagged [95 % CI] | top-decile share of the found section-only program | "
+              "reported - planted K |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(out))
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
     agreement(sys.argv[1:])
+    batch_table(sys.argv[1:])

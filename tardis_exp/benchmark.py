@@ -19,7 +19,9 @@ second one, so capping the size changes the data but not the design. The truth i
 
 Families (:data:`FAMILIES`): ``spatial`` (smooth domains over a shared background),
 ``cnmf`` (identity + activity programs, Kotliar et al. 2019), ``monti`` (Gaussian sample
-classes, Monti et al. 2003) and ``rare`` (programs held by 1-5 % of the spots).
+classes, Monti et al. 2003), ``rare`` (programs held by 1-5 % of the spots) and ``batch``
+(2-6 sections sharing spatial programs, gene-wise technical factors per section, one program
+in one section only; scored by :func:`evaluate_batch`).
 
 Seeds below :data:`DESIGN_SEEDS` are for designing rules; figures are reported on seeds at or
 above it (fresh draws nobody tuned on). The runner::
@@ -28,7 +30,9 @@ above it (fresh draws nobody tuned on). The runner::
 
 runs preprocess -> factorize -> consensus -> score with the stages' defaults on each draw
 (the K search range widened to the families' 2..15, see :data:`SEARCH_RANGE`) and prints one
-line per draw and the exact-K and within-one rates with 95 % Wilson intervals.
+line per draw and the exact-K and within-one rates with 95 % Wilson intervals (``batch``: also
+each shared program found once, the section-only program found and flagged). ``--write DIR``
+writes the draws as h5ad instead and runs nothing (``batch``: one file per section).
 """
 
 from __future__ import annotations
@@ -309,6 +313,98 @@ def draw_monti(seed: int, **caps):
     return _anndata(X, usage, means, marker_of, "monti", seed, p)
 
 
+def _domains(coords, n_centers, sharpness, dr):
+    """Soft Voronoi usages (spots x n_centers) around spread-out centres, as :func:`draw_spatial`."""
+    from .synthetic import _farthest_points
+
+    centers = coords[_farthest_points(coords, n_centers, dr)]
+    d2 = ((coords[:, None, :] - centers[None, :, :]) ** 2).sum(-1)
+    logits = -d2 * n_centers * sharpness * 4
+    logits -= logits.max(1, keepdims=True)
+    u = np.exp(logits)
+    return u / u.sum(1, keepdims=True)
+
+
+def draw_batch(seed: int, **caps):
+    """Sections of one study: shared spatial programs, gene-wise batch factors, one section-only program.
+
+    ``n_sections`` (2-6) square grids whose coordinates overlap (each starts at 0). The
+    ``n_shared`` programs are built as in :func:`draw_spatial` (base profile + markers) and
+    every section holds a domain of each, around centres of its own; the last program
+    (``P{n_shared}``) is planted in section ``specific_section`` only, as one more domain there
+    (usage exactly 0 elsewhere). Each section multiplies every gene's mean by a technical
+    factor, log-normal with sd ``batch_sd`` (``varm['true_batch_factor']``, genes x sections),
+    and has its own depth (``section_depth``, a multiple of ``library``). Extra truth:
+    ``obs['sample']`` (``'S0'`` ...), ``obs['true_library']``, ``obs['true_background']`` (the
+    spot's background fraction), ``var['true_background']`` (the background profile) and
+    ``uns['benchmark']['section_specific'] = {'program': index, 'section': label}``; the
+    expected count is ``true_library * factor * ((1 - b) * usage @ programs.T + b * background)``.
+    The size caps bound the spots of all sections together.
+    """
+    import pandas as pd
+
+    pr, dr = _rngs("batch", seed)
+    n_sections = int(pr.integers(2, 7))
+    n_shared = int(pr.integers(3, 8))
+    k = n_shared + 1
+    n_spots, n_genes = _size(pr, caps)
+    p = dict(k=k, n_shared=n_shared, n_sections=n_sections, n_spots=n_spots, n_genes=n_genes,
+             n_markers=int(pr.integers(20, 81)), marker_fold=_loguniform(pr, 3.0, 10.0),
+             library=_loguniform(pr, 500.0, 5000.0), dispersion=float(pr.uniform(0.05, 0.5)),
+             sharpness=_loguniform(pr, 1.5, 6.0), background=float(pr.uniform(0.0, 0.5)),
+             batch_sd=float(pr.uniform(0.1, 0.5)), specific_section=int(pr.integers(n_sections)),
+             section_depth=np.round(pr.lognormal(0.0, 0.2, size=n_sections), 4).tolist())
+    p["n_markers"] = int(min(p["n_markers"], n_genes // (2 * k)))
+    n_spots = max(n_spots, n_sections)  # one spot per section at least
+
+    base = dr.lognormal(0.0, 1.0, size=n_genes)
+    base /= base.sum()
+    programs = np.tile(base[:, None], (1, k))
+    marker_of = np.full(n_genes, -1)
+    perm = dr.permutation(n_genes)
+    m = p["n_markers"]
+    for q in range(k):
+        genes = perm[q * m:(q + 1) * m]
+        marker_of[genes] = q
+        programs[genes, q] = np.median(base) * p["marker_fold"] * dr.lognormal(0.0, 0.3, size=m)
+    programs /= programs.sum(0, keepdims=True)
+    marker_of = _strict_markers(programs, marker_of)
+    background = dr.lognormal(0.0, 1.0, size=n_genes)
+    background /= background.sum()
+    factors = dr.lognormal(0.0, p["batch_sd"], size=(n_genes, n_sections))
+
+    sizes = np.full(n_sections, n_spots // n_sections)
+    sizes[: n_spots % n_sections] += 1
+    usage = np.zeros((n_spots, k))
+    section = np.repeat(np.arange(n_sections), sizes)
+    spatial = np.zeros((n_spots, 2))
+    for s in range(n_sections):
+        rows = np.flatnonzero(section == s)
+        side = int(np.ceil(np.sqrt(len(rows))))
+        ij = np.stack(np.divmod(np.arange(len(rows)), side), axis=1).astype(np.float64)
+        spatial[rows] = ij
+        n_here = k if s == p["specific_section"] else n_shared  # the section-only program is the last
+        usage[np.ix_(rows, np.arange(n_here))] = _domains(ij / side, n_here, p["sharpness"], dr)
+    b = np.clip(p["background"] * dr.lognormal(0.0, 0.25, size=n_spots), 0.0, 0.95)
+    library = p["library"] * np.asarray(p["section_depth"])[section] * dr.lognormal(0.0, 0.3, size=n_spots)
+    # the usages as stored (float32), so that the truth reproduces the expected counts within float32 rounding
+    usage = usage.astype(np.float32).astype(np.float64)
+    usage /= usage.sum(1, keepdims=True)
+    mu = library[:, None] * factors.T[section] * (
+        (1 - b)[:, None] * (usage @ programs.T) + b[:, None] * background[None, :])
+    counts = _counts(dr, mu, p["dispersion"])
+    labels = [f"S{s}" for s in range(n_sections)]
+    a = _anndata(counts, usage, programs, marker_of, "batch", seed, p,
+                 obs_extra={"sample": pd.Categorical.from_codes(section, categories=labels),
+                            "true_library": library, "true_background": b},
+                 obsm_extra={"spatial": (spatial * 100.0).astype(np.float32)})
+    a.obs_names = [f"{labels[s]}_spot{i}" for i, s in enumerate(section)]
+    a.var["true_background"] = background
+    a.varm["true_batch_factor"] = factors
+    a.uns["benchmark"]["section_specific"] = {"program": k - 1, "section": labels[p["specific_section"]]}
+    return a
+
+
 @dataclass(frozen=True)
 class Family:
     """One benchmark family: its draw function ``draw(seed, max_spots=None, max_genes=None)``."""
@@ -324,6 +420,8 @@ FAMILIES: dict[str, Family] = {
         Family("cnmf", draw_cnmf, "single-cell identity + activity programs (Kotliar et al. 2019)"),
         Family("monti", draw_monti, "Gaussian sample classes, non-negative (Monti et al. 2003)"),
         Family("rare", draw_rare, "single-cell identities, 1-3 of them held by 1-5 % of the cells"),
+        Family("batch", draw_batch, "2-6 sections: shared spatial programs, gene-wise batch factors per "
+                                    "section, one program in one section only"),
     )
 }
 
@@ -384,6 +482,134 @@ def usage_recovery(true_usage, usage) -> float:
     return float(R[rows, cols].sum() / T.shape[1])
 
 
+MATCH_R = 0.6  # a found program matches a planted one at usage r >= this (within its sections)
+MIN_SECTION_SHARE = 0.1  # the sections a found program lives in: those holding >= this share of its usage
+
+
+def section_shares(usage, codes, n_sections=None) -> np.ndarray:
+    """Share of each program's usage per section (programs x sections), each section's usage
+    divided by its spot count first (as ``uns['nmf_samples']['share']``), rows summing to 1."""
+    U = np.asarray(usage, np.float64)
+    n = int(codes.max()) + 1 if n_sections is None else n_sections
+    per = np.stack([U[codes == s].mean(0) if (codes == s).any() else np.zeros(U.shape[1]) for s in range(n)], 1)
+    tot = per.sum(1, keepdims=True)
+    return np.divide(per, tot, out=np.zeros_like(per), where=tot > 0)
+
+
+def match_programs(true_usage, usage, codes, r_min: float = MATCH_R,
+                   min_share: float = MIN_SECTION_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """Match every found program to at most one planted program, by usage correlation.
+
+    Each found program ``j`` is compared with the planted usages over the spots of the
+    sections it lives in (those holding at least ``min_share`` of its per-spot usage share):
+    a program that a batch effect split into one copy per section correlates with the
+    planted one inside its own sections, so both copies match it and it counts as found twice
+    (over all spots each copy would correlate weakly). ``j`` matches the planted program with
+    the highest Pearson r there if that r is at least ``r_min``.
+
+    Returns
+    -------
+    match
+        Planted index per found program, -1 for none.
+    r
+        Found x planted correlations (over each found program's sections).
+    """
+    T = np.asarray(true_usage, np.float64)
+    U = np.asarray(usage, np.float64)
+    share = section_shares(U, codes)
+    R = np.zeros((U.shape[1], T.shape[1]))
+    for j in range(U.shape[1]):
+        rows = np.isin(codes, np.flatnonzero(share[j] >= min_share))
+        u = U[rows, j] - U[rows, j].mean()
+        t = T[rows] - T[rows].mean(0)
+        den = np.linalg.norm(u) * np.linalg.norm(t, axis=0)
+        R[j] = np.divide(t.T @ u, den, out=np.zeros(T.shape[1]), where=den > 0)
+    match = np.where(R.max(1) >= r_min, R.argmax(1), -1) if R.size else np.full(U.shape[1], -1)
+    return match, R
+
+
+def _top_share(U, hits, codes, section: int, top: float = 0.1):
+    """Largest share, over the found programs ``hits``, of their top ``top`` spots (by usage)
+    lying in ``section``; ``None`` without a hit."""
+    if not len(hits):
+        return None
+    U = np.asarray(U, np.float64)
+    n_top = max(1, int(round(top * U.shape[0])))
+    return float(max(np.mean(codes[np.argsort(-U[:, j], kind="stable")[:n_top]] == section) for j in hits))
+
+
+def evaluate_batch(adata, truth: dict | None = None) -> dict[str, Any]:
+    """Score a finished run on a ``batch`` draw: shared programs found once, the section-only one flagged.
+
+    Reads the truth (``obsm['true_usage']``, ``obs['sample']``, ``uns['benchmark']``), the
+    run's usages ``obsm['X_nmf_consensus']`` and, when the score stage wrote it,
+    ``uns['nmf_samples']['sample_specific']``. Programs are matched by :func:`match_programs`.
+    ``truth``: the draw's ``uns['benchmark']`` where the run's AnnData no longer holds it.
+
+    Returns
+    -------
+    dict
+        ``found_per_planted`` (found programs matched to each planted one),
+        ``shared_found_once`` (every shared planted program matched by exactly one found
+        program), ``specific_found`` (the section-only program matched at least once),
+        ``specific_share`` (the largest share of a matching found program's usage in the planted
+        section; ``None`` if not found), ``specific_top_share`` (the same for the share of its
+        top decile of spots by usage: a diagnostic, insensitive to the low usage the refit gives
+        a program in every spot), ``specific_flagged`` (found, and every found program
+        matching it is flagged ``sample_specific``; ``None`` when the run has no
+        ``uns['nmf_samples']``) and ``flags_missing``.
+    """
+    info = truth if truth is not None else adata.uns["benchmark"]
+    spec = int(info["section_specific"]["program"])
+    labels = adata.obs["sample"]
+    cats = [str(c) for c in labels.cat.categories]
+    codes = labels.cat.codes.to_numpy().astype(np.intp)
+    U = adata.obsm["X_nmf_consensus"]
+    match, R = match_programs(adata.obsm["true_usage"], U, codes)
+    k = int(info["planted_k"])
+    found = [int((match == p).sum()) for p in range(k)]
+    hits = np.flatnonzero(match == spec)
+    share = section_shares(U, codes, len(cats))
+    s_idx = cats.index(str(info["section_specific"]["section"]))
+    row: dict[str, Any] = {
+        "n_found": int(U.shape[1]), "match": match.tolist(), "match_r": np.round(R.max(1), 3).tolist(),
+        "found_per_planted": found,
+        "shared_found_once": all(found[p] == 1 for p in range(k) if p != spec),
+        "specific_found": bool(len(hits)),
+        "specific_share": float(share[hits, s_idx].max()) if len(hits) else None,
+        "max_share": np.round(share.max(1), 3).tolist(),
+        "specific_top_share": _top_share(U, hits, codes, s_idx),
+    }
+    ns = adata.uns.get("nmf_samples")
+    if ns is None or "sample_specific" not in ns:
+        row.update(specific_flagged=None, flags_missing=True)
+    else:
+        flags = np.asarray(ns["sample_specific"], bool)
+        row.update(specific_flagged=bool(len(hits)) and bool(flags[hits].all()), flags_missing=False)
+    return row
+
+
+def write_draw(adata, directory) -> list[Path]:
+    """Write a draw as h5ad: one file per section for ``batch`` (``batch_<seed>_S0.h5ad`` ...),
+    one file (``<family>_<seed>.h5ad``) otherwise; each readable by ``data=h5ad data.path=...``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = adata.uns["benchmark"]
+    stem = f"{info['family']}_{info['seed']}"
+    if "sample" not in adata.obs:
+        path = directory / f"{stem}.h5ad"
+        adata.write_h5ad(path)
+        return [path]
+    paths = []
+    for label in adata.obs["sample"].cat.categories:
+        part = adata[(adata.obs["sample"] == label).to_numpy()].copy()
+        part.obs["sample"] = part.obs["sample"].cat.remove_unused_categories()
+        path = directory / f"{stem}_{label}.h5ad"
+        part.write_h5ad(path)
+        paths.append(path)
+    return paths
+
+
 def parse_overrides(items) -> dict[str, dict[str, Any]]:
     """``['factorize.tol=1e-6', ...]`` -> ``{'factorize': {'tol': 1e-6}}`` (values parsed as YAML).
 
@@ -426,6 +652,28 @@ class _WarningFlag(logging.Handler):
             self.fired = True
 
 
+def _per_sample_hvg(adata, pp: dict):
+    """The draw restricted to the highly variable genes chosen per section (scanpy's ``batch_key``),
+    the stage then keeping them all: the runner's stand-in for the preprocess stage's own
+    per-sample selection (``data.sample_key``), so that genes differing between sections are not
+    favoured. Nothing to do where the genes do not exceed ``preprocess.n_top_genes``."""
+    import scanpy as sc
+
+    from .params import PreprocessParams
+
+    n_top = pp.get("n_top_genes", PreprocessParams.n_top_genes)
+    if n_top is None or adata.n_vars <= n_top:
+        return adata
+    h = adata.copy()
+    sc.pp.filter_genes(h, min_cells=pp.get("min_cells", PreprocessParams.min_cells))
+    sc.pp.normalize_total(h, target_sum=pp.get("target_sum", PreprocessParams.target_sum))
+    sc.pp.log1p(h)
+    sc.pp.highly_variable_genes(h, n_top_genes=int(n_top), batch_key="sample",
+                                flavor=pp.get("hvg_flavor", PreprocessParams.hvg_flavor))
+    pp["n_top_genes"] = None
+    return adata[:, h.var_names[h.var["highly_variable"].to_numpy()]].copy()
+
+
 def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
     """Run the four stages with their defaults (plus ``overrides``) on one draw; one result row.
 
@@ -445,9 +693,12 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
     cfg = parse_overrides([*SEARCH_RANGE, *overrides])
     truth = adata.uns["benchmark"]
     t0 = time.perf_counter()
+    multi = "sample" in adata.obs  # a study of sections (the batch family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = preprocess(adata, **cfg["preprocess"])
+        if multi:
+            adata = _per_sample_hvg(adata, cfg["preprocess"])
+        a = preprocess(adata, **cfg["preprocess"], **({"sample_key": "sample"} if multi else {}))
         factorize(a, progress=False, **cfg["factorize"])
         per_rule = {}
         row: dict[str, Any] = {}
@@ -481,6 +732,8 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
                 row = {**r, "recovery": float(rec),
                        "usage_r": usage_recovery(b.obsm["true_usage"], b.obsm["X_nmf_consensus"]),
                        "n_background": int(c.get("n_background", 0))}
+                if multi:
+                    row["batch"] = evaluate_batch(b, truth)
     return {"family": truth["family"], "seed": truth["seed"], "planted_k": truth["planted_k"],
             "n_spots": int(adata.n_obs), "n_genes": int(adata.n_vars), **row, "rules": per_rule,
             "seconds": time.perf_counter() - t0}
@@ -561,6 +814,9 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--max-genes", type=int, default=None)
     ap.add_argument("--jsonl", type=Path, default=None,
                     help="append one JSON line per draw; draws already there are read back, not rerun")
+    ap.add_argument("--write", type=Path, default=None, metavar="DIR",
+                    help="write the draws as h5ad to DIR (batch: one file per section, e.g. DIR/batch_3_S0.h5ad, "
+                         "each readable by data=h5ad data.path=...) and run nothing")
     a = ap.parse_args(argv)
     if a.draws < 1:
         ap.error("--draws must be >= 1")
@@ -581,6 +837,11 @@ def main(argv=None) -> list[dict[str, Any]]:
             r = json.loads(line)
             done[r["seed"]] = r
     caps = {"max_spots": a.max_spots, "max_genes": a.max_genes}
+    if a.write is not None:
+        for seed in range(a.seed_start, a.seed_start + a.draws):
+            for path in write_draw(draw(a.family, seed, **caps), a.write):
+                print(path, flush=True)
+        return []
     fresh = "fresh" if a.seed_start >= DESIGN_SEEDS else "DESIGN"
     print(f"# family {a.family}, seeds {a.seed_start}..{a.seed_start + a.draws - 1} ({fresh}), "
           f"overrides {' '.join([*SEARCH_RANGE, *overrides]) or '-'}, rules {' '.join(rules)}", flush=True)
@@ -604,9 +865,23 @@ def main(argv=None) -> list[dict[str, Any]]:
             print(f"{seed:>6} {r['n_spots']:>6} {r['n_genes']:>6} {r['planted_k']:>3}  refused: {r['error']}",
                   flush=True)
             continue
+        bt = r.get("batch")
+        extra = (f"  found/planted {bt['found_per_planted']} once {'yes' if bt['shared_found_once'] else 'no'} "
+                 f"section-only {'found' if bt['specific_found'] else 'missed'}" if bt else "")
         print(f"{seed:>6} {r['n_spots']:>6} {r['n_genes']:>6} {r['planted_k']:>3} {r['k']:>4} {r['runner_up']:>4} "
               f"{r['margin']:>7.2f} {'yes' if r['warned'] else 'no':>5} {r['recovery']:>5.2f} {r['usage_r']:>6.2f} "
-              f"{r['seconds']:>5.0f}  {other}", flush=True)
+              f"{r['seconds']:>5.0f}  {other}{extra}", flush=True)
+    if a.family == "batch":  # a run the consensus refused is a miss on every count
+        for key, what in (("shared_found_once", "each shared program found once"),
+                          ("specific_found", "section-only program found"),
+                          ("specific_flagged", "section-only program flagged sample_specific")):
+            vals = [r["batch"][key] if "batch" in r else False for r in rows]
+            if any(v is None for v in vals):
+                print(f"{a.family}: {what}: not measured (the runs have no uns['nmf_samples'])", flush=True)
+                continue
+            hit, n = sum(map(bool, vals)), len(vals)
+            lo, hi = wilson(hit, n)
+            print(f"{a.family}: {what} {hit}/{n} = {hit / n:.2f} [{lo:.2f}, {hi:.2f}] (95 % Wilson)", flush=True)
     for rule in rules:
         s = summarize(rows, rule)
         print(f"{a.family} rule {rule}: exact K {_fmt_rate(s, 'exact')}; within one "

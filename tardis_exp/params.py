@@ -42,6 +42,7 @@ from .krules import describe as _describe_k_rules
 # ---------------------------------------------------------------- field helpers
 
 NORMALIZATIONS = ("log1p", "total", "none")
+BATCH_CORRECTIONS = ("none", "scale", "scale_trimmed")  # tardis_exp.batch.METHODS
 HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper", "pearson_residuals")
 SOLVERS = tuple(_SOLVERS)  # the registry tardis_exp.solvers, in preference order
 LOSSES = ("frobenius", "kullback-leibler")
@@ -148,6 +149,10 @@ class PreprocessParams:
     min_spots_per_sample: Any = integer(10, "with data.sample_key: refuse a sample left with fewer spots after "
                                         "QC (its per-sample gene statistics and Moran's I would rest on too few "
                                         "spots)", minimum=1)
+    batch_correction: Any = choice("none", "none | scale: divide each gene by its per-sample mean ratio after "
+                                   "the normalization | scale_trimmed: the same on trimmed means (needs "
+                                   "data.sample_key; tardis_exp/batch.py, docs/benchmark.md 'batch')",
+                                   BATCH_CORRECTIONS)
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:

@@ -194,6 +194,7 @@ def preprocess(
     scale: bool = _P.scale,
     make_unique: bool = _P.make_unique,
     min_spots_per_sample: int = _P.min_spots_per_sample,
+    batch_correction: str = _P.batch_correction,
     sample_key: str | None = None,
 ) -> ad.AnnData:
     """Select and normalize the genes the factorization will see.
@@ -230,9 +231,13 @@ def preprocess(
         duplicated rows in ``usages.tsv.gz`` that no one can tell apart.
     min_spots_per_sample
         With ``sample_key``: refuse a sample left with fewer spots after QC.
+    batch_correction
+        ``'none'``, ``'scale'`` or ``'scale_trimmed'`` (:func:`tardis_exp.batch.correct`, after
+        the normalization; needs ``sample_key``).
     sample_key
         ``obs`` column naming each spot's sample (``data.sample_key``): the HVG selection is
-        per sample (scanpy's ``batch_key``). ``None``: one sample.
+        per sample (scanpy's ``batch_key``), and ``batch_correction`` corrects per sample.
+        ``None``: one sample.
 
     Returns
     -------
@@ -241,7 +246,12 @@ def preprocess(
     check_params(layer=layer, use_raw=use_raw, min_cells=min_cells, min_counts=min_counts,
                  exclude_regex=exclude_regex, exclude_genes_file=exclude_genes_file, normalize=normalize,
                  target_sum=target_sum, n_top_genes=n_top_genes, hvg_flavor=hvg_flavor, scale=scale,
-                 make_unique=make_unique, min_spots_per_sample=min_spots_per_sample)
+                 make_unique=make_unique, min_spots_per_sample=min_spots_per_sample,
+                 batch_correction=batch_correction)
+    if batch_correction != "none":  # a missing sample key fails before any compute
+        from .batch import sample_codes
+
+        sample_codes(adata, sample_key, batch_correction)
     samples_in = None
     if sample_key is not None:
         if sample_key not in adata.obs.columns:
@@ -338,6 +348,10 @@ def preprocess(
 
     out.layers["counts"] = out.X.copy()
     normalize_counts(out, normalize, target_sum)
+    if batch_correction != "none":
+        from .batch import correct
+
+        correct(out, sample_key, batch_correction, normalize)
 
     n_hvg = out.n_vars if n_top_genes is None else int(n_top_genes)
     if n_hvg > out.n_vars:
@@ -412,6 +426,7 @@ def preprocess(
         "normalize": normalize,
         "hvg_flavor": hvg_flavor,
         "scale": bool(scale),
+        "batch_correction": batch_correction,
     }
     if sample_key is not None:  # the HVG selection was per sample (scanpy's batch_key)
         out.uns["preprocess"].update(sample_key=sample_key, n_samples=len(samples_in))
