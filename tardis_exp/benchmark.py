@@ -603,7 +603,8 @@ def write_draw(adata, directory) -> list[Path]:
     paths = []
     for label in adata.obs["sample"].cat.categories:
         part = adata[(adata.obs["sample"] == label).to_numpy()].copy()
-        part.obs["sample"] = part.obs["sample"].cat.remove_unused_categories()
+        # the file is the sample: data=samples names it by the file and refuses a second label
+        part.obs = part.obs.drop(columns="sample")
         path = directory / f"{stem}_{label}.h5ad"
         part.write_h5ad(path)
         paths.append(path)
@@ -652,28 +653,6 @@ class _WarningFlag(logging.Handler):
             self.fired = True
 
 
-def _per_sample_hvg(adata, pp: dict):
-    """The draw restricted to the highly variable genes chosen per section (scanpy's ``batch_key``),
-    the stage then keeping them all: the runner's stand-in for the preprocess stage's own
-    per-sample selection (``data.sample_key``), so that genes differing between sections are not
-    favoured. Nothing to do where the genes do not exceed ``preprocess.n_top_genes``."""
-    import scanpy as sc
-
-    from .params import PreprocessParams
-
-    n_top = pp.get("n_top_genes", PreprocessParams.n_top_genes)
-    if n_top is None or adata.n_vars <= n_top:
-        return adata
-    h = adata.copy()
-    sc.pp.filter_genes(h, min_cells=pp.get("min_cells", PreprocessParams.min_cells))
-    sc.pp.normalize_total(h, target_sum=pp.get("target_sum", PreprocessParams.target_sum))
-    sc.pp.log1p(h)
-    sc.pp.highly_variable_genes(h, n_top_genes=int(n_top), batch_key="sample",
-                                flavor=pp.get("hvg_flavor", PreprocessParams.hvg_flavor))
-    pp["n_top_genes"] = None
-    return adata[:, h.var_names[h.var["highly_variable"].to_numpy()]].copy()
-
-
 def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
     """Run the four stages with their defaults (plus ``overrides``) on one draw; one result row.
 
@@ -696,8 +675,7 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
     multi = "sample" in adata.obs  # a study of sections (the batch family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if multi:
-            adata = _per_sample_hvg(adata, cfg["preprocess"])
+        # a study of sections: HVGs per section (scanpy's batch_key) and the per-section table
         a = preprocess(adata, **cfg["preprocess"], **({"sample_key": "sample"} if multi else {}))
         factorize(a, progress=False, **cfg["factorize"])
         per_rule = {}
@@ -727,7 +705,7 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
                  "warned": bool(flag.fired)}
             per_rule[rule] = r
             if i == 0:
-                score(b, **cfg["score"])
+                score(b, **cfg["score"], **({"sample_key": "sample"} if multi else {}))
                 rec = program_recovery(c["spectra"], b.var["true_program"].astype(str).to_numpy())[0]
                 row = {**r, "recovery": float(rec),
                        "usage_r": usage_recovery(b.obsm["true_usage"], b.obsm["X_nmf_consensus"]),

@@ -304,7 +304,7 @@ class ScoreParams:
                                         minimum=2)
     sample_specific_share: Any = number(
         0.8, "with data.sample_key: a program is flagged sample-specific when one sample holds at least this "
-        "share of its usage (per-spot means, so section sizes do not count)", low=0.5, high=1.0, low_open=True)
+        "share of its high-usage spots (fractions per sample, so section sizes do not count: score.active_share)", low=0.5, high=1.0, low_open=True)
 
 
 def _store_uri(value, key):

@@ -37,7 +37,8 @@ def _usages(xy: np.ndarray, n_grid: int, section: str, rng) -> np.ndarray:
     0: shared, a gradient along x that runs left-to-right in A and right-to-left in B;
     1: shared, a gradient along y, the same in both;
     2: in section B only;
-    3: weak (no spot's argmax), noise, 3 times stronger per spot in B (share 0.75).
+    3: weak (no spot's argmax): at 0.02 on exactly 10 % of A's spots and 30 % of B's, noise
+       below 0.002 elsewhere: 0.75 of its high-usage spots (per spot of each section) in B.
     """
     x, y = xy[:, 0] / (n_grid - 1), xy[:, 1] / (n_grid - 1)
     n = len(xy)
@@ -46,7 +47,8 @@ def _usages(xy: np.ndarray, n_grid: int, section: str, rng) -> np.ndarray:
     u[:, 1] = y + 0.05
     if section == "B":
         u[:, 2] = np.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) / 0.05)
-    u[:, 3] = rng.uniform(0, 0.02, n) * (3.0 if section == "B" else 1.0)
+    u[:, 3] = rng.uniform(0, 0.002, n)
+    u[rng.permutation(n)[:round((0.3 if section == "B" else 0.1) * n)], 3] += 0.02
     return u
 
 
@@ -127,10 +129,15 @@ def test_share_table_and_sample_specific_flag(n_b, caplog):
     # per-spot means of the planted usages, computed here (sums of <= 900 float64 terms)
     np.testing.assert_allclose(share, _truth_share(adata), rtol=gamma(900), atol=gamma(900))
     # shared programs sit at one half whatever the sections' sizes (by summed usage, the
-    # unbalanced study would give A 0.9 of programs 0 and 1); program 2 is B's alone;
-    # program 3 (3 times stronger in B) holds 0.75 there, below the default 0.8
+    # unbalanced study would give A 0.9 of programs 0 and 1); program 2 is B's alone
     np.testing.assert_allclose(share[:2], 0.5, atol=0.02)
-    assert share[2, 1] == 1.0 and 0.7 < share[3, 1] < 0.8
+    assert share[2, 1] == 1.0
+    # the flag reads the share of high-usage spots: by construction 0.75 for program 3 (10 %
+    # of A's spots, 30 % of B's), below the default 0.8; about one half for the gradients
+    # (the spots at half their top usage or more: 16 of 30 columns in A, 10 of 20 in B)
+    active = np.asarray(t["active_share"])
+    assert active[2, 1] == 1.0 and active[3, 1] == pytest.approx(0.75, abs=1e-12)
+    np.testing.assert_allclose(active[:2], 0.5, atol=0.03)
     assert list(np.asarray(t["sample_specific"], dtype=bool)) == [False, False, True, False]
     assert list(t["specific_to"]) == ["", "", "B", ""]
     assert t["sample_specific_share"] == 0.8 and t["sample_key"] == "sample"
@@ -141,7 +148,8 @@ def test_share_table_and_sample_specific_flag(n_b, caplog):
     assert list(np.asarray(adata.uns["nmf_samples"]["sample_specific"], dtype=bool)) == [False, False, True, True]
     # the run folder's table: one row per program and sample, from the same numbers
     table = sample_table(adata)
-    assert list(table.columns) == ["program", "sample", "n_spots", "share", "morans_i", "sample_specific"]
+    assert list(table.columns) == ["program", "sample", "n_spots", "share", "active_share", "morans_i",
+                                   "sample_specific"]
     assert len(table) == 8
     np.testing.assert_allclose(table.pivot(index="program", columns="sample", values="share").to_numpy(), share)
     assert table.loc[table.sample_specific, ["program", "sample"]].values.tolist() == [[2, "B"], [3, "B"]]
@@ -265,7 +273,7 @@ def test_run_writes_the_table_and_logs_it_to_mlflow(tmp_path):
     np.testing.assert_allclose([h.value for h in hist], np.nanmean(np.asarray(t["morans_i"]), axis=0), rtol=1e-12)
     share_hist = sorted(client.get_metric_history(stage[0].info.run_id, "max_sample_share_by_program"),
                         key=lambda h: h.step)
-    np.testing.assert_allclose([h.value for h in share_hist], np.asarray(t["share"]).max(1), rtol=1e-12)
+    np.testing.assert_allclose([h.value for h in share_hist], np.asarray(t["active_share"]).max(1), rtol=1e-12)
     check_metric_keys(client, parent.info.experiment_id)  # every key registered, with its steps
 
     # the projection onto the same two sections, per section too
