@@ -739,12 +739,12 @@ def run_matrix_rules(adata, overrides=(), rules=("bicv", "parallel")) -> dict[st
     per_rule = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        a = adata.copy()
-        preprocess(a, **cfg["preprocess"])
+        a = preprocess(adata, **cfg["preprocess"])  # a new AnnData: the matrix the stage sees
         for rule in rules:
             if RULES[rule].source != "data":
                 raise ValueError(f"--matrix-only: rule {rule!r} reads the replicates; run it without --matrix-only")
-            st, spread = data_rule_stats(RULES[rule].statistic, a.X, c["random_state"])(ks)
+            st, spread = data_rule_stats(RULES[rule].statistic, a.X, c["random_state"],
+                                         counts=a.layers.get("counts"))(ks)
             k, info = select_k(ks, st, rule, c["k_tolerance"], spread=spread, z=c["k_z"], return_info=True)
             per_rule[rule] = {"k": int(k), "runner_up": int(info["runner_up_k"]), "margin": float(info["margin"]),
                               "warned": bool(info["runner_up_k"] != k and info["margin"] < 1)}

@@ -234,6 +234,11 @@ RULES: dict[str, KRule] = {r.name: r for r in (
           "Horn's parallel analysis: 1 + the leading centred eigenvalues above gene-permuted copies' 95th "
           "percentile", _last_above_null, methods=("components",),
           requires="it is computed by the components method's stage", source="data"),
+    KRule("parallel_counts", "parallel_counts", True, "log eigenvalue / Poisson null",
+          "parallel analysis on the counts made linear (normalize_total, unit-variance genes, no log) "
+          "against Poisson copies of their rank-1 mean: 1 + the leading centred eigenvalues above the null's "
+          "95th percentile", _last_above_null, methods=("components",),
+          requires="it is computed by the components method's stage from layers['counts']", source="data"),
 )}
 #: ``auto``, per method: the validated default (docs/validation.md, "K selection").
 AUTO = {"components": "recurrence", "spots": "pac"}

@@ -368,7 +368,8 @@ def consensus(
         k_cap = None if pa is None else pa["rank"]
         # a rule that reads the matrix (bicv, parallel): its own seeded stream, the same K
         # whatever factorize.solver and its tolerance; measured once, read by both passes
-        data_stats = (data_rule_stats(RULES[k_selection].statistic, adata.X, random_state)
+        data_stats = (data_rule_stats(RULES[k_selection].statistic, adata.X, random_state,
+                                      counts=adata.layers.get("counts"))
                       if RULES[k_selection].source == "data" else None)
         res = _components(adata, rng=rng, settings=settings, k_cap=k_cap, report=False,  # said about the K kept
                           data_stats=data_stats)

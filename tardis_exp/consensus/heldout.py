@@ -112,11 +112,12 @@ def parallel_eigen(X, random_state, permutations: int = 10, max_spots: int = 200
             "above": above, "k": above + 1}
 
 
-def data_rule_stats(statistic: str, X, random_state):
+def data_rule_stats(statistic: str, X, random_state, counts=None):
     """``ks -> (stats, spread)`` for the consensus stage (``_components``' ``data_stats``): the
     per-K statistic of the rule reading ``statistic`` and its standard errors, measured once
     (the first call) over every K up to the largest asked, on a stream seeded by
-    ``random_state`` alone."""
+    ``random_state`` alone. ``counts``: the run genes' counts (``layers['counts']``), read by
+    ``parallel_counts`` instead of ``X``."""
     seed = None if random_state is None else [int(random_state), 3]
     cache: dict = {}
 
@@ -131,17 +132,148 @@ def data_rule_stats(statistic: str, X, random_state):
             d = folds - folds[:, [int(np.argmin(err))]]
             se = d.std(0, ddof=1) / np.sqrt(len(folds)) if len(folds) > 1 else np.zeros(len(ks))
             return {"bicv": err}, {"bicv": se}
-        if statistic == "parallel":
+        if statistic in ("parallel", "parallel_counts"):
             if "pa" not in cache:
-                cache["pa"] = parallel_eigen(X, seed)
+                if statistic == "parallel":
+                    cache["pa"] = parallel_eigen(X, seed)
+                else:
+                    if counts is None:
+                        raise ValueError("consensus.k_selection=parallel_counts reads adata.layers['counts'] "
+                                         "(written by the preprocess stage); this AnnData has none")
+                    cache["pa"] = parallel_linear(counts, seed, null="poisson", max_spots=2000)
             pa = cache["pa"]
             # K programs need the K - 1 leading centred eigenvalues above the null: the
             # statistic at K is the smallest of their log ratios (> 0: above; K = 1 needs none)
             ratio = np.concatenate([[np.inf], np.minimum.accumulate(np.log(pa["eigen"] / pa["null"]))])
             se = np.concatenate([[0.0], pa["null_sd"] / pa["null"]])
             top = len(ratio) - 1
-            return ({"parallel": np.array([ratio[min(k - 1, top)] for k in ks])},
-                    {"parallel": np.array([se[min(k - 1, top)] for k in ks])})
+            return ({statistic: np.array([ratio[min(k - 1, top)] for k in ks])},
+                    {statistic: np.array([se[min(k - 1, top)] for k in ks])})
         raise ValueError(f"no matrix statistic {statistic!r}")
 
     return at
+
+
+# ---------------------------------------------------------------- on a linear matrix (issue 24)
+#
+# The count families' matrix is log1p of counts: the log of a mixture is not a mixture, so its
+# rank exceeds the planted K. The functions below measure the rules on the counts of the run's
+# genes (``layers['counts']``) made linear: normalize_total, then each gene divided by its
+# standard deviation without centring (cNMF's preprocessing) -- a mixture stays a mixture.
+
+
+def linear_matrix(counts, max_spots: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded subsample of ``counts`` (spots x genes), per-spot normalized to the median total
+    and gene-scaled to unit variance (not centred). Returns ``(scaled, counts_subsample)``;
+    genes without variance in the subsample are dropped from both."""
+    C = _dense_subsample(counts, max_spots, rng).astype(np.float64)
+    tot = C.sum(1, keepdims=True)
+    keep_rows = tot[:, 0] > 0
+    C = C[keep_rows]
+    tot = tot[keep_rows]
+    N = C * (np.median(tot) / tot)
+    sd = N.std(0, ddof=1) if len(N) > 1 else np.zeros(N.shape[1])
+    keep = sd > 0
+    return N[:, keep] / sd[keep], C[:, keep]
+
+
+def _centred_eig(D: np.ndarray, top: int) -> np.ndarray:
+    D = D - D.mean(0)
+    return np.linalg.svd(D, compute_uv=False)[:top] ** 2
+
+
+def _scaled(C: np.ndarray) -> np.ndarray:
+    tot = C.sum(1, keepdims=True)
+    tot[tot == 0] = 1.0
+    N = C * (np.median(tot) / tot)
+    sd = N.std(0, ddof=1)
+    sd[sd == 0] = 1.0
+    return N / sd
+
+
+def parallel_linear(counts, random_state, permutations: int = 10, max_spots: int = 2000, quantile: float = 0.95,
+                    max_rank: int = 50, null: str = "permute") -> dict:
+    """Horn's parallel analysis on :func:`linear_matrix` (as :func:`parallel_eigen`).
+
+    ``null``: ``'permute'`` (each gene's values permuted across spots), ``'poisson'`` (Poisson
+    counts around the rank-1 mean ``spot total x gene fraction``, normalized and scaled the
+    same way: count noise without co-expression) or ``'deflated'`` (Dobriban & Owen 2019: the
+    k-th eigenvalue against the leading eigenvalue of permuted copies of the matrix with its
+    first k - 1 components removed).
+    """
+    rng = np.random.default_rng(random_state)
+    D, C = linear_matrix(counts, max_spots, rng)
+    top = min(int(max_rank), min(D.shape) - 1)
+    Dc = D - D.mean(0)
+    U, s, Vt = np.linalg.svd(Dc, full_matrices=False)
+    ev = s[:top] ** 2
+    if null == "deflated":
+        thr = np.empty(top)
+        above = top
+        for k in range(top):
+            R = Dc - (U[:, :k] * s[:k]) @ Vt[:k]
+            vals = [np.linalg.svd(np.take_along_axis(R, np.argsort(rng.random(R.shape), axis=0), axis=0),
+                                  compute_uv=False)[0] ** 2 for _ in range(permutations)]
+            thr[k] = np.quantile(vals, quantile)
+            if ev[k] <= thr[k]:
+                above = k
+                thr[k + 1:] = np.nan
+                break
+        return {"eigen": ev, "null": thr, "above": above, "k": above + 1}
+    nulls = np.empty((permutations, top))
+    for p in range(permutations):
+        if null == "permute":
+            P = np.take_along_axis(D, np.argsort(rng.random(D.shape), axis=0), axis=0)
+        elif null == "poisson":
+            mu = C.sum(1, keepdims=True) * (C.sum(0, keepdims=True) / C.sum())
+            P = _scaled(rng.poisson(mu).astype(np.float64))
+        else:
+            raise ValueError(f"parallel_linear: null={null!r}; choose permute, poisson or deflated")
+        nulls[p] = _centred_eig(P, top)
+    thr = np.quantile(nulls, quantile, axis=0)
+    fail = np.flatnonzero(ev <= thr)
+    above = int(fail[0]) if len(fail) else top
+    return {"eigen": ev, "null": thr, "null_sd": nulls.std(0, ddof=1) if permutations > 1 else np.zeros(top),
+            "above": above, "k": above + 1}
+
+
+def _kl_dev(X, Y) -> float:
+    """Generalized KL (Poisson deviance / 2) of ``X`` from the prediction ``Y``."""
+    Y = np.maximum(Y, 1e-12)
+    pos = X > 0
+    return float((X[pos] * np.log(X[pos] / Y[pos])).sum() - X.sum() + Y.sum())
+
+
+def bicv_kl_curve(counts, ks, random_state, folds: int = 3, max_spots: int = 1000, max_iter: int = 400,
+                  tol: float = 1e-5) -> dict:
+    """Bi-cross-validation as :func:`bicv_curve` with the KL loss on normalize_total counts (no
+    log, no gene scaling): KL NMF (MU) on the training block, ``H_J`` and ``W_I`` by KL refits,
+    the held-out block's KL deviance relative to that of its rank-1 (independence) fit."""
+    ks = [int(k) for k in ks]
+    rng = np.random.default_rng(random_state)
+    C = _dense_subsample(counts, max_spots, rng).astype(np.float64)
+    tot = C.sum(1, keepdims=True)
+    C = C[tot[:, 0] > 0]
+    tot = tot[tot[:, 0] > 0]
+    D = (C * (np.median(tot) / tot)).astype(np.float32)
+    n, m = D.shape
+    row_group = rng.permutation(n) % folds
+    col_group = rng.permutation(m) % folds
+    seeds = derive_seeds(int(rng.integers(2**31)), folds * len(ks))
+    err = np.full((folds, len(ks)), np.nan)
+    for f in range(folds):
+        I, J = row_group == f, col_group == f
+        train = np.ascontiguousarray(D[~I][:, ~J])
+        fits = fit_batch(train, ks, seeds[f * len(ks):(f + 1) * len(ks)], solver="mu",
+                         beta_loss="kullback-leibler", tol=tol, max_iter=max_iter, progress=False, warn=False,
+                         desc="bicv-kl")
+        held = D[I][:, J].astype(np.float64)
+        ind = np.outer(held.sum(1), held.sum(0)) / max(held.sum(), 1e-12)
+        base = max(_kl_dev(held, ind), 1e-12)
+        for j, res in enumerate(fits):
+            HJ, _ = refit_usage(D[~I][:, J].T, res.W.T, max_iter=300, tol=1e-6, beta_loss="kullback-leibler",
+                                progress=False)
+            WI, _ = refit_usage(D[I][:, ~J], res.H, max_iter=300, tol=1e-6, beta_loss="kullback-leibler",
+                                progress=False)
+            err[f, j] = _kl_dev(held, WI.astype(np.float64) @ HJ.T.astype(np.float64)) / base
+    return {"bicv": err.mean(0), "bicv_se": err.std(0, ddof=1) / np.sqrt(folds), "bicv_folds": err}
