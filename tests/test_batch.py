@@ -92,10 +92,19 @@ def test_write_makes_one_readable_h5ad_per_section(tmp_path, capsys):
         rows = (full.obs["sample"] == s).to_numpy()
         np.testing.assert_array_equal(part.X.toarray(), full.X[rows].toarray())
         assert list(part.obs_names) == list(full.obs_names[rows])
-        assert list(part.obs["sample"].cat.categories) == [s]
+        assert "sample" not in part.obs  # the file is the sample (data=samples labels it by the file)
         np.testing.assert_array_equal(part.obsm["true_usage"], full.obsm["true_usage"][rows])
         assert part.uns["benchmark"]["section_specific"]["section"] == full.uns["benchmark"]["section_specific"][
             "section"]
+    # the sections as one study again (data=samples): the draw's counts, labelled by file
+    study = load_data({"source": "samples", "paths": [str(p) for p in paths], "names": None, "sample_key": "sample",
+                       "genome": None, "var_names": "gene_symbols", "count_file": "filtered_feature_bc_matrix.h5",
+                       "backend": "memory", "chunk_rows": 50000})
+    assert list(study.obs["sample"].cat.categories) == [p.stem for p in paths]
+    for s, path in zip(labels, paths):
+        rows = (full.obs["sample"] == s).to_numpy()
+        np.testing.assert_array_equal(study[(study.obs["sample"] == path.stem).to_numpy()].X.toarray(),
+                                      full.X[rows].toarray())
 
 
 def _study(split=False, specific_spread=False):
