@@ -120,3 +120,34 @@ def test_outlier_filter_keeps_the_components_that_recur_however_noisy():
     assert f["threshold"] > 0.35
     # switched off: the fixed threshold, as before
     np.testing.assert_array_equal(outlier_filter(S, replicate, 3, 0.35, adaptive=False)["keep"], fixed)
+
+
+def test_outlier_filter_judges_recurrence_with_the_background_still_in_the_pool():
+    """The second pass leaves the background's components out. Each of 8 replicates holds 3
+    programs, the background and a leftover (the background plus loadings of its own): every
+    leftover's nearest in another replicate is that replicate's background, so none recurs.
+    Refiltered without the background, the leftovers are each other's reciprocal nearest, recur,
+    raise the threshold and are kept -- a program more (K = 5 for 4 planted in
+    test_validation's HALS background test). Judged on the whole pool they stay out."""
+    from tardis_exp.consensus.components import outlier_filter
+
+    rng = np.random.default_rng(0)
+    R, P, m = 8, 3, 400
+    programs = rng.gamma(0.3, 1.0, (P + 1, m))  # the last one: the background
+    comps, kind = [], []
+    for _ in range(R):
+        leftover = programs[P] + 0.5 * rng.gamma(0.3, 1.0, m) * programs[P].mean() / 0.3
+        comps += [programs * rng.lognormal(0.0, 0.15, (P + 1, m)), leftover[None]]
+        kind += ["program"] * P + ["background", "leftover"]
+    S, kind = np.vstack(comps), np.array(kind)
+    replicate = np.repeat(np.arange(R), P + 2)
+    bg = kind == "background"
+    full = outlier_filter(S, replicate, 2, 0.35)
+    assert full["recurs"].tolist() == (kind != "leftover").tolist() and full["keep"].tolist() == full["recurs"].tolist()
+    rest = kind[~bg]
+    # the mechanism: without the background in the pool, the leftovers recur and are let in
+    depleted = outlier_filter(S[~bg], replicate[~bg], 2, 0.35)
+    assert depleted["recurs"].all() and depleted["keep"].all() and depleted["threshold"] > 0.35
+    f = outlier_filter(S, replicate, 2, 0.35, exclude=bg)
+    assert len(f["keep"]) == len(rest)
+    assert f["keep"].tolist() == (rest == "program").tolist() and f["threshold"] == 0.35

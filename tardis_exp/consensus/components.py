@@ -98,7 +98,7 @@ def separating_threshold(density: np.ndarray, recurs: np.ndarray) -> float | Non
 
 
 def outlier_filter(spectra: np.ndarray, replicate: np.ndarray, n_neighbors: int, threshold: float,
-                   adaptive: bool = True) -> dict:
+                   adaptive: bool = True, exclude: np.ndarray | None = None) -> dict:
     """The outlier filter of the pooled components: cNMF's local density (mean distance to the
     ``n_neighbors`` nearest), kept at most ``threshold`` -- raised, with ``adaptive``, to the
     density that separates the components that recur in the other replicates from those that do
@@ -109,20 +109,34 @@ def outlier_filter(spectra: np.ndarray, replicate: np.ndarray, n_neighbors: int,
     same program's components lie 0.3-0.7 apart and the fixed threshold dropped 91 of 100
     components, programs that recur included (docs/validation.md, "Real counts").
 
-    Returns ``keep`` (mask), ``density``, ``recurs`` (mask), ``threshold`` (the one applied).
+    ``exclude``: components left out (the background's, a mask over ``spectra``; the second
+    pass of :func:`~tardis_exp.consensus.consensus`). What the adaptive filter lets in is
+    decided on every component the replicates produced, the excluded included: recurrence is
+    relative to the pool (a component's reciprocal nearest in another replicate) and so is the
+    density separating the recurring ones, and with the background's components taken out
+    both moved -- broad mixtures that sat beside the background became each other's reciprocal
+    nearest or fell under a threshold read off the rest, and were let in as a program (K = 5
+    for 4 planted, ``test_hals_background_is_kept_out_of_k_and_of_the_program_labels``). The
+    fixed threshold applies to the density without them, as it always did.
+
+    Returns, over the components not excluded, ``keep`` (mask), ``density``, ``recurs`` (mask),
+    ``threshold`` (the one applied).
     """
     D = _unit_distances(spectra)
-    density = _local_density(D, n_neighbors)
+    rest = np.ones(len(D), bool) if exclude is None else ~np.asarray(exclude, bool)
+    density_all = _local_density(D, n_neighbors)
     recurs = recurring_components(D, replicate)
+    density = density_all if exclude is None else _local_density(D[np.ix_(rest, rest)], n_neighbors)
     used = float(threshold)
     keep = density <= used
     if adaptive:
-        data = separating_threshold(density, recurs)
+        data = separating_threshold(density_all, recurs)
         if data is not None and data > used:
             # raised only for the components that recur: a threshold read off overlapping
             # densities would otherwise let the others in with them
             used = data
-            keep |= recurs & (density <= used)
+            keep |= (recurs & (density_all <= used))[rest]
+    recurs = recurs[rest]
     return {"keep": keep, "density": density, "recurs": recurs, "threshold": used}
 
 
@@ -204,8 +218,9 @@ def _components(adata, *, rng, settings: ComponentsSettings, exclude=None, repor
     recurs = np.zeros(len(spectra_all), bool)
     thr_used = float(out_thr)
     if R > 1 and out_thr < 2:
-        f = outlier_filter(spectra_all[alive], replicate[alive], max(1, int(round(out_frac * R))), out_thr,
-                           adaptive=s.outlier_adaptive)
+        pool = spectra_all.sum(1) > 0  # every component the replicates produced, the excluded included
+        f = outlier_filter(spectra_all[pool], replicate[pool], max(1, int(round(out_frac * R))), out_thr,
+                           adaptive=s.outlier_adaptive, exclude=None if exclude is None else exclude[pool])
         keep[np.flatnonzero(alive)[~f["keep"]]] = False
         density[alive], recurs[alive], thr_used = f["density"], f["recurs"], f["threshold"]
     items = np.flatnonzero(keep)
