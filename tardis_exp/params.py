@@ -253,6 +253,10 @@ class ConsensusParams:
                                    minimum=0)
     outlier_threshold: Any = number(0.35, "components method: cNMF-style local-density outlier filter "
                                     "(2 disables)", low=0)
+    outlier_adaptive: Any = boolean(True, "components method: raise outlier_threshold to the local density that "
+                                    "best separates the components that recur (reciprocal nearest neighbours in at "
+                                    "least half of the other replicates) from those that do not (false: the fixed "
+                                    "threshold, as cNMF)")
     outlier_neighbors_frac: Any = number(0.3, "neighbours of the outlier filter, as a fraction of the "
                                          "replicates", low=0, low_open=True)
     min_cluster_replicates: Any = number(0.0, "components method: a K is admissible only if each cluster draws "

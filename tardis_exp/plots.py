@@ -8,7 +8,8 @@ Every figure reads only what the stages wrote into the AnnData:
 ``consensus_cdf.png``
     The empirical CDF of the consensus values per K (``cdf`` over ``cdf_grid``).
 ``k_selection.png``
-    The statistic of every K rule (``tardis_exp.krules``) against K, the chosen K marked.
+    The statistic of every K rule (``tardis_exp.krules``) against K with two measured standard
+    errors; the chosen rule's panel first, with the chosen K, the runner-up and the margin.
 ``reconstruction_error.png``
     The reconstruction error of every factorization replicate (``uns['nmf']['errors']``).
 ``program_scores.png``
@@ -130,24 +131,55 @@ def consensus_cdf(adata, path: Path, *, keys: ResultKeys = ResultKeys()) -> Path
 
 
 def k_selection(adata, path: Path, *, keys: ResultKeys = ResultKeys()) -> Path:
-    """The statistic of every K rule against K (replicate recurrence with method=components, PAC,
-    cophenetic correlation, delta area, silhouette), with their measured standard errors; the
-    chosen K marked."""
+    """:func:`k_selection_figure`, saved."""
+    return _save(k_selection_figure(adata, keys=keys), path, dpi=110)
+
+
+def k_selection_figure(adata, *, keys: ResultKeys = ResultKeys()):
+    """The statistic of every K rule against K (the registry, ``tardis_exp.krules``), each with
+    error bars of two measured standard errors (``<statistic>_se``); the chosen rule's panel
+    first, titled so, with the chosen K and the runner-up marked and the margin between them
+    (in measured tolerances: below 1 the data do not separate them). Returns the Figure."""
+    from .krules import RULES
+
     c = adata.uns[keys.consensus.uns]
     ks = np.asarray(c["k_values"])
+    best, runner = int(c["best_k"]), c.get("runner_up_k")
+    margin = float(c.get("k_margin", np.nan))
+    rule = str(c.get("k_selection", "pac"))
+    chosen_stat = RULES[rule].statistic if rule in RULES else None
     panels = k_rule_panels(c)  # every statistic a K rule reads (tardis_exp/krules.py), as measured
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.2))
+    panels.sort(key=lambda p: p[0] != chosen_stat)  # the chosen rule's curve first
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.4), squeeze=False)
+    axes = axes.ravel()
     for ax, (key, label) in zip(axes, panels):
+        chosen = key == chosen_stat
         se = c.get(f"{key}_se")
-        ax.errorbar(ks, c[key], yerr=None if se is None else 2 * np.asarray(se), fmt="o-", capsize=2)
-        ax.axvline(c["best_k"], color="crimson", ls="--", label=f"chosen K = {c['best_k']}")
+        y = np.asarray(c[key], dtype=float)
+        ax.errorbar(ks, y, yerr=None if se is None else 2 * np.asarray(se, dtype=float), fmt="o-", capsize=3,
+                    color="tab:blue", lw=2 if chosen else 1, label="±2 measured SE" if se is not None else None)
+        ax.axvline(best, color="crimson", ls="--", label=f"chosen K = {best}")
+        if chosen:
+            i = int(np.flatnonzero(ks == best)[0])
+            ax.plot([best], [y[i]], "*", color="crimson", ms=14, zorder=5)
+            if runner is not None and int(runner) != best and int(runner) in ks:
+                j = int(np.flatnonzero(ks == int(runner))[0])
+                ax.axvline(int(runner), color="darkorange", ls=":",
+                           label=f"runner-up K = {int(runner)} (margin {margin:.2f})")
+                ax.plot([int(runner)], [y[j]], "D", color="darkorange", ms=8, zorder=5)
+            ax.set_title(f"{label}\n(rule {rule}: chosen)", fontweight="bold")
+            ax.legend(fontsize=7)
+        else:
+            ax.set_title(label)
         ax.set_xlabel("K")
         ax.set_xticks(ks)
-        ax.set_title(label)
-    axes[0].legend()
-    fig.suptitle(f"K selection (rule: {c.get('k_selection', 'pac')})", fontsize=11)
+    if chosen_stat is None:
+        axes[0].legend(fontsize=7)
+    what = f"K = {best}" + (f", runner-up {int(runner)}, margin {margin:.2f}" if runner is not None
+                            and int(runner) != best else "")
+    fig.suptitle(f"K selection (rule: {rule}; {what})", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path, dpi=110)
+    return fig
 
 
 def reconstruction_error(adata, path: Path, *, keys: ResultKeys = ResultKeys()) -> Path:
@@ -204,6 +236,13 @@ def _side_by_side(adata, basis: str, keys: ResultKeys = ResultKeys()) -> np.ndar
 
 def program_scores(adata, path: Path, basis: str = "spatial", *, keys: ResultKeys = ResultKeys()) -> Path:
     """Every program score on the spot coordinates (scanpy), or a heatmap without them."""
+    fig = program_scores_figure(adata, basis, keys=keys)
+    return _save(fig, path, dpi=80 if basis in adata.obsm else DPI)
+
+
+def program_scores_figure(adata, basis: str = "spatial", *, keys: ResultKeys = ResultKeys()):
+    """The Figure of :func:`program_scores`: one panel per program score (whether or not the
+    program is some spot's label) and the label, or one heatmap column per program."""
     label = _label_key(adata, keys)
     prefix = keys.score.score(0)[:-1]
     cols = _score_keys(adata, keys)
@@ -225,7 +264,7 @@ def program_scores(adata, path: Path, basis: str = "spatial", *, keys: ResultKey
             if ax.get_label() != "<colorbar>":
                 ax.invert_yaxis()
                 ax.set_aspect("equal", adjustable="box")
-        return _save(fig, path, dpi=80)
+        return fig
     # no coordinates: scores of spots (rows, sorted by label) x programs
     z = adata.obs[cols].to_numpy(dtype=float)
     order = np.lexsort((-z.max(1), z.argmax(1)))
@@ -238,7 +277,7 @@ def program_scores(adata, path: Path, basis: str = "spatial", *, keys: ResultKey
     ax.set_yticks([])
     fig.colorbar(im, ax=ax, label="z-scored program score")
     ax.set_title("program scores")
-    return _save(fig, path)
+    return fig
 
 
 def k_selection_ranks(trials, path: Path, chosen: int | None = None, objective: str | None = None) -> Path:

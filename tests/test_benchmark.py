@@ -126,9 +126,8 @@ def test_runner_prints_the_table_and_the_rates(capsys):
     assert "exact K 1/1 = 1.00 [0.21, 1.00]" in out
 
 
-@pytest.mark.xfail(strict=True, reason="the default (recurrence, mu) reports 2 for 3 planted identity + activity "
-                                       "programs, with a margin over 1 (no warning): an under-report "
-                                       "docs/benchmark.md measures on the cnmf family")
 def test_default_on_a_cnmf_draw_with_three_programs():
+    # with the fixed outlier filter (consensus.outlier_adaptive=false) the default reported 2 here, margin
+    # over 1; the filter that keeps the components that recur gives the planted 3
     r = _row("cnmf", 10)
     assert r["k"] == r["planted_k"] == 3

@@ -144,6 +144,9 @@ SPEC = StageSpec(
                headline=True),
         Metric("consensus.n_background", "background programs found (usage nearly uniform across spots; not "
                "counted in best_k)", _entry("n_background"), headline=True),
+        Metric("consensus.kept_fraction", "fraction of the replicates' components the outlier filter keeps "
+               "(method=components; consensus.outlier_threshold, outlier_adaptive)", _entry("kept_fraction"),
+               headline=True),
         Metric("consensus.parallel_rank", "rank Horn's parallel analysis gives the data (consensus.rank_bound="
                "parallel caps K there)", _entry("parallel_rank")),
         Metric("runner_up_k", "the second-best K under consensus.k_selection", _entry("runner_up_k"),
@@ -258,6 +261,7 @@ def consensus(
     k_z: float = _P.k_z,
     k_spread_splits: int = _P.k_spread_splits,
     outlier_threshold: float = _P.outlier_threshold,
+    outlier_adaptive: bool = _P.outlier_adaptive,
     outlier_neighbors_frac: float = _P.outlier_neighbors_frac,
     min_cluster_replicates: float = _P.min_cluster_replicates,
     background_ratio: float = _P.background_ratio,
@@ -294,10 +298,15 @@ def consensus(
         statistics differ by more than ``k_z`` standard errors, measured from
         ``k_spread_splits`` random splits of the resamples into halves
         (:func:`half_spread`); ``k_tolerance`` is a floor on that tolerance.
-    outlier_threshold, outlier_neighbors_frac
+    outlier_threshold, outlier_adaptive, outlier_neighbors_frac
         Components method: drop components whose mean distance (between L2-normalized
         loadings) to their ``outlier_neighbors_frac * n_replicates`` nearest neighbours
-        exceeds the threshold (cNMF's local density filter; 2 disables it).
+        exceeds the threshold (cNMF's local density filter; 2 disables it). With
+        ``outlier_adaptive`` the threshold is raised to the density that best separates the
+        components that recur in the other replicates from those that do not
+        (:func:`~tardis_exp.consensus.components.outlier_filter`): on real counts a program's
+        components lie further apart than on simulations. The kept fraction is logged
+        (``consensus.kept_fraction``).
     min_cluster_replicates
         Components method: a K is admissible only if each of its clusters holds components
         of at least this fraction of the replicates (0 disables the rule).
@@ -336,8 +345,8 @@ def consensus(
     check_params(method=method, min_clusters=min_clusters, max_clusters=max_clusters, n_resamples=n_resamples,
                  resample_frac=resample_frac, random_state=random_state, k_selection=k_selection,
                  k_tolerance=k_tolerance, k_z=k_z, k_spread_splits=k_spread_splits,
-                 outlier_threshold=outlier_threshold, outlier_neighbors_frac=outlier_neighbors_frac,
-                 min_cluster_replicates=min_cluster_replicates, background_ratio=background_ratio,
+                 outlier_threshold=outlier_threshold, outlier_adaptive=outlier_adaptive,
+                 outlier_neighbors_frac=outlier_neighbors_frac, min_cluster_replicates=min_cluster_replicates, background_ratio=background_ratio,
                  rank_bound=rank_bound, parallel_max_spots=parallel_max_spots,
                  spectra_agg=spectra_agg,
                  refit_max_iter=refit_max_iter, max_spots=max_spots, spots_max_iter=spots_max_iter,
@@ -362,7 +371,7 @@ def consensus(
                      pa["rank"], np.round(pa["ratios"], 2).tolist())
         else:
             _warn_converged_replicates(adata, k_selection, nmf)
-        settings = ComponentsSettings(**shared, outlier_threshold=outlier_threshold,
+        settings = ComponentsSettings(**shared, outlier_threshold=outlier_threshold, outlier_adaptive=outlier_adaptive,
                                       outlier_neighbors_frac=outlier_neighbors_frac,
                                       min_replicates=min_cluster_replicates, nmf=nmf)
         k_cap = None if pa is None else pa["rank"]
