@@ -26,6 +26,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -96,7 +97,9 @@ def test_commands_parser():
 
 
 def _run_folders(root: Path) -> set[Path]:
-    return set((root / "outputs" / "runs").glob("*")) if (root / "outputs" / "runs").exists() else set()
+    """The single runs' folders: outputs/runs/<time>_<id>/, or where hydra.run.dir put one."""
+    return {p.parent for p in (root / "outputs").glob("**/config.yaml")
+            if "multiruns" not in p.parts and ".hydra" not in p.parts}
 
 
 def _n_pipelines(work: Path) -> int:
@@ -146,6 +149,8 @@ def test_readme_commands_run_as_written(tmp_path: Path):
             assert metrics["best_k"] == cfg["data"]["n_programs"], cmd
             assert metrics["program_recovery"] == pytest.approx(1.0), cmd
             assert cfg["data"]["n_spots"] == int(SMALL["TARDIS_EXP_SYNTHETIC_SPOTS"])
+        elif cfg["data"]["source"] == "samples":  # sections of one benchmark draw (--write)
+            _check_study(work, folder, cfg, metrics)
         else:  # x.h5ad holds 4 planted programs the run was not told about
             assert metrics["best_k"] == 4, cmd
             assert (work / "x.h5ad").is_file()
@@ -176,7 +181,39 @@ def test_readme_commands_run_as_written(tmp_path: Path):
     for out, n_before in printed:
         # one line per pipeline run made before it (single runs and sweep trials) under the header
         assert "program_recovery" in out and len(out.strip().splitlines()) == 1 + n_before
-    assert set(os.listdir(work)) <= {"x.h5ad", "x.zarr", "outputs", "mlruns", ".cache"}
+    assert set(os.listdir(work)) <= {"x.h5ad", "x.zarr", "outputs", "mlruns", ".cache", "study", "S2_scored.h5ad"}
+
+
+def _best_r(usage, truth) -> np.ndarray:
+    """For each planted program, the best Pearson r of a found program's usage with it."""
+    C = np.corrcoef(np.asarray(usage, dtype=np.float64).T, np.asarray(truth, dtype=np.float64).T)
+    return np.nan_to_num(C[:usage.shape[1], usage.shape[1]:], nan=-1.0).max(0)
+
+
+def _check_study(work: Path, folder: Path, cfg, metrics) -> None:
+    """The README's study of two sections: against the draw's truth in the section files."""
+    import anndata as ad
+
+    paths = [work / p for p in cfg["data"]["paths"]]
+    info = ad.read_h5ad(paths[0]).uns["benchmark"]
+    spec = info["section_specific"]
+    in_study = [p.stem.rsplit("_", 1)[1] for p in paths]
+    # the shared programs, plus the section-only one when its section is in the study
+    assert metrics["best_k"] == info["planted_k"] - (spec["section"] not in in_study)
+    result = ad.read_h5ad(folder / "result.h5ad")
+    t = result.uns["nmf_samples"]
+    U, T = result.obsm["X_nmf_consensus"], result.obsm["true_usage"]
+    assert (_best_r(U, T) > 0.8).all()
+    # the flagged program is the planted section-only one, flagged for its own section
+    flagged = np.flatnonzero(np.asarray(t["sample_specific"], dtype=bool))
+    assert metrics["n_sample_specific"] == len(flagged) == 1
+    assert str(t["specific_to"][flagged[0]]).endswith(spec["section"])
+    assert _best_r(U[:, flagged], T[:, [spec["program"]]])[0] > 0.8
+    assert (folder / "programs_by_sample.tsv").is_file() and (folder / "plots" / "programs_by_section.png").is_file()
+    # the third section, scored against the study's programs: the shared programs are found
+    proj = ad.read_h5ad(work / "S2_scored.h5ad")
+    shared = [k for k in range(T.shape[1]) if k != spec["program"]]
+    assert (_best_r(proj.obsm["X_nmf_projected"], proj.obsm["true_usage"][:, shared]) > 0.8).all()
 
 
 def _clone_like_copy(dst: Path) -> None:
