@@ -186,6 +186,8 @@ def main(argv=None) -> int:
           f"and above, all settings pooled); per setting alone: "
           + ", ".join(f"{s} {v:.4f}" for s, v in per.items()))
     t = chosen if args.threshold is None else args.threshold
+    print(f"\n## Design rows at t = {t:.4f}\n")
+    print("\n".join(fresh_table(design, t)))
     if fresh:
         print(f"\n## Fresh rows (seed >= {DESIGN_SEEDS}) at t = {t:.4f}\n")
         print("\n".join(fresh_table(fresh, t)))
