@@ -653,6 +653,15 @@ class _WarningFlag(logging.Handler):
             self.fired = True
 
 
+def _candidate_fields(c) -> dict[str, Any]:
+    """The stage's candidate set and each K's gap to the chosen K (``scripts/calibrate_margin.py``
+    recomputes the set at any threshold from the gaps)."""
+    if "k_candidates" not in c:
+        return {}
+    return {"k_candidates": [int(k) for k in c["k_candidates"]],
+            "k_gaps": {str(int(k)): float(g) for k, g in zip(c["k_values"], c["k_gap"])}}
+
+
 def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
     """Run the four stages with their defaults (plus ``overrides``) on one draw; one result row.
 
@@ -702,7 +711,7 @@ def run_draw(adata, overrides=(), rules=("auto",)) -> dict[str, Any]:
                 clog.propagate = propagate
             c = b.uns["nmf_consensus"]
             r = {"k": int(c["best_k"]), "runner_up": int(c["runner_up_k"]), "margin": float(c["k_margin"]),
-                 "warned": bool(flag.fired)}
+                 "warned": bool(flag.fired), **_candidate_fields(c)}
             per_rule[rule] = r
             if i == 0:
                 score(b, **cfg["score"], **({"sample_key": "sample"} if multi else {}))
@@ -747,7 +756,8 @@ def run_matrix_rules(adata, overrides=(), rules=("bicv", "parallel")) -> dict[st
                                          counts=a.layers.get("counts"))(ks)
             k, info = select_k(ks, st, rule, c["k_tolerance"], spread=spread, z=c["k_z"], return_info=True)
             per_rule[rule] = {"k": int(k), "runner_up": int(info["runner_up_k"]), "margin": float(info["margin"]),
-                              "warned": bool(info["runner_up_k"] != k and info["margin"] < 1)}
+                              "warned": bool(info["runner_up_k"] == k
+                                             or not info["margin"] >= c["confident_margin"])}  # as report_k
     first = per_rule[rules[0]]
     return {"family": truth["family"], "seed": truth["seed"], "planted_k": truth["planted_k"],
             "n_spots": int(adata.n_obs), "n_genes": int(adata.n_vars), **first, "recovery": float("nan"),

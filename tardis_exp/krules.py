@@ -70,6 +70,18 @@ class Curve:
         margin = float((v[best] - v[runner]) / self.tol2(best, runner)) if others else float("inf")
         return best, runner, margin
 
+    def gaps(self, best):
+        """How far each K's value stands below the chosen K's, in units of the tolerance of
+        their difference (0 at ``best``, negative where a K's value is higher, inf for a K
+        that is not admissible): the candidate set is the K whose gap is below
+        ``consensus.confident_margin`` (:func:`candidates`)."""
+        import numpy as np
+
+        out = np.full(len(self.ks), np.inf)
+        for i in self.idx:
+            out[i] = 0.0 if i == best else float((self.v[best] - self.v[i]) / self.tol2(best, i))
+        return out
+
 
 @dataclass(frozen=True)
 class KRule:
@@ -358,19 +370,56 @@ def select_k(ks, stats: dict, rule: str = "pac", tolerance: float = 0.0, admissi
                   tolerance=tolerance, z=z, largest_stable=largest_stable, evidence=np.zeros(len(ks)))
     best, runner, margin = k_rule.pick(curve)
     info = {"runner_up_k": int(ks[runner]), "margin": margin, "tolerance": np.maximum(tolerance, z * se),
-            "evidence": curve.evidence}
+            "evidence": curve.evidence, "gaps": curve.gaps(best)}
     return (int(ks[best]), info) if return_info else int(ks[best])
 
 
-def report_k(best, info, rule, ks, rank_bound=False):
-    """Say so when the evidence does not separate the chosen K from the runner-up, and when
-    the rank rather than the data bounds it (``rank_bound``: K = n_components, every
-    component recurs)."""
-    if info["runner_up_k"] != best and info["margin"] < 1:
+def confident_margin_default() -> float:
+    """``consensus.confident_margin``'s default (declared in :mod:`tardis_exp.params`)."""
+    from .params import ConsensusParams
+
+    return float(ConsensusParams.confident_margin)
+
+
+def candidates(ks, best, info, confident_margin: float | None = None) -> list[int]:
+    """The K the data do not separate from the chosen one: ``best``, every K whose gap
+    (``info['gaps']``, :meth:`Curve.gaps`) is below ``confident_margin``, and the runner-up
+    when the margin is (or is not measured: NaN). Sorted."""
+    import numpy as np
+
+    t = confident_margin_default() if confident_margin is None else float(confident_margin)
+    out = {int(best)}
+    gaps = info.get("gaps")
+    if gaps is not None:
+        out |= {int(k) for k, g in zip(ks, np.asarray(gaps, dtype=np.float64)) if g < t}
+    margin = float(info["margin"])
+    if not margin >= t:  # below the threshold, or NaN (no margin measured against it)
+        out.add(int(info["runner_up_k"]))
+    return sorted(out)
+
+
+def report_k(best, info, rule, ks, rank_bound=False, confident_margin: float | None = None):
+    """Say so when the evidence does not separate the chosen K from the runner-up (its margin
+    is below ``consensus.confident_margin``; :func:`candidates` lists every K it does not
+    separate), when no other K could be compared (a one-K range), and when the rank rather
+    than the data bounds it (``rank_bound``: K = n_components, every component recurs).
+
+    Returns whether it warned that the data do not separate K."""
+    t = confident_margin_default() if confident_margin is None else float(confident_margin)
+    cands = info.get("candidates") or candidates(ks, best, info, t)
+    warned = False
+    if info["runner_up_k"] == best:  # margin inf: nothing was compared, which is no evidence for K
+        log.warning("consensus: the data do not separate K=%d from any other K: it is the only K the rule could "
+                    "compare (rule %s) -- widen the K range or raise factorize.n_replicates", best, rule)
+        warned = True
+    elif info["margin"] < t:
         log.warning("consensus: the data do not separate K=%d from K=%d (rule %s, margin %.2f of the measured "
-                    "tolerance); both are candidates -- look at k_selection.png", best, info["runner_up_k"],
-                    rule, info["margin"])
+                    "tolerance, below consensus.confident_margin=%g); candidates K = %s -- look at "
+                    "k_selection.png", best, info["runner_up_k"], rule, info["margin"], t,
+                    ", ".join(str(k) for k in cands))
+        warned = True
     if rank_bound:
         log.warning("consensus: K=%d = factorize.n_components and every component recurs in the replicates; the "
                     "data may hold more programs than the rank -- raise factorize.n_components or sweep it "
                     "(sweep=k_range)", best)
+    return warned

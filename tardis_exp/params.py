@@ -249,6 +249,10 @@ class ConsensusParams:
     k_tolerance: Any = number(1e-4, "floor of the measured tolerance between two K", low=0)
     k_z: Any = number(2.0, "two K differ when their statistics differ by more than k_z standard errors",
                       low=0)
+    confident_margin: Any = number(2.27, "the run warns that the data do not separate the chosen K from the "
+                                   "runner-up when its margin (in measured tolerances) is below this, and lists as "
+                                   "candidates every K whose gap to it is below this; calibrated on the benchmark's "
+                                   "design seeds (docs/benchmark.md, 'Calibrating the margin')", low=0)
     k_spread_splits: Any = integer(4, "random splits of the resamples into halves measuring those errors",
                                    minimum=0)
     outlier_threshold: Any = number(0.35, "components method: cNMF-style local-density outlier filter "

@@ -104,6 +104,16 @@ def _at_best_if(key):
     return value
 
 
+def _len_if(adata, key):
+    c = adata.uns["nmf_consensus"]
+    return float(len(c[key])) if key in c else None
+
+
+def _reduce_if(adata, key, f):
+    c = adata.uns["nmf_consensus"]
+    return float(f(c[key])) if key in c and len(c[key]) else None
+
+
 def _entry(key):
     def value(adata):
         c = adata.uns["nmf_consensus"]
@@ -151,6 +161,12 @@ SPEC = StageSpec(
                "parallel caps K there)", _entry("parallel_rank")),
         Metric("runner_up_k", "the second-best K under consensus.k_selection", _entry("runner_up_k"),
                headline=True),
+        Metric("consensus.n_k_candidates", "number of K the data do not separate from the chosen one (margin "
+               "below consensus.confident_margin; uns['nmf_consensus']['k_candidates'])",
+               lambda a: _len_if(a, "k_candidates"), headline=True),
+        *(Metric(f"consensus.k_candidates_{end}", f"the {word} candidate K (uns['nmf_consensus']['k_candidates'])",
+                 lambda a, f=f: _reduce_if(a, "k_candidates", f))
+          for end, word, f in (("min", "smallest", min), ("max", "largest", max))),
         Metric("consensus.k_margin", "how far the chosen K beats the runner-up, in measured standard errors "
                "(below 1: the data do not separate them)", _entry("k_margin"), headline=True),
         *(Metric(f"consensus.{k}", f"consensus {k.replace('_', ' ')} of the trial's factorizations "
@@ -260,6 +276,7 @@ def consensus(
     k_tolerance: float = _P.k_tolerance,
     k_z: float = _P.k_z,
     k_spread_splits: int = _P.k_spread_splits,
+    confident_margin: float = _P.confident_margin,
     outlier_threshold: float = _P.outlier_threshold,
     outlier_adaptive: bool = _P.outlier_adaptive,
     outlier_neighbors_frac: float = _P.outlier_neighbors_frac,
@@ -298,6 +315,10 @@ def consensus(
         statistics differ by more than ``k_z`` standard errors, measured from
         ``k_spread_splits`` random splits of the resamples into halves
         (:func:`half_spread`); ``k_tolerance`` is a floor on that tolerance.
+    confident_margin
+        A margin over the runner-up below this warns that the data do not separate them and
+        lists the candidates (``uns[...]['k_candidates']``: every K whose gap to the chosen
+        one is below it); calibrated on the benchmark's design seeds (docs/benchmark.md).
     outlier_threshold, outlier_adaptive, outlier_neighbors_frac
         Components method: drop components whose mean distance (between L2-normalized
         loadings) to their ``outlier_neighbors_frac * n_replicates`` nearest neighbours
@@ -345,7 +366,7 @@ def consensus(
     check_params(method=method, min_clusters=min_clusters, max_clusters=max_clusters, n_resamples=n_resamples,
                  resample_frac=resample_frac, random_state=random_state, k_selection=k_selection,
                  k_tolerance=k_tolerance, k_z=k_z, k_spread_splits=k_spread_splits,
-                 outlier_threshold=outlier_threshold, outlier_adaptive=outlier_adaptive,
+                 confident_margin=confident_margin, outlier_threshold=outlier_threshold, outlier_adaptive=outlier_adaptive,
                  outlier_neighbors_frac=outlier_neighbors_frac, min_cluster_replicates=min_cluster_replicates, background_ratio=background_ratio,
                  rank_bound=rank_bound, parallel_max_spots=parallel_max_spots,
                  spectra_agg=spectra_agg,
@@ -358,7 +379,7 @@ def consensus(
     k_selection = resolve_k_rule(k_selection, method)
     shared = dict(min_k=min_clusters, max_k=max_clusters, n_resamples=n_resamples, frac=resample_frac,
                   rule=k_selection, tol=k_tolerance, z=k_z, spread_splits=k_spread_splits, agg=spectra_agg,
-                  store_items=store_matrix_items, progress=progress)
+                  store_items=store_matrix_items, progress=progress, confident_margin=confident_margin)
     background = np.zeros((0, adata.n_vars))
     if method == "components":
         pa = None
@@ -394,8 +415,9 @@ def consensus(
             res.update(k_with_background=first_k, background_items=np.flatnonzero(bg["items"]))
             res["item_labels"][bg["items"]] = -2
         else:
-            report_k(res["best_k"], {"runner_up_k": res["runner_up_k"], "margin": res["k_margin"]}, k_selection,
-                     res["k_values"], res["k_bounded_by_rank"])
+            report_k(res["best_k"], {"runner_up_k": res["runner_up_k"], "margin": res["k_margin"],
+                                     "candidates": res["k_candidates"].tolist()}, k_selection,
+                     res["k_values"], res["k_bounded_by_rank"], confident_margin=confident_margin)
         if bg is not None:  # every first-pass program's ratio: how far the data are from the threshold
             res["background_cv_ratio"] = bg["cv_ratio"]
         if pa is not None:

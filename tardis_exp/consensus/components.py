@@ -19,7 +19,7 @@ from scipy.spatial.distance import squareform
 
 from ..errors import InputError
 from ..keys import NMFKeys
-from ..krules import report_k, select_k
+from ..krules import candidates, report_k, select_k
 from ..progress import progress_bar
 from .statistics import (Resampling, _aggregate, _clip_range, _l2rows, _pearson_dist, _per_k_result,
                          _per_k_stats, half_spread, recurrence_spread, replicate_recurrence)
@@ -278,10 +278,11 @@ def _components(adata, *, rng, settings: ComponentsSettings, exclude=None, repor
         if report:
             log.info("consensus: K=%d (k_selection=%s chose %d, above the parallel-analysis rank %d)", best, rule,
                      rule_k, k_cap)
+    info["candidates"] = candidates(ks, best, info, s.confident_margin)
     # every component of the factorization recurs: the rank, not the data, bounds K
     rank_bound = bool(best == k_eff and R > 1 and stats["recurrence"][ks.index(best)] >= 0.9)
     if report:
-        report_k(best, info, rule, ks, rank_bound)
+        report_k(best, info, rule, ks, rank_bound, confident_margin=s.confident_margin)
 
     # average linkage can return fewer than K clusters (ties); keep the clusters that exist
     present, labels = np.unique(final_labels[best], return_inverse=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
-from ..krules import report_k, select_k
+from ..krules import candidates, report_k, select_k
 from ..nmf import derive_seeds, fit_batch, prepare_matrix
 from .statistics import Resampling, _aggregate, _clip_range, _per_k_result, _per_k_stats, half_spread
 
@@ -71,7 +71,8 @@ def _spots(adata, *, rng, settings: SpotsSettings) -> dict:
     stats, cdfs, final_labels, mats = _per_k_stats(ks, label_sets, store_idx=store_idx)
     spread = half_spread(ks, label_sets, n_splits=spread_splits, rng=rng)
     best, info = select_k(ks, stats, rule, tol, spread=spread, z=k_z, return_info=True)
-    report_k(best, info, rule, ks)
+    info["candidates"] = candidates(ks, best, info, s.confident_margin)
+    report_k(best, info, rule, ks, confident_margin=s.confident_margin)
 
     # Spectra at the best K: align every resample's components to the reference (the
     # lowest-error resample) by Hungarian matching on correlation, then aggregate.

@@ -25,7 +25,8 @@ class Resampling:
 
     ``rule`` is resolved (not ``auto``); ``tol``, ``z`` and ``spread_splits`` are
     ``k_tolerance``, ``k_z`` and ``k_spread_splits``; ``agg`` the spectra's aggregation;
-    ``store_items`` the items kept of each consensus matrix.
+    ``store_items`` the items kept of each consensus matrix; ``confident_margin`` the margin
+    below which the K is reported with its candidates (``consensus.confident_margin``).
     """
 
     min_k: int
@@ -39,6 +40,7 @@ class Resampling:
     agg: str
     store_items: int
     progress: bool | None
+    confident_margin: float
 
 
 CDF_GRID = np.linspace(0, 1, 101)
@@ -241,6 +243,9 @@ def _per_k_result(ks, best, spectra, stats, cdfs, mats, spread, info) -> dict:
         "best_k": int(best),
         "runner_up_k": int(info["runner_up_k"]),
         "k_margin": float(info["margin"]),
+        # the K the data do not separate from best_k (consensus.confident_margin), and each K's gap
+        "k_candidates": np.asarray(info["candidates"], dtype=np.int64),
+        "k_gap": np.asarray(info["gaps"], dtype=np.float64),
         "k_tolerance_measured": np.asarray(info["tolerance"], dtype=np.float64),
         **{f"{key}_se": np.asarray(val, dtype=np.float64) for key, val in spread.items()},
         "spectra": spectra,
