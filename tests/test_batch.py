@@ -213,4 +213,7 @@ def test_runner_reports_the_batch_rates(capsys):
     assert len(r["found_per_planted"]) == rows[0]["planted_k"] == 6
     once = int(r["shared_found_once"])
     assert f"batch: each shared program found once {once}/1 = {once:.2f}" in out
-    assert "section-only program flagged sample_specific: not measured (the runs have no uns['nmf_samples'])" in out
+    # the runner passes the sample column to the score stage: the flag is measured, not guessed
+    assert r["flags_missing"] is False
+    flagged = int(bool(r["specific_flagged"]))
+    assert f"section-only program flagged sample_specific {flagged}/1 = {flagged:.2f}" in out
