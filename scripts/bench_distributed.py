@@ -148,6 +148,7 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--solver", default="hals")
     p.add_argument("--modes", default="memory,threads,cluster")
+    p.add_argument("--repeat", type=int, default=1, help="run the modes this many times, alternating")
     p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp"))
     p.add_argument("--profile", action="store_true")
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -158,29 +159,42 @@ def main():
         return
     store = Path(a.workdir) / f"bench-dist-{a.spots}x{a.genes}-{a.density}-{a.chunk_rows}.zarr"
     make_store(store, a.spots, a.genes, a.density, a.chunk_rows)
+    passed = []  # the options forwarded to each mode's process (not --modes / --repeat)
+    skip = False
+    for x in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if x in ("--modes", "--repeat"):
+            skip = True
+            continue
+        if not x.startswith(("--modes=", "--repeat=")):
+            passed.append(x)
     rows = []
-    for mode in a.modes.split(","):
-        cmd = [sys.executable, __file__, "--mode", mode, "--store", str(store)] + \
-              [x for x in sys.argv[1:] if not x.startswith("--modes")]
-        cmd = [c for c in cmd if c != a.modes]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
-        rows.append(json.loads(line[0][7:]))
+    for _ in range(a.repeat):
+        for mode in a.modes.split(","):
+            load = os.getloadavg()[0]
+            r = subprocess.run([sys.executable, __file__, "--mode", mode, "--store", str(store)] + passed,
+                               capture_output=True, text=True)
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"{mode} failed:\n{r.stderr[-3000:]}")
+            rows.append({**json.loads(line[0][7:]), "load": load})
     print(f"{a.spots} spots x {a.genes} genes, density {a.density}, chunks of {a.chunk_rows}, "
           f"{a.reps} x rank {a.rank} ({a.solver}), {a.iters} iterations; BLAS {rows[0]['blas']}")
-    base = next((r["seconds"] for r in rows if r["mode"] == "memory"), None)
-    print("| mode | seconds | s per iteration per 1,000 spots | vs memory | driver peak MB | workers peak MB "
+    print("| mode | load | seconds | s per iteration per 1,000 spots | vs memory | driver peak MB | workers peak MB "
           "| tasks / bytes per iteration |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    base = None
     for r in rows:
+        if r["mode"] == "memory":
+            base = r["seconds"]  # the ratio is to the latest in-memory run before it
         per = r["seconds"] / a.iters / a.spots * 1000
         ratio = f"{r['seconds'] / base:.2f}" if base else "-"
         wk = " + ".join(f"{w:.0f}" for w in r.get("workers_mb", [])) or "-"
         g = r.get("graph")
-        print(f"| {r['mode']} | {r['seconds']:.1f} | {per:.4f} | {ratio} | {r['driver_mb']:.0f} | {wk} | "
-              f"{'-' if not g else f'{g[0]} / {g[1]:,}'} |")
+        print(f"| {r['mode']} | {r['load']:.1f} | {r['seconds']:.1f} | {per:.4f} | {ratio} | {r['driver_mb']:.0f} | "
+              f"{wk} | {'-' if not g else f'{g[0]} / {g[1]:,}'} |")
         if "profile" in r:
             print("  profile of one chunk:", {k: round(v, 3) for k, v in r["profile"].items()})
 

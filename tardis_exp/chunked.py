@@ -341,8 +341,8 @@ def check_dask_config(cfg, key="factorize.dask") -> None:
 
 
 def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: str, chunked: bool,
-                          nnz: int | None = None) -> float:
-    """Resident memory (GB) a factorization needs: a model, not a measurement.
+                          nnz: int | None = None, n_processes: int = 1) -> float:
+    """Resident memory (GB) a factorization needs in its largest process: a model, not a measurement.
 
     ``n_columns`` is the total rank of the batch (rank x replicates). The solver keeps
     ``W_all`` (spots x K) and one spots x K product; multiplicative updates make one more
@@ -351,7 +351,14 @@ def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: st
     no more than the fit held. In memory, ``X`` itself
     (CSR: 8 bytes per stored entry, dense: 4 per entry) adds to that; chunked, only a few
     chunks are resident and are not counted here.
+
+    Chunked on a ``dask.distributed`` cluster of ``n_processes`` workers, the spots x K
+    state is split among the workers (each keeps its chunks' rows of ``W``) and the driver
+    keeps the genes x K state only: the figure is one worker's share (spots / workers,
+    rounded up) plus the genes x K state, which every process holds.
     """
+    if chunked and n_processes > 1:
+        n_spots = -(-int(n_spots) // int(n_processes))
     per = 4 * n_spots * n_columns
     from .solvers import SOLVERS
 
@@ -361,13 +368,24 @@ def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: st
     return model / 1e9
 
 
+def n_workers() -> int:
+    """Worker processes of the connected ``dask.distributed`` cluster; 1 without one (Dask's
+    local schedulers run in this process)."""
+    client = _client()
+    if client is None:
+        return 1
+    return max(1, len(client.scheduler_info().get("workers", {})))
+
+
 def check_memory(max_memory_gb, *, n_spots, n_genes, n_columns, solver, chunked, nnz=None,
                  key="factorize.max_memory_gb", where=None) -> float:
     """Refuse, before any fit, a factorization whose memory model exceeds ``max_memory_gb``.
 
     ``where``: what the shape was read from, named in the message (e.g. the input file, for
-    the check made before loading)."""
-    need = estimate_factorize_gb(n_spots, n_genes, n_columns, solver, chunked, nnz)
+    the check made before loading). Chunked on a connected ``dask.distributed`` cluster the
+    limit applies per process: to one worker's share (:func:`estimate_factorize_gb`)."""
+    workers = n_workers() if chunked else 1
+    need = estimate_factorize_gb(n_spots, n_genes, n_columns, solver, chunked, nnz, workers)
     if max_memory_gb is not None and need > float(max_memory_gb):
         hint = "" if chunked else "; data.backend=dask keeps X out of memory"
         from .solvers import SOLVERS
@@ -377,7 +395,8 @@ def check_memory(max_memory_gb, *, n_spots, n_genes, n_columns, solver, chunked,
         src = f" (from {where})" if where else ""
         raise ConfigError(
             f"{key}={max_memory_gb:g}: factorizing {n_spots} spots x {n_genes} genes{src} with {n_columns} factor "
-            f"columns ({solver}{', chunked' if chunked else ', in memory'}) needs about {need:.3g} GB; "
+            f"columns ({solver}{', chunked' if chunked else ', in memory'}) needs about {need:.3g} GB"
+            f"{f' per process ({workers} workers)' if workers > 1 else ''}; "
             f"raise {key}, lower factorize.n_replicates or factorize.n_components{hint}"
         )
     return need
@@ -423,8 +442,11 @@ def _bxtw(b, W):
 
 
 def _sums(b, W):
-    """This chunk's share of the driver's K x genes state: ``X_c.T @ W_c`` (m x K) and ``W_c.T W_c``."""
-    return np.asarray(_bxtw(b, W), dtype=np.float32), W.T @ W
+    """This chunk's share of the driver's K x genes state: ``X_c.T @ W_c`` (m x K) and ``W_c.T W_c``
+    (the Gram without BLAS: see :func:`tardis_exp._kernels.gram`)."""
+    from ._kernels import gram
+
+    return np.asarray(_bxtw(b, W), dtype=np.float32), gram(W)
 
 
 def _blk_sums(xb, W):
@@ -483,6 +505,21 @@ def _slice_rows(W, a, b):
     return np.ascontiguousarray(W[a:b], dtype=np.float32)
 
 
+class _Held:
+    """A future passed to a task as a plain value (a bare future would be a dependency that
+    only the cluster's scheduler can resolve). Not sent anywhere: the task runs here."""
+
+    def __init__(self, future):
+        self.future = future
+
+    def __reduce__(self):
+        raise TypeError("BlockW.to_dask() arrays are computed by the driver: use .compute(scheduler='threads')")
+
+
+def _fetch(held):
+    return np.asarray(held.future.result(), dtype=np.float32)
+
+
 class BlockW:
     """A spots x k factor kept as row blocks aligned with a :class:`ChunkedMatrix`'s chunks.
 
@@ -516,13 +553,15 @@ class BlockW:
         return cls.from_blocks((W[a:b] for a, b in zip(bounds[:-1], bounds[1:])), bounds, W.shape[1])
 
     def to_dask(self):
-        """A Dask array over the kept blocks (nothing computed or moved)."""
+        """A Dask array over the kept blocks (nothing computed or moved), for the driver:
+        compute it on Dask's local schedulers (``scheduler='threads'``; anndata's writer
+        does), which fetch one block at a time from where it is kept."""
         import dask
         import dask.array as da
 
-        parts = [da.from_delayed(dask.delayed(r) if not isinstance(r, np.ndarray) else r,
-                                 shape=(int(b - a), self.shape[1]), dtype=np.float32)
-                 if not isinstance(r, np.ndarray) else da.from_array(r, chunks=r.shape)
+        parts = [da.from_array(r, chunks=r.shape) if isinstance(r, np.ndarray) else
+                 da.from_delayed(dask.delayed(_fetch, pure=True)(_Held(r)), shape=(int(b - a), self.shape[1]),
+                                 dtype=np.float32)
                  for r, a, b in zip(self.refs, self.bounds[:-1], self.bounds[1:])]
         return da.concatenate(parts, axis=0)
 

@@ -80,3 +80,52 @@ def test_graph_per_iteration_does_not_grow_with_spots(monkeypatch):
             assert t1 == t2 and t1 <= 5 * 6 + 2
             # bytes: names and small parameters only; W's rows (600 x 8 float32 = 19 kB) never travel
             assert 0 < b2 <= 1.05 * b1 and b2 < 600 * 8 * 4
+
+
+@pytest.mark.numerics
+def test_factorize_stage_keeps_replicates_on_workers(tmp_path):
+    """The factorize stage on a cluster: obsm's usages are Dask arrays over the workers' blocks
+    (the driver never holds a replicate's W), equal to the in-memory stage's, and written
+    to h5ad chunk by chunk."""
+    import anndata as ad
+
+    from tardis_exp.factorize import factorize
+    from tardis_exp.store import write_h5ad
+
+    X = _data(True, seed=5)
+    kw = dict(n_components=3, n_replicates=3, random_state=0, max_iter=20, tol=0, solver="mu", copy=True)
+    ref = factorize(ad.AnnData(X=X), **kw)
+    with _cluster(True) as cluster, dask_scheduler(cluster.scheduler_address):
+        got = factorize(ad.AnnData(X=_chunked(X)), **kw)
+        for key in ("X_nmf", "X_nmf_replicates"):
+            U = got.obsm[key]
+            assert isinstance(U, da.Array) and U.shape == ref.obsm[key].shape
+            # the graph holds references to the workers' blocks, not their rows (10.8 kB here)
+            assert not any(isinstance(v, np.ndarray) for v in dict(U.__dask_graph__()).values())
+            # computed here on Dask's local threads (as anndata's writer does), a block at a time
+            f32.close(U.compute(scheduler="threads"), ref.obsm[key], f32.trajectory_rtol(20, *X.shape, 3))
+        got.X = X  # the writer computes the Dask obsm one chunk at a time
+        write_h5ad(got, tmp_path / "r.h5ad")
+        back = ad.read_h5ad(tmp_path / "r.h5ad")
+        np.testing.assert_array_equal(back.obsm["X_nmf_replicates"], got.obsm["X_nmf_replicates"].compute(scheduler="threads"))
+    assert got.uns["nmf"]["best_replicate"] == ref.uns["nmf"]["best_replicate"]
+
+
+def test_max_memory_gb_applies_per_process():
+    """factorize.max_memory_gb on a cluster: W's rows are split among the workers, so the limit
+    is checked against one worker's share; on Dask's local schedulers one process holds all."""
+    from tardis_exp.chunked import check_memory, estimate_factorize_gb
+    from tardis_exp.errors import ConfigError
+
+    kw = dict(n_spots=1_000_001, n_genes=2000, n_columns=40, solver="hals", chunked=True)
+    # the model by hand: HALS keeps 2 spots x K float32 copies, plus 16 bytes per gene and column
+    whole = (2 * 4 * 1_000_001 * 40 + 16 * 2000 * 40) / 1e9
+    share = (2 * 4 * 500_001 * 40 + 16 * 2000 * 40) / 1e9
+    assert estimate_factorize_gb(**{**kw, "n_processes": 2}) == pytest.approx(share)
+    limit = (whole + share) / 2
+    with pytest.raises(ConfigError, match=r"factorize.max_memory_gb=.*needs about 0.321 GB;"):
+        check_memory(limit, **kw)
+    with _cluster(False) as cluster, dask_scheduler(cluster.scheduler_address):
+        assert check_memory(limit, **kw) == pytest.approx(share)
+        with pytest.raises(ConfigError, match=r"needs about 0.161 GB per process \(2 workers\)"):
+            check_memory(share / 2, **kw)
