@@ -129,3 +129,17 @@ def test_max_memory_gb_applies_per_process():
         assert check_memory(limit, **kw) == pytest.approx(share)
         with pytest.raises(ConfigError, match=r"needs about 0.161 GB per process \(2 workers\)"):
             check_memory(share / 2, **kw)
+
+
+def test_chunk_gram_equals_float64():
+    """The chunk tasks' W.T W (no BLAS): float32 of the float64 sum, zero rows and columns included."""
+    from tardis_exp._kernels import gram
+
+    W = np.random.default_rng(0).gamma(1.0, 1.0, (1000, 7)).astype(np.float32)
+    W[::3, 2] = 0
+    W[:, 5] = 0
+    ref = W.T.astype(np.float64) @ W.astype(np.float64)
+    G = gram(W)
+    assert G.dtype == np.float32 and (G == G.T).all() and (G[5] == 0).all()
+    # accumulated in float64: one float32 rounding of each entry
+    f32.close(G, ref, f32.gamma(1))
