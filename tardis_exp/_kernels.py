@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - numba is a dependency of scanpy
     numba = None
     _HAVE_NUMBA = False
 
-__all__ = ["SparseProducts", "csr_matmul", "csr_t_matmul", "hals_sweep", "mu_update", "DENSE_CHUNK_MIN_DENSITY",
+__all__ = ["SparseProducts", "csr_matmul", "csr_t_matmul", "gram", "hals_sweep", "mu_update", "DENSE_CHUNK_MIN_DENSITY",
            "DENSE_CHUNK_MIN_K"]
 
 # sgemm on densified chunks multiplies the zeros too; it beats the CSR kernel only when X
@@ -278,6 +278,41 @@ def hals_sweep(V, A, G, starts, ranks, active, mask=None):
             step = (A[rows, s0 + j] - V[rows, s0:s0 + k] @ G[f, :k, j]) / G[f, j, j]
             V[rows, s0 + j] = np.maximum(old + step, 0)
             out[f] += float(np.sum((V[rows, s0 + j] - old) ** 2, dtype=np.float64))
+    return out
+
+
+if _HAVE_NUMBA:
+
+    @numba.njit(parallel=False, fastmath=False, cache=True, nogil=True)
+    def _gram_py(W, out):  # pragma: no cover - compiled
+        n, K = W.shape
+        acc = np.zeros((K, K), dtype=np.float64)
+        for i in range(n):
+            w = W[i]
+            for k in range(K):
+                v = np.float64(w[k])
+                if v != 0.0:
+                    for j in range(k, K):
+                        acc[k, j] += v * w[j]
+        for k in range(K):
+            for j in range(k, K):
+                out[k, j] = acc[k, j]
+                out[j, k] = acc[k, j]
+
+
+def gram(W: np.ndarray) -> np.ndarray:
+    """``W.T @ W`` (K x K, float32, accumulated in float64) on this thread, without BLAS.
+
+    For the chunk tasks of :mod:`tardis_exp.chunked`: there the chunks already run in
+    parallel, and a multi-threaded BLAS call right after a numba (OpenMP) parallel kernel
+    waits for the cores the OpenMP threads still spin on (0.9 s instead of 3 ms for a
+    50,000 x 40 ``W`` on 2 cores, scripts/bench_distributed.py --profile).
+    """
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if not _HAVE_NUMBA:
+        return (W.T.astype(np.float64) @ W.astype(np.float64)).astype(np.float32)
+    out = np.empty((W.shape[1], W.shape[1]), dtype=np.float32)
+    _gram_py(W, out)
     return out
 
 

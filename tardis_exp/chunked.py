@@ -341,8 +341,8 @@ def check_dask_config(cfg, key="factorize.dask") -> None:
 
 
 def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: str, chunked: bool,
-                          nnz: int | None = None) -> float:
-    """Resident memory (GB) a factorization needs: a model, not a measurement.
+                          nnz: int | None = None, n_processes: int = 1) -> float:
+    """Resident memory (GB) a factorization needs in its largest process: a model, not a measurement.
 
     ``n_columns`` is the total rank of the batch (rank x replicates). The solver keeps
     ``W_all`` (spots x K) and one spots x K product; multiplicative updates make one more
@@ -351,7 +351,14 @@ def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: st
     no more than the fit held. In memory, ``X`` itself
     (CSR: 8 bytes per stored entry, dense: 4 per entry) adds to that; chunked, only a few
     chunks are resident and are not counted here.
+
+    Chunked on a ``dask.distributed`` cluster of ``n_processes`` workers, the spots x K
+    state is split among the workers (each keeps its chunks' rows of ``W``) and the driver
+    keeps the genes x K state only: the figure is one worker's share (spots / workers,
+    rounded up) plus the genes x K state, which every process holds.
     """
+    if chunked and n_processes > 1:
+        n_spots = -(-int(n_spots) // int(n_processes))
     per = 4 * n_spots * n_columns
     from .solvers import SOLVERS
 
@@ -361,13 +368,24 @@ def estimate_factorize_gb(n_spots: int, n_genes: int, n_columns: int, solver: st
     return model / 1e9
 
 
+def n_workers() -> int:
+    """Worker processes of the connected ``dask.distributed`` cluster; 1 without one (Dask's
+    local schedulers run in this process)."""
+    client = _client()
+    if client is None:
+        return 1
+    return max(1, len(client.scheduler_info().get("workers", {})))
+
+
 def check_memory(max_memory_gb, *, n_spots, n_genes, n_columns, solver, chunked, nnz=None,
                  key="factorize.max_memory_gb", where=None) -> float:
     """Refuse, before any fit, a factorization whose memory model exceeds ``max_memory_gb``.
 
     ``where``: what the shape was read from, named in the message (e.g. the input file, for
-    the check made before loading)."""
-    need = estimate_factorize_gb(n_spots, n_genes, n_columns, solver, chunked, nnz)
+    the check made before loading). Chunked on a connected ``dask.distributed`` cluster the
+    limit applies per process: to one worker's share (:func:`estimate_factorize_gb`)."""
+    workers = n_workers() if chunked else 1
+    need = estimate_factorize_gb(n_spots, n_genes, n_columns, solver, chunked, nnz, workers)
     if max_memory_gb is not None and need > float(max_memory_gb):
         hint = "" if chunked else "; data.backend=dask keeps X out of memory"
         from .solvers import SOLVERS
@@ -377,7 +395,441 @@ def check_memory(max_memory_gb, *, n_spots, n_genes, n_columns, solver, chunked,
         src = f" (from {where})" if where else ""
         raise ConfigError(
             f"{key}={max_memory_gb:g}: factorizing {n_spots} spots x {n_genes} genes{src} with {n_columns} factor "
-            f"columns ({solver}{', chunked' if chunked else ', in memory'}) needs about {need:.3g} GB; "
+            f"columns ({solver}{', chunked' if chunked else ', in memory'}) needs about {need:.3g} GB"
+            f"{f' per process ({workers} workers)' if workers > 1 else ''}; "
             f"raise {key}, lower factorize.n_replicates or factorize.n_components{hint}"
         )
     return need
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed factor updates: W's rows stay with X's row chunks (on the workers of a
+# dask.distributed cluster, in this process on threads); the driver holds the K x genes
+# state (H, X.T @ W, W.T W) and each iteration submits one task per chunk plus one sum.
+# ---------------------------------------------------------------------------------------
+
+
+def _client():
+    """The active ``dask.distributed`` client, or ``None`` (Dask's local schedulers)."""
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _products(b):
+    """The chunk's two products through the in-memory kernels (parallel CSR kernel, or
+    sgemm on densified row blocks: scipy's sparse @ dense is single-threaded); never a
+    dense copy of a whole CSR chunk."""
+    from . import _kernels as K
+
+    if not sp.issparse(b):
+        return None
+    dense = b.nnz / max(b.shape[0] * b.shape[1], 1) >= K.DENSE_COPY_MIN_DENSITY
+    return K.SparseProducts(b, "dense-chunks" if dense else "auto")
+
+
+def _bxht(b, Ht):
+    P = _products(b)
+    return P.xht(Ht.T) if P is not None else b @ Ht
+
+
+def _bxtw(b, W):
+    P = _products(b)
+    return P.xtw(W) if P is not None else b.T @ W
+
+
+def _sums(b, W):
+    """This chunk's share of the driver's K x genes state: ``X_c.T @ W_c`` (m x K) and ``W_c.T W_c``
+    (the Gram without BLAS: see :func:`tardis_exp._kernels.gram`)."""
+    from ._kernels import gram
+
+    return np.asarray(_bxtw(b, W), dtype=np.float32), gram(W)
+
+
+def _blk_sums(xb, W):
+    return _sums(_block(xb), W)
+
+
+def _blk_mu(xb, W, Ht, G, starts, ranks, sums):
+    """One multiplicative update of a chunk's rows of W (in a copy: the input may be a kept
+    result), then, when asked, its K x genes sums from the same read of the chunk."""
+    from ._kernels import mu_update
+    from .nmf import EPS
+
+    b = _block(xb)
+    W = W.copy()
+    mu_update(W, _bxht(b, Ht), G, starts, ranks, EPS)
+    return (W, *_sums(b, W)) if sums else (W, None, None)
+
+
+def _blk_hals(xb, W, Ht, G, starts, ranks, mask, sums):
+    """A chunk's first HALS sweep of W; with ``sums`` (a single sweep is all there can be)
+    its K x genes sums too, else the product ``X_c @ H.T`` kept for the next sweeps."""
+    from ._kernels import hals_sweep
+
+    b = _block(xb)
+    W, A = W.copy(), _bxht(b, Ht)
+    eps = hals_sweep(W, A, G, starts, ranks, np.ones(len(starts), bool), mask)
+    if sums:
+        return (W, eps, *_sums(b, W))
+    return W, eps, A
+
+
+def _blk_sweep(W, A, G, starts, ranks, active, mask):
+    from ._kernels import hals_sweep
+
+    W = W.copy()
+    return W, hals_sweep(W, A, G, starts, ranks, active, mask)
+
+
+def _sum(*parts):
+    """Float32 sum of the chunks' partial results, in chunk order (as sgemm over X would add)."""
+    out = np.array(parts[0], dtype=parts[0].dtype, copy=True)
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def _hstack(*blocks):
+    return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
+
+
+def _cols(W, a, b):
+    return np.ascontiguousarray(W[:, a:b])
+
+
+def _slice_rows(W, a, b):
+    return np.ascontiguousarray(W[a:b], dtype=np.float32)
+
+
+class _Held:
+    """A future passed to a task as a plain value (a bare future would be a dependency that
+    only the cluster's scheduler can resolve). Not sent anywhere: the task runs here."""
+
+    def __init__(self, future):
+        self.future = future
+
+    def __reduce__(self):
+        raise TypeError("BlockW.to_dask() arrays are computed by the driver: use .compute(scheduler='threads')")
+
+
+def _fetch(held):
+    return np.asarray(held.future.result(), dtype=np.float32)
+
+
+class BlockW:
+    """A spots x k factor kept as row blocks aligned with a :class:`ChunkedMatrix`'s chunks.
+
+    ``refs[c]`` is chunk ``c``'s rows: a ``distributed.Future`` on a cluster (the block
+    stays on the worker that made it), a NumPy array on Dask's local schedulers. The
+    driver never holds more than one block of it (``gather`` aside).
+    """
+
+    def __init__(self, refs, bounds, k):
+        self.refs = list(refs)
+        self.bounds = bounds
+        self.shape = (int(bounds[-1]), int(k))
+        self.dtype = np.dtype(np.float32)
+
+    @classmethod
+    def from_blocks(cls, blocks, bounds, k):
+        """Blocks made here one at a time (e.g. a random start), each sent off as it is made."""
+        client = _client()
+        refs = [client.scatter(b, hash=False) if client is not None else b for b in blocks]
+        return cls(refs, bounds, k)
+
+    @classmethod
+    def from_array(cls, W, bounds):
+        """Rows of ``W`` (NumPy, or a Dask array: its blocks computed where they are used)."""
+        if is_dask(W):
+            W = W.rechunk((tuple(np.diff(bounds)), -1))
+            import dask
+
+            return cls(_submit([dask.delayed(np.asarray)(d) for d in W.to_delayed().ravel()]), bounds, W.shape[1])
+        W = np.asarray(W, dtype=np.float32)
+        return cls.from_blocks((W[a:b] for a, b in zip(bounds[:-1], bounds[1:])), bounds, W.shape[1])
+
+    def to_dask(self):
+        """A Dask array over the kept blocks (nothing computed or moved), for the driver:
+        compute it on Dask's local schedulers (``scheduler='threads'``; anndata's writer
+        does), which fetch one block at a time from where it is kept."""
+        import dask
+        import dask.array as da
+
+        parts = [da.from_array(r, chunks=r.shape) if isinstance(r, np.ndarray) else
+                 da.from_delayed(dask.delayed(_fetch, pure=True)(_Held(r)), shape=(int(b - a), self.shape[1]),
+                                 dtype=np.float32)
+                 for r, a, b in zip(self.refs, self.bounds[:-1], self.bounds[1:])]
+        return da.concatenate(parts, axis=0)
+
+    def gather(self) -> np.ndarray:
+        """The whole factor in this process (the one copy the caller asked for)."""
+        client = _client()
+        out = np.empty(self.shape, dtype=np.float32)
+        for r, a, b in zip(self.refs, self.bounds[:-1], self.bounds[1:]):
+            out[a:b] = r if isinstance(r, np.ndarray) else client.gather(r)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.gather()
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self):
+        return f"BlockW({self.shape[0]} x {self.shape[1]}, {len(self.refs)} row blocks)"
+
+
+class RandomW:
+    """The random start ``avg * |N(0, 1)|`` of :func:`tardis_exp.nmf._random_init`, drawn
+    one row block at a time from the same generator (the draws are sequential, so the
+    blocks are the rows of the in-memory draw)."""
+
+    def __init__(self, rng, rank, avg, mask=None):
+        self.rng, self.rank, self.avg, self.mask = rng, int(rank), avg, mask
+
+    def blocks(self, bounds):
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            W = (self.avg * np.abs(self.rng.standard_normal((int(b - a), self.rank)))).astype(np.float32)
+            if self.mask is not None:
+                W[~self.mask[a:b]] = 0
+            yield W
+
+
+def random_init_blocks(C: "ChunkedMatrix", rank, seed, mask):
+    """``(BlockW, H)``: :func:`tardis_exp.nmf._random_init`'s start, W made block by block."""
+    rng = np.random.default_rng(seed)
+    avg = np.sqrt(max(C.mean(mask), 0.0) / rank)
+    H = (avg * np.abs(rng.standard_normal((rank, C.shape[1])))).astype(np.float32)
+    return BlockW.from_blocks(RandomW(rng, rank, avg, mask).blocks(C.bounds), C.bounds, rank), H
+
+
+class GraphLog:
+    """Size of every graph the distributed fit submits: tasks and pickled bytes."""
+
+    def __init__(self):
+        self.graphs: list[tuple[str, int, int]] = []
+
+    def record(self, what, collections):
+        import pickle
+
+        import cloudpickle
+        dsk = {}
+        for c in collections:
+            dsk.update(c.__dask_graph__())
+        tasks = {k: v for k, v in dsk.items() if _is_task(v)}
+        try:
+            nbytes = len(cloudpickle.dumps(tasks, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:  # a future that cannot be pickled outside a client: count the tasks only
+            nbytes = -1
+        self.graphs.append((what, len(tasks), nbytes))
+
+
+def _is_task(v) -> bool:
+    """Whether a graph value is work (a task), not data already there (a kept block, a future)."""
+    try:
+        from dask._task_spec import DataNode, Task
+
+        if isinstance(v, DataNode):
+            return False
+        return isinstance(v, Task) or (isinstance(v, tuple) and bool(v) and callable(v[0]))
+    except ImportError:  # pragma: no cover - older Dask
+        return isinstance(v, tuple) and bool(v) and callable(v[0])
+
+
+GRAPHS: GraphLog | None = None  # set to a GraphLog to record the graphs (tests, benchmarks)
+
+
+def _submit(delayeds, small=(), what="iteration"):
+    """Run ``delayeds`` (results kept: futures on a cluster, arrays here) and ``small``
+    (results brought to the driver) as one graph; return (kept refs, small values)."""
+    import dask
+
+    delayeds, small = list(delayeds), list(small)
+    if GRAPHS is not None:
+        GRAPHS.record(what, delayeds + small)
+    client = _client()
+    if client is None:
+        out = dask.compute(*delayeds, *small)
+        return list(out[:len(delayeds)]), list(out[len(delayeds):])
+    futs = client.compute(delayeds + small)
+    return futs[:len(delayeds)], client.gather(futs[len(delayeds):])
+
+
+def _shared(a):
+    """A small driver-side array every chunk's task reads: broadcast to the workers once
+    (not copied into each task), as is on the local schedulers."""
+    client = _client()
+    return client.scatter(a, broadcast=True, hash=False) if client is not None else a
+
+
+class DistributedState:
+    """The running factorizations of :func:`tardis_exp.nmf.fit_batch` on a :class:`ChunkedMatrix`.
+
+    ``W_all``'s rows live in :class:`BlockW` blocks aligned with the chunks; each
+    iteration submits per chunk one task that reads the chunk once, updates its rows of
+    ``W`` (MU, or HALS's first sweep) and returns its share of ``X.T @ W`` and ``W.T W``;
+    the driver sums those (K x genes), updates ``H`` and broadcasts it. HALS's further
+    inner sweeps of ``W`` (when ``1 + alpha * rho`` allows more than one) are one task per
+    chunk on the product kept with the block, the stopping test on the summed changes, as
+    in memory. Row masks (resampled replicates) are sent once, as per-chunk blocks.
+    """
+
+    def __init__(self, C, items, ranks, Ws, Hs, masks, solver, nnz, alpha, delta):
+        from .nmf import _Group, _hals_max_inner, _layout
+
+        self.C, self.solver = C, solver
+        by_rank: dict[int, list[int]] = {}
+        for i in items:
+            by_rank.setdefault(ranks[i], []).append(i)
+        self.groups, start = [], 0
+        for r in sorted(by_rank):
+            g = _Group(by_rank[r], r, start)
+            self.groups.append(g)
+            start = g.stop
+        self.order = [i for g in self.groups for i in g.idx]
+        self.starts, self.ranks = _layout(self.groups)
+        self.kmax = int(self.ranks.max())
+        self.K = start
+        self.H_all = np.concatenate([Hs[i] for i in self.order]).astype(np.float32)  # K x m, driver
+        import dask
+
+        b = C.bounds
+        parts = [Ws[i] for i in self.order]
+        self.W = BlockW(_submit([dask.delayed(_hstack)(*[p.refs[c] for p in parts]) for c in range(C.n_chunks)],
+                                what="stack")[0], b, self.K)
+        self.mask = None
+        if any(masks[i] is not None for i in self.order):
+            self.mask = [np.stack([np.ones(b[c + 1] - b[c], bool) if masks[i] is None else masks[i][b[c]:b[c + 1]]
+                                   for i in self.order], axis=1) for c in range(C.n_chunks)]
+            client = _client()
+            if client is not None:
+                self.mask = client.scatter(self.mask, hash=False)
+        if solver == "hals":
+            self.max_inner_w, self.max_inner_h = _hals_max_inner(self.ranks, nnz, C.shape, alpha)
+            self.delta2 = delta**2
+
+    def _grams_of(self, M, transpose_first):
+        from .nmf import _padded_grams
+
+        return _padded_grams(self.groups, [self._view(M, g, transpose_first) for g in self.groups], self.kmax,
+                             transpose_first)
+
+    @staticmethod
+    def _view(M, g, transpose_first):
+        if transpose_first:  # M is rows x K
+            return M[:, g.cols].reshape(M.shape[0], len(g.idx), g.rank).transpose(1, 0, 2)
+        return M[g.cols].reshape(len(g.idx), g.rank, M.shape[1])
+
+    def _gram_blocks(self, WtW):
+        """Per-factorization ``W_f.T W_f`` (padded to (F, kmax, kmax)) from the summed K x K ``W.T W``."""
+        G = np.zeros((len(self.order), self.kmax, self.kmax), dtype=np.float32)
+        for f, (s, k) in enumerate(zip(self.starts, self.ranks)):
+            G[f, :k, :k] = WtW[s:s + k, s:s + k]
+        return G
+
+    def _chunks(self):
+        return self.C._blocks
+
+    def sums(self):
+        """``X.T @ W`` and ``W.T W`` of the current ``W``, one pass (the start's error)."""
+        import dask
+
+        parts = [dask.delayed(_blk_sums, nout=2)(x, w) for x, w in zip(self._chunks(), self.W.refs)]
+        _, (xtw, wtw) = _submit([], [dask.delayed(_sum)(*[p[0] for p in parts]),
+                                     dask.delayed(_sum)(*[p[1] for p in parts])], what="sums")
+        return xtw, wtw
+
+    def errors(self, XtW, WtW, sqnorms):
+        errs = {}
+        for f, (i, s, k) in enumerate(zip(self.order, self.starts, self.ranks)):
+            H = self.H_all[s:s + k].astype(np.float64)
+            cross = float(np.vdot(XtW[:, s:s + k].T.astype(np.float64), H))
+            quad = float(np.vdot(WtW[s:s + k, s:s + k].astype(np.float64), H @ H.T))
+            errs[i] = np.sqrt(max(sqnorms[i] - 2 * cross + quad, 0.0))
+        return errs
+
+    def errors0(self, sqnorms):
+        return self.errors(*self.sums(), sqnorms)
+
+    def step(self, P, update_H, want_error, sqnorms):
+        import dask
+
+        need = update_H or want_error
+        Ht = np.ascontiguousarray(self.H_all.T)
+        chunks, refs, n = self._chunks(), self.W.refs, self.C.n_chunks
+        consts = dict(starts=self.starts, ranks=self.ranks)
+        if self.solver == "mu":
+            G = _shared(self._grams_of(self.H_all, False))
+            Hs = _shared(Ht)
+            parts = [dask.delayed(_blk_mu, nout=3)(x, w, Hs, G, sums=need, **consts) for x, w in zip(chunks, refs)]
+            new = [p[0] for p in parts]
+            sums = [p[1:] for p in parts]
+        else:
+            G = _shared(self._grams_of(Ht, True))
+            Hs = _shared(Ht)
+            masks = self.mask if self.mask is not None else [None] * n
+            fused = need and int(self.max_inner_w.max()) <= 1
+            nout = 4 if fused else 3
+            parts = [dask.delayed(_blk_hals, nout=nout)(x, w, Hs, G, mask=mk, sums=fused, **consts)
+                     for x, w, mk in zip(chunks, refs, masks)]
+            new = [p[0] for p in parts]
+            sums = [p[2:] for p in parts] if fused else None
+        if self.solver == "hals" and not fused:
+            eps_parts = [p[1] for p in parts]
+            kept, (eps0,) = _submit(new + [p[2] for p in parts], [dask.delayed(_sum)(*eps_parts)])
+            W, A = kept[:n], kept[n:]
+            eps, done = eps0.copy(), np.ones(len(self.order), dtype=np.int64)
+            while True:  # Gillis-Glineur inner sweeps, each factorization on its own summed change
+                active = (done < self.max_inner_w) & (eps0 > 0) & (eps >= self.delta2 * eps0)
+                if not active.any():
+                    break
+                sw = [dask.delayed(_blk_sweep, nout=2)(w, a, G, active=active, mask=mk, **consts)
+                      for w, a, mk in zip(W, A, masks)]
+                W, (e,) = _submit([s[0] for s in sw], [dask.delayed(_sum)(*[s[1] for s in sw])], what="sweep")
+                eps[active] = e[active]
+                done += active
+            del A
+            self.W = BlockW(W, self.C.bounds, self.K)
+            if not need:
+                return None
+            XtW, WtW = self.sums()
+        else:
+            small = [dask.delayed(_sum)(*[s[0] for s in sums]), dask.delayed(_sum)(*[s[1] for s in sums])] \
+                if need else []
+            W, small = _submit(new, small)
+            self.W = BlockW(W, self.C.bounds, self.K)
+            if not need:
+                return None
+            XtW, WtW = small
+        if update_H:
+            if self.solver == "mu":
+                for g in self.groups:
+                    H3 = self._view(self.H_all, g, False)
+                    WtW3 = self._gram_blocks(WtW)[[self.order.index(i) for i in g.idx], :g.rank, :g.rank]
+                    WtX = XtW[:, g.cols].T.reshape(len(g.idx), g.rank, -1)
+                    from .nmf import EPS
+
+                    den = WtW3 @ H3
+                    den[den == 0] = EPS
+                    H3 *= WtX / den
+            else:
+                from ._kernels import hals_sweep
+                from .nmf import _hals_solve
+
+                Ht = np.ascontiguousarray(self.H_all.T)
+                _hals_solve(hals_sweep, Ht, XtW, self._gram_blocks(WtW), self.starts, self.ranks,
+                            self.max_inner_h, None, self.delta2)
+                self.H_all = np.ascontiguousarray(Ht.T)
+        return self.errors(XtW, WtW, sqnorms) if want_error else None
+
+    def unstack(self, Ws, Hs):
+        """Each factorization's columns as its own :class:`BlockW` (kept where the blocks are)."""
+        import dask
+
+        for i, s, k in zip(self.order, self.starts, self.ranks):
+            s, k = int(s), int(k)
+            refs, _ = _submit([dask.delayed(_cols)(w, s, s + k) for w in self.W.refs], what="unstack")
+            Ws[i] = BlockW(refs, self.C.bounds, k)
+            Hs[i] = self.H_all[s:s + k].copy()

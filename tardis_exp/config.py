@@ -82,6 +82,8 @@ def check_memory_early(cfg: Mapping[str, Any]) -> None:
     f = check_params("factorize", cfg["factorize"])  # completed with the declared defaults
     k, r = int(f["n_components"]), int(f["n_replicates"])
     chunked = cfg["data"].get("backend") == "dask"
+    if chunked and "://" in str(((cfg["factorize"].get("dask") or {}).get("scheduler")) or ""):
+        return  # per worker on a cluster: checked by the factorize stage once connected (workers known)
     path = cfg["data"].get("path")
     src = f"data.path={redact(str(path))}" if path not in (None, "", "???") else f"data={cfg['data'].get('source')}"
     check_memory(limit, n_spots=n, n_genes=genes, n_columns=k * r, solver=f["solver"],

@@ -185,18 +185,27 @@ def factorize(
         seeds = derive_seeds(random_state, R)
         t0 = time.perf_counter()
         if SOLVER_SPECS[solver].batched:
+            # on Dask the replicates' W stay where X's chunks are (BlockW): obsm gets Dask arrays
+            # over those blocks, computed one chunk at a time by whatever reads them
             results = fit_batch(X, [k] * R, seeds, solver=solver, beta_loss=beta_loss, max_iter=max_iter, tol=tol,
-                                check_every=check_every, stop_rule=stop_rule, progress=progress, desc="factorize")
+                                check_every=check_every, stop_rule=stop_rule, progress=progress, desc="factorize",
+                                gather_W=not chunked)
         else:
             results = SOLVER_SPECS[solver].fit(X, k, seeds, max_iter, tol)
         elapsed = time.perf_counter() - t0
 
     errors = np.array([r.error for r in results])
     best = int(np.argmin(errors))
-    adata.obsm[out.usage] = results[best].W
+    Ws = [r.W.to_dask() if hasattr(r.W, "to_dask") else r.W for r in results]
+    adata.obsm[out.usage] = Ws[best]
     adata.uns[out.components] = results[best].H
     if store_usages:
-        adata.obsm[out.replicates] = np.concatenate([r.W for r in results], axis=1)
+        if chunked:
+            import dask.array as da
+
+            adata.obsm[out.replicates] = da.concatenate(Ws, axis=1)  # lazily: no copy of the blocks
+        else:
+            adata.obsm[out.replicates] = np.concatenate(Ws, axis=1)
     adata.uns[out.uns] = {
         "components": np.stack([r.H for r in results]),
         "errors": errors,

@@ -242,6 +242,31 @@ def _mu_step_frobenius(P, W_all, H_all, groups, update_H=True, want_error=False,
     return errors
 
 
+def _hals_max_inner(ranks, nnz, shape, alpha):
+    """Most sweeps per fat product for W and for H, per factorization: ``1 + alpha * rho``."""
+    n, m = shape
+    k = np.asarray(ranks).astype(np.float64)
+    # Gillis & Glineur's rho: (cost of this half-step's products) / (cost of one sweep), per
+    # factorization, from shapes only (reproducible), a sweep's flop weighted by HALS_SWEEP_COST
+    rho_w = 1 + (nnz * k + m * k**2) / (HALS_SWEEP_COST * n * k**2)
+    rho_h = 1 + (nnz * k + n * k**2) / (HALS_SWEEP_COST * m * k**2)
+    return np.floor(1 + alpha * rho_w).astype(np.int64), np.floor(1 + alpha * rho_h).astype(np.int64)
+
+
+def _hals_solve(sweep, V, A, G, starts, ranks, max_inner, mask, delta2):
+    """Gillis-Glineur inner repetitions, each factorization on its own criterion."""
+    active = np.ones(len(starts), dtype=bool)
+    eps0 = sweep(V, A, G, starts, ranks, active, mask)
+    eps, done = eps0.copy(), np.ones(len(starts), dtype=np.int64)
+    while True:
+        active = (done < max_inner) & (eps0 > 0) & (eps >= delta2 * eps0)
+        if not active.any():
+            return
+        e = sweep(V, A, G, starts, ranks, active, mask)
+        eps[active] = e[active]
+        done += active
+
+
 class _HALSState:
     """Stacked factors of the running factorizations for HALS: ``W_all`` (n x K) and
     ``Ht_all`` (m x K), both row-major so a row's k entries per factorization are
@@ -264,14 +289,7 @@ class _HALSState:
             for f, i in enumerate(order):
                 if masks[i] is not None:
                     self.mask[:, f] = masks[i]
-        n, m = shape
-        k = self.ranks.astype(np.float64)
-        # Gillis & Glineur's rho: (cost of this half-step's products) / (cost of one sweep), per
-        # factorization, from shapes only (reproducible), a sweep's flop weighted by HALS_SWEEP_COST
-        rho_w = 1 + (nnz * k + m * k**2) / (HALS_SWEEP_COST * n * k**2)
-        rho_h = 1 + (nnz * k + n * k**2) / (HALS_SWEEP_COST * m * k**2)
-        self.max_inner_w = np.floor(1 + alpha * rho_w).astype(np.int64)
-        self.max_inner_h = np.floor(1 + alpha * rho_h).astype(np.int64)
+        self.max_inner_w, self.max_inner_h = _hals_max_inner(self.ranks, nnz, shape, alpha)
         self.delta2 = delta**2
 
     def _grams(self, F3s):
@@ -283,17 +301,7 @@ class _HALSState:
         return [M[:, g.cols].reshape(M.shape[0], len(g.idx), g.rank).transpose(1, 0, 2) for g in self.groups]
 
     def _solve(self, V, A, G, max_inner, mask):
-        # Gillis-Glineur inner repetitions, each factorization on its own criterion
-        active = np.ones(len(self.order), dtype=bool)
-        eps0 = self._sweep(V, A, G, self.starts, self.ranks, active, mask)
-        eps, done = eps0.copy(), np.ones(len(self.order), dtype=np.int64)
-        while True:
-            active = (done < max_inner) & (eps0 > 0) & (eps >= self.delta2 * eps0)
-            if not active.any():
-                return
-            e = self._sweep(V, A, G, self.starts, self.ranks, active, mask)
-            eps[active] = e[active]
-            done += active
+        _hals_solve(self._sweep, V, A, G, self.starts, self.ranks, max_inner, mask, self.delta2)
 
     def step(self, P, update_H, want_error, sqnorms):
         A = P.xht(self.Ht_all.T)  # X @ H.T: one fat pass over X for every factorization
@@ -461,6 +469,7 @@ def fit_batch(
     warn: bool = True,
     stop_at: Sequence[float] | None = None,
     stop_rule: str = "change",
+    gather_W: bool = True,
 ) -> list[NMFResult]:
     """Fit many NMFs of one matrix together.
 
@@ -513,6 +522,11 @@ def fit_batch(
         Optional loss per factorization: stop it at the first check where its loss is at
         or below this value (benchmarks measuring the time to a target loss; counted as
         ``converged``).
+    gather_W
+        For a chunked (Dask) ``X`` the rows of ``W`` live with ``X``'s chunks through the
+        fit (:class:`tardis_exp.chunked.DistributedState`); ``True`` brings each result's
+        ``W`` here as a NumPy array at the end, ``False`` leaves it as a
+        :class:`tardis_exp.chunked.BlockW` (row blocks on the workers).
 
     Returns
     -------
@@ -534,7 +548,27 @@ def fit_batch(
     ranks = [int(r) for r in ranks]
 
     Ws, Hs = [None] * F, [None] * F
+    chunked = getattr(X, "is_chunked", False)
     for i in range(F):
+        if chunked:  # W made one row block at a time and kept with X's chunks, never whole here
+            from .chunked import BlockW, RandomW, random_init_blocks
+
+            if init is None:
+                Ws[i], Hs[i] = random_init_blocks(X, ranks[i], seeds[i], masks[i])
+                continue
+            W0, H0 = init[i]
+            Hs[i] = np.array(H0, dtype=np.float32, copy=True)
+            if isinstance(W0, RandomW):
+                W0.mask = masks[i]
+                Ws[i] = BlockW.from_blocks(W0.blocks(X.bounds), X.bounds, W0.rank)
+            elif isinstance(W0, BlockW) and masks[i] is None:
+                Ws[i] = W0
+            else:
+                W0 = np.array(W0, dtype=np.float32, copy=True)
+                if masks[i] is not None:
+                    W0[~masks[i]] = 0
+                Ws[i] = BlockW.from_array(W0, X.bounds)
+            continue
         if init is not None:
             W0, H0 = init[i]
             Ws[i] = np.array(W0, dtype=np.float32, copy=True)
@@ -568,6 +602,10 @@ def fit_batch(
     def stack():
         if kl:
             return None
+        if chunked:
+            from .chunked import DistributedState
+
+            return DistributedState(X, active, ranks, Ws, Hs, masks, solver, nnz, hals_alpha, hals_delta)
         if solver == "hals":
             return _HALSState(active, ranks, Ws, Hs, masks, nnz, (n, m), hals_alpha, hals_delta)
         return _MUState(active, ranks, Ws, Hs)
@@ -590,6 +628,8 @@ def fit_batch(
         for i in active:
             _, wh = _kl_ratio(X, Ws[i], Hs[i])
             err0[i] = _kl_error(X, Ws[i], Hs[i], wh, masks[i])
+    elif chunked:
+        err0.update(state.errors0(sqnorms))
     else:
         W_all = state.W_all
         H_all = state.H_all if solver == "mu" else state.Ht_all.T
@@ -648,6 +688,8 @@ def fit_batch(
         state.unstack(Ws, Hs)
     for i in active:
         n_iter[i] = it
+    if chunked and gather_W:
+        Ws = [w.gather() for w in Ws]
     if warn and tol > 0 and active:
         warnings.warn(
             f"{desc}: {len(active)} of {F} factorizations reached max_iter={max_iter} before the loss "
@@ -665,7 +707,7 @@ def fit_batch(
 
 
 def refit_usage(X, H, *, max_iter: int = 200, tol: float = 1e-4, beta_loss="frobenius", seed=0, progress=None,
-                solver: str | None = None):
+                solver: str | None = None, gather_W: bool = True):
     """Non-negative usages W for fixed programs H (NNLS by ``solver``'s W updates).
 
     ``solver=None``: HALS for the Frobenius loss (exact coordinate minimization: on the
@@ -677,10 +719,15 @@ def refit_usage(X, H, *, max_iter: int = 200, tol: float = 1e-4, beta_loss="frob
     n, k = X.shape[0], H.shape[0]
     rng = np.random.default_rng(seed)
     avg = np.sqrt(max(float(X.mean()), 0.0) / k)
-    W0 = (avg * np.abs(rng.standard_normal((n, k)))).astype(np.float32)
+    if getattr(X, "is_chunked", False):  # drawn block by block where the chunks are
+        from .chunked import RandomW
+
+        W0 = RandomW(rng, k, avg)
+    else:
+        W0 = (avg * np.abs(rng.standard_normal((n, k)))).astype(np.float32)
     (res,) = fit_batch(
         X, [k], init=[(W0, H)], update_H=False, max_iter=max_iter, tol=tol,
-        beta_loss=beta_loss, progress=progress, desc="usage refit", solver=solver,
+        beta_loss=beta_loss, progress=progress, desc="usage refit", solver=solver, gather_W=gather_W,
     )
     return res.W, res.error
 

@@ -88,9 +88,9 @@ def test_local_cluster_equals_in_memory():
         with dask_scheduler(cluster.scheduler_address):
             with distributed.get_task_stream() as ts:
                 got = fit_batch(_chunked(X), [4, 4], [5, 6], max_iter=20, tol=0, solver="hals")
-    # the products ran on the cluster: 21 X.T @ W passes (start + each iteration) of 5 chunks each, on both workers
-    xtw = [t for t in ts.data if str(t["key"]).startswith("_xtw")]
-    assert len(xtw) == 21 * 5
+    # the updates ran on the cluster: one task per chunk per iteration (20 x 5), on both workers
+    upd = [t for t in ts.data if str(t["key"]).startswith("_blk_hals")]
+    assert len(upd) == 20 * 5
     assert len({t["worker"] for t in ts.data}) == 2
     for a, b in zip(got, ref):
         f32.assert_same_fit(a, b, X, None, 20)

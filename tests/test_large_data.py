@@ -170,9 +170,10 @@ def test_cli_on_a_local_cluster(tmp_path):
         p = _cli(tmp_path, "data=h5ad", f"data.path={src}", "data.backend=dask", "data.chunk_rows=128",
                  "preprocess.n_top_genes=200", f"factorize.dask.scheduler={cluster.scheduler_address}")
         assert p.returncode == 0, p.stderr[-3000:]
-        # the preprocessed chunks were persisted on the workers and the products ran there
+        # the preprocessed chunks were persisted on the workers and the factor updates ran there:
+        # the replicates' MU updates and the usage refit's HALS sweeps, one task per chunk each
         tasks = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
-    assert {"xtw", "xht"} <= set(tasks), tasks  # task prefixes: dask drops the leading "_"
+    assert {"blk_mu", "blk_hals"} <= set(tasks), tasks  # task prefixes: dask drops the leading "_"
     m, _ = _metrics(tmp_path)
     assert m["best_k"] == 3 and m["program_recovery"] > 0.9
 

@@ -112,7 +112,10 @@ def rank_evidence(adata, c: dict, rng, max_spots: int = _EVIDENCE_SPOTS, nmf: NM
     if R > 1 and r > 1 and W is not None and np.shape(W)[1] == R * r:
         n = adata.n_obs
         sub = np.sort(rng.choice(n, size=min(max_spots, n), replace=False))
-        U = np.asarray(W[sub], dtype=np.float64).reshape(len(sub), R, r)
+        W = W[sub]
+        if hasattr(W, "dask"):  # the factorize stage's Dask usages: fetched here, a block at a time
+            W = W.compute(scheduler="threads")
+        U = np.asarray(W, dtype=np.float64).reshape(len(sub), R, r)
         M = consensus_from_labels(U.argmax(2).T)
         out["spot_cophenetic"] = float(cluster_consensus(M, r)[1])
         # the sweep objective: Brunet's statistic describes a trial's answer only when that
