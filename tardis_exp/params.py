@@ -257,10 +257,12 @@ class ConsensusParams:
                                    minimum=0)
     outlier_threshold: Any = number(0.35, "components method: cNMF-style local-density outlier filter "
                                     "(2 disables)", low=0)
-    outlier_adaptive: Any = boolean(True, "components method: raise outlier_threshold to the local density that "
+    outlier_adaptive: Any = boolean(False, "components method: raise outlier_threshold to the local density that "
                                     "best separates the components that recur (reciprocal nearest neighbours in at "
                                     "least half of the other replicates) from those that do not (false: the fixed "
-                                    "threshold, as cNMF)")
+                                    "threshold, as cNMF; a run warns when it drops most of the components that "
+                                    "recur). Not the default: it over-reports K on the spatial family "
+                                    "(docs/benchmark.md)")
     outlier_neighbors_frac: Any = number(0.3, "neighbours of the outlier filter, as a fraction of the "
                                          "replicates", low=0, low_open=True)
     min_cluster_replicates: Any = number(0.0, "components method: a K is admissible only if each cluster draws "

@@ -367,6 +367,10 @@ class NotDrawn(Exception):
     """A figure whose input this result does not hold, by configuration (not an error)."""
 
 
+class NotApplicable(NotDrawn):
+    """A figure of another kind of run (several samples), not drawn without a word."""
+
+
 def top_genes_dotplot(adata, path: Path, n_genes: int = 5, *, keys: ResultKeys = ResultKeys()) -> Path:
     """scanpy dot plot of each program's top genes, spots grouped by ``obs['nmf_program']``."""
     return _save(dotplot_figure(adata, n_genes, keys=keys).fig, path)
@@ -435,7 +439,7 @@ def programs_by_section_figure(adata, basis: str = "spatial", *, keys: ResultKey
     """
     t = adata.uns.get(keys.score.samples)
     if t is None:
-        raise NotDrawn(f"no uns['{keys.score.samples}']: the run has one sample (no data.sample_key)")
+        raise NotApplicable(f"no uns['{keys.score.samples}']: the run has one sample (no data.sample_key)")
     if basis not in adata.obsm or np.asarray(adata.obsm[basis]).shape[1] < 2:
         raise NotDrawn(f"no obsm['{basis}'] coordinates: the sections cannot be drawn on the tissue")
     names = [str(n) for n in np.atleast_1d(t["samples"])]
@@ -512,6 +516,8 @@ def make_plots(adata, out_dir, *, nmf_key: str = NMF, consensus_key: str = CONSE
         t0 = time.perf_counter()
         try:
             written.append(fn(adata, out_dir / name, keys=keys))
+        except NotApplicable as e:
+            log.debug("plot %s not drawn: %s", name, e)
         except NotDrawn as e:
             log.info("plot %s not drawn: %s", name, e)
         except Exception as e:  # noqa: BLE001 -- any plotting failure is non-fatal by design

@@ -99,7 +99,7 @@ def test_outlier_filter_keeps_the_components_that_recur_however_noisy():
     recurring ones with the rest. Here 10 replicates hold noisy copies of 6 programs (distance
     ~0.5 between copies) and 2 components of their own each: the filter keeps every copy and
     drops the replicate-only components, which the fixed threshold cannot tell apart."""
-    from tardis_exp.consensus.components import local_density_outliers, outlier_filter
+    from tardis_exp.consensus.components import dropped_recurring, local_density_outliers, outlier_filter
 
     rng = np.random.default_rng(0)
     R, P, own, m = 10, 6, 2, 400
@@ -118,8 +118,13 @@ def test_outlier_filter_keeps_the_components_that_recur_however_noisy():
     np.testing.assert_array_equal(f["recurs"], truth)
     np.testing.assert_array_equal(f["keep"], truth)
     assert f["threshold"] > 0.35
-    # switched off: the fixed threshold, as before
-    np.testing.assert_array_equal(outlier_filter(S, replicate, 3, 0.35, adaptive=False)["keep"], fixed)
+    # switched off: the fixed threshold, as before, and a run that says it drops the copies
+    off = outlier_filter(S, replicate, 3, 0.35, adaptive=False)
+    np.testing.assert_array_equal(off["keep"], fixed)
+    msg = dropped_recurring(off["recurs"], off["keep"], 0.35)
+    assert msg and f"drops {int((truth & ~fixed).sum())} of the {int(truth.sum())} components that recur" in msg
+    assert "consensus.outlier_adaptive=true" in msg
+    assert dropped_recurring(f["recurs"], f["keep"], 0.35) is None
 
 
 def test_outlier_filter_judges_recurrence_with_the_background_still_in_the_pool():

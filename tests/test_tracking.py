@@ -546,7 +546,7 @@ def test_plots_command_draws_a_finished_run(sqlite_runs, tmp_path, capsys):
 
     out = tmp_path / "figs"
     assert main([str(sqlite_runs["k5"]["run_dir"] / "result.h5ad"), str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(set(PLOTS) - {"programs_by_section.png"})  # one sample
     import matplotlib.image as mpimg
 
     assert mpimg.imread(out / "k_selection.png").std() > 0.01
