@@ -98,6 +98,26 @@ def _counts(rng, mu, dispersion):
     return rng.poisson(lam)
 
 
+def _spatial_profiles(dr, n_genes: int, k: int, p: dict):
+    """The spatial families' gene profiles (genes x k: a shared base profile plus each
+    program's own marker genes), the marker of each gene and the shared background profile."""
+    base = dr.lognormal(0.0, 1.0, size=n_genes)
+    base /= base.sum()
+    programs = np.tile(base[:, None], (1, k))
+    marker_of = np.full(n_genes, -1)
+    perm = dr.permutation(n_genes)
+    m = p["n_markers"]
+    for q in range(k):
+        genes = perm[q * m:(q + 1) * m]
+        marker_of[genes] = q
+        programs[genes, q] = np.median(base) * p["marker_fold"] * dr.lognormal(0.0, 0.3, size=m)
+    programs /= programs.sum(0, keepdims=True)
+    marker_of = _strict_markers(programs, marker_of)
+    background = dr.lognormal(0.0, 1.0, size=n_genes)
+    background /= background.sum()
+    return programs, marker_of, background
+
+
 def draw_spatial(seed: int, **caps):
     """Spatial mixture of smooth domains over a shared background profile.
 
@@ -128,20 +148,7 @@ def draw_spatial(seed: int, **caps):
     usage = np.exp(logits)
     usage /= usage.sum(1, keepdims=True)
 
-    base = dr.lognormal(0.0, 1.0, size=n_genes)
-    base /= base.sum()
-    programs = np.tile(base[:, None], (1, k))
-    marker_of = np.full(n_genes, -1)
-    perm = dr.permutation(n_genes)
-    m = p["n_markers"]
-    for q in range(k):
-        genes = perm[q * m:(q + 1) * m]
-        marker_of[genes] = q
-        programs[genes, q] = np.median(base) * p["marker_fold"] * dr.lognormal(0.0, 0.3, size=m)
-    programs /= programs.sum(0, keepdims=True)
-    marker_of = _strict_markers(programs, marker_of)
-    background = dr.lognormal(0.0, 1.0, size=n_genes)
-    background /= background.sum()
+    programs, marker_of, background = _spatial_profiles(dr, n_genes, k, p)
     b = np.clip(p["background"] * dr.lognormal(0.0, 0.25, size=n_spots), 0.0, 0.95)[:, None]
 
     library = p["library"] * dr.lognormal(0.0, 0.3, size=n_spots)
@@ -315,20 +322,7 @@ def draw_batch(seed: int, **caps):
     p["n_markers"] = int(min(p["n_markers"], n_genes // (2 * k)))
     n_spots = max(n_spots, n_sections)  # one spot per section at least
 
-    base = dr.lognormal(0.0, 1.0, size=n_genes)
-    base /= base.sum()
-    programs = np.tile(base[:, None], (1, k))
-    marker_of = np.full(n_genes, -1)
-    perm = dr.permutation(n_genes)
-    m = p["n_markers"]
-    for q in range(k):
-        genes = perm[q * m:(q + 1) * m]
-        marker_of[genes] = q
-        programs[genes, q] = np.median(base) * p["marker_fold"] * dr.lognormal(0.0, 0.3, size=m)
-    programs /= programs.sum(0, keepdims=True)
-    marker_of = _strict_markers(programs, marker_of)
-    background = dr.lognormal(0.0, 1.0, size=n_genes)
-    background /= background.sum()
+    programs, marker_of, background = _spatial_profiles(dr, n_genes, k, p)
     factors = dr.lognormal(0.0, p["batch_sd"], size=(n_genes, n_sections))
 
     sizes = np.full(n_sections, n_spots // n_sections)
