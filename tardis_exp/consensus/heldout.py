@@ -63,27 +63,45 @@ def bicv_curve(X, ks, random_state, folds: int = 3, max_spots: int = 1000, tol: 
         ``bicv`` (mean relative held-out error per k, lower is better), ``bicv_se`` (its
         standard error over the folds), ``bicv_folds`` (folds x ks).
     """
-    ks = [int(k) for k in ks]
     rng = np.random.default_rng(random_state)
-    D = _dense_subsample(X, max_spots, rng)
+    return _bicv(_dense_subsample(X, max_spots, rng), ks, rng, folds, "frobenius", tol, max_iter)
+
+
+def _bicv(D, ks, rng, folds: int, loss: str, tol: float, max_iter: int) -> dict:
+    """The folds of bi-cross-validation on ``D``: rank-k NMF on ``X[-I,-J]``, ``H_J`` and ``W_I``
+    refit on the fixed factors, the held-out block's error relative to a reference --
+    Frobenius (HALS fits, relative to the block's squared norm) or Kullback-Leibler (KL MU
+    fits, relative to the block's rank-1 independence fit)."""
+    ks = [int(k) for k in ks]
+    kl = loss == "kullback-leibler"
     n, m = D.shape
     row_group = rng.permutation(n) % folds
     col_group = rng.permutation(m) % folds
     seeds = derive_seeds(int(rng.integers(2**31)), folds * len(ks))
+    fit_kw = {"solver": "mu", "beta_loss": loss} if kl else {"solver": "hals"}
+    refit_kw = {"max_iter": 300, "beta_loss": loss} if kl else {"max_iter": 500}
     err = np.full((folds, len(ks)), np.nan)
     for f in range(folds):
         I, J = row_group == f, col_group == f
         train = np.ascontiguousarray(D[~I][:, ~J])
-        fits = fit_batch(train, ks, seeds[f * len(ks):(f + 1) * len(ks)], solver="hals", tol=tol,
-                         max_iter=max_iter, progress=False, warn=False, desc="bicv")
+        fits = fit_batch(train, ks, seeds[f * len(ks):(f + 1) * len(ks)], tol=tol, max_iter=max_iter,
+                         progress=False, warn=False, desc="bicv-kl" if kl else "bicv", **fit_kw)
         held = D[I][:, J].astype(np.float64)
-        norm = float(np.einsum("ij,ij->", held, held))
+        if kl:
+            ind = np.outer(held.sum(1), held.sum(0)) / max(held.sum(), 1e-12)
+            base = max(_kl_dev(held, ind), 1e-12)
+        else:
+            base = max(float(np.einsum("ij,ij->", held, held)), np.finfo(np.float64).tiny)
         for j, res in enumerate(fits):
-            # H_J from the training spots' usages, W_I from the training genes' loadings (NNLS)
-            HJ, _ = refit_usage(D[~I][:, J].T, res.W.T, max_iter=500, tol=1e-6, progress=False)
-            WI, _ = refit_usage(D[I][:, ~J], res.H, max_iter=500, tol=1e-6, progress=False)
-            r = held - WI.astype(np.float64) @ HJ.T.astype(np.float64)
-            err[f, j] = float(np.einsum("ij,ij->", r, r)) / max(norm, np.finfo(np.float64).tiny)
+            # H_J from the training spots' usages, W_I from the training genes' loadings
+            HJ, _ = refit_usage(D[~I][:, J].T, res.W.T, tol=1e-6, progress=False, **refit_kw)
+            WI, _ = refit_usage(D[I][:, ~J], res.H, tol=1e-6, progress=False, **refit_kw)
+            pred = WI.astype(np.float64) @ HJ.T.astype(np.float64)
+            if kl:
+                err[f, j] = _kl_dev(held, pred) / base
+            else:
+                r = held - pred
+                err[f, j] = float(np.einsum("ij,ij->", r, r)) / base
     return {"bicv": err.mean(0), "bicv_se": err.std(0, ddof=1) / np.sqrt(folds) if folds > 1
             else np.zeros(len(ks)), "bicv_folds": err}
 
@@ -249,31 +267,10 @@ def bicv_kl_curve(counts, ks, random_state, folds: int = 3, max_spots: int = 100
     """Bi-cross-validation as :func:`bicv_curve` with the KL loss on normalize_total counts (no
     log, no gene scaling): KL NMF (MU) on the training block, ``H_J`` and ``W_I`` by KL refits,
     the held-out block's KL deviance relative to that of its rank-1 (independence) fit."""
-    ks = [int(k) for k in ks]
     rng = np.random.default_rng(random_state)
     C = _dense_subsample(counts, max_spots, rng).astype(np.float64)
     tot = C.sum(1, keepdims=True)
     C = C[tot[:, 0] > 0]
     tot = tot[tot[:, 0] > 0]
     D = (C * (np.median(tot) / tot)).astype(np.float32)
-    n, m = D.shape
-    row_group = rng.permutation(n) % folds
-    col_group = rng.permutation(m) % folds
-    seeds = derive_seeds(int(rng.integers(2**31)), folds * len(ks))
-    err = np.full((folds, len(ks)), np.nan)
-    for f in range(folds):
-        I, J = row_group == f, col_group == f
-        train = np.ascontiguousarray(D[~I][:, ~J])
-        fits = fit_batch(train, ks, seeds[f * len(ks):(f + 1) * len(ks)], solver="mu",
-                         beta_loss="kullback-leibler", tol=tol, max_iter=max_iter, progress=False, warn=False,
-                         desc="bicv-kl")
-        held = D[I][:, J].astype(np.float64)
-        ind = np.outer(held.sum(1), held.sum(0)) / max(held.sum(), 1e-12)
-        base = max(_kl_dev(held, ind), 1e-12)
-        for j, res in enumerate(fits):
-            HJ, _ = refit_usage(D[~I][:, J].T, res.W.T, max_iter=300, tol=1e-6, beta_loss="kullback-leibler",
-                                progress=False)
-            WI, _ = refit_usage(D[I][:, ~J], res.H, max_iter=300, tol=1e-6, beta_loss="kullback-leibler",
-                                progress=False)
-            err[f, j] = _kl_dev(held, WI.astype(np.float64) @ HJ.T.astype(np.float64)) / base
-    return {"bicv": err.mean(0), "bicv_se": err.std(0, ddof=1) / np.sqrt(folds), "bicv_folds": err}
+    return _bicv(D, ks, rng, folds, "kullback-leibler", tol, max_iter)
