@@ -263,14 +263,16 @@ def main_dask(a) -> int:
             make_scale_zarr(data, n, a.n_genes)
             print(f"made {data} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
         tag = f"{name.split()[0]}{'_cluster' if cluster else ''}_{n}"
+        load = os.getloadavg()[0]  # other jobs share the machine: the load beside each row
         res = _run_worker(data, wd / f"result_{tag}.json", a.replicates, [*ov, *a.overrides], cluster)
         if res is None:
             return 1
+        res["load"] = load
         rows.append((name, n, res))
     lines = [f"Scale run, data.backend=dask: {a.n_genes:,} genes, ~10% non-zero CSR in zarr, {a.replicates} "
              f"replicates, overrides {a.overrides or '[]'}, load average {load0:.2f} at start", "",
-             "| backend | spots | seconds | s per 1,000 spots | peak RSS (MB) | best K | program recovery |",
-             "|---|---|---|---|---|---|---|"]
+             "| backend | spots | load | seconds | s per 1,000 spots | peak RSS (MB) | best K | program recovery |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, n, res in rows:
         m = res["metrics"]
         rss = res["peak_rss_mb"]
@@ -280,7 +282,7 @@ def main_dask(a) -> int:
                        f"{len(kids)} child processes {' + '.join(f'{c:.0f}' for c in kids)})")
         else:
             rss_txt = f"{rss:.0f}"
-        lines.append(f"| {name} | {n:,} | {res['seconds']:.1f} | {1000 * res['seconds'] / n:.3f} | {rss_txt} | "
+        lines.append(f"| {name} | {n:,} | {res['load']:.1f} | {res['seconds']:.1f} | {1000 * res['seconds'] / n:.3f} | {rss_txt} | "
                      f"{m.get('best_k', float('nan')):.0f} | {m.get('program_recovery', float('nan')):.3f} |")
     if len(rows) == 2:
         (_, n0, r0), (_, n1, r1) = rows
@@ -288,6 +290,10 @@ def main_dask(a) -> int:
         lines.append(f"time per spot, dask / in-memory: {(r1['seconds'] / n1) / (r0['seconds'] / n0):.2f}; "
                      f"peak RSS, dask / in-memory: {r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f} "
                      f"(at {n1 / n0:.1f}x the spots)")
+        if n0 == n1:  # same data, same seeds: the chunked path must give the in-memory answer
+            same = all(r0["metrics"].get(k) == r1["metrics"].get(k) for k in ("best_k", "program_recovery"))
+            lines.append(f"best K and program recovery equal on both paths: {'yes' if same else 'NO'} "
+                         f"({ {k: (r0['metrics'].get(k), r1['metrics'].get(k)) for k in ('best_k', 'program_recovery')} })")
     for name, n, res in rows:
         lines.append(f"stages ({name}, {n:,}): " + ", ".join(f"{s['stage']} {s['seconds']:.1f}s/{s['peak_rss_mb']:.0f}MB"
                                                            for s in res["stages"]))
