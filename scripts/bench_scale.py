@@ -253,8 +253,15 @@ def main_dask(a) -> int:
     plan = []
     if a.baseline_spots:
         plan.append(("memory", a.baseline_spots, ["data.backend=memory"], False))
-    plan.append(("dask" + (" (LocalCluster 2 workers)" if a.cluster else ""), a.n_spots,
-                 ["data.backend=dask", f"data.chunk_rows={a.chunk_rows}"], a.cluster))
+    name = "dask" + (" (LocalCluster 2 workers)" if a.cluster else "")
+    dask_ov = ["data.backend=dask", f"data.chunk_rows={a.chunk_rows}"]
+    if a.release_memory == "both":  # the same run without and with the malloc thresholds, side by side
+        plan.append((f"{name}, release_memory=false", a.n_spots,
+                     [*dask_ov, "factorize.dask.release_memory=false"], a.cluster))
+        plan.append((f"{name}, release_memory=true", a.n_spots, dask_ov, a.cluster))
+    else:
+        plan.append((name, a.n_spots, [*dask_ov, f"factorize.dask.release_memory={a.release_memory == 'on'}"],
+                     a.cluster))
     load0 = os.getloadavg()[0]
     for name, n, ov, cluster in plan:
         data = wd / f"scale_{n}x{a.n_genes}.zarr"
@@ -262,7 +269,7 @@ def main_dask(a) -> int:
             t = time.perf_counter()
             make_scale_zarr(data, n, a.n_genes)
             print(f"made {data} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
-        tag = f"{name.split()[0]}{'_cluster' if cluster else ''}_{n}"
+        tag = f"{name.split()[0].rstrip(',')}{'_cluster' if cluster else ''}_{n}{'_keep' if 'false' in name else ''}"
         load = os.getloadavg()[0]  # other jobs share the machine: the load beside each row
         res = _run_worker(data, wd / f"result_{tag}.json", a.replicates, [*ov, *a.overrides], cluster)
         if res is None:
@@ -284,16 +291,22 @@ def main_dask(a) -> int:
             rss_txt = f"{rss:.0f}"
         lines.append(f"| {name} | {n:,} | {res['load']:.1f} | {res['seconds']:.1f} | {1000 * res['seconds'] / n:.3f} | {rss_txt} | "
                      f"{m.get('best_k', float('nan')):.0f} | {m.get('program_recovery', float('nan')):.3f} |")
-    if len(rows) == 2:
-        (_, n0, r0), (_, n1, r1) = rows
-        lines.append("")
-        lines.append(f"time per spot, dask / in-memory: {(r1['seconds'] / n1) / (r0['seconds'] / n0):.2f}; "
-                     f"peak RSS, dask / in-memory: {r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f} "
-                     f"(at {n1 / n0:.1f}x the spots)")
-        if n0 == n1:  # same data, same seeds: the chunked path must give the in-memory answer
-            same = all(r0["metrics"].get(k) == r1["metrics"].get(k) for k in ("best_k", "program_recovery"))
-            lines.append(f"best K and program recovery equal on both paths: {'yes' if same else 'NO'} "
-                         f"({ {k: (r0['metrics'].get(k), r1['metrics'].get(k)) for k in ('best_k', 'program_recovery')} })")
+    lines.append("")
+    if a.baseline_spots:
+        _, n0, r0 = rows[0]
+        for name, n1, r1 in rows[1:]:
+            lines.append(f"{name}: time per spot, dask / in-memory: {(r1['seconds'] / n1) / (r0['seconds'] / n0):.2f}; "
+                         f"peak RSS, dask / in-memory: {r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f} "
+                         f"(at {n1 / n0:.1f}x the spots)")
+            if n0 == n1:  # same data, same seeds: the chunked path must give the in-memory answer
+                same = all(r0["metrics"].get(k) == r1["metrics"].get(k) for k in ("best_k", "program_recovery"))
+                lines.append(f"best K and program recovery equal on both paths: {'yes' if same else 'NO'} "
+                             f"({ {k: (r0['metrics'].get(k), r1['metrics'].get(k)) for k in ('best_k', 'program_recovery')} })")
+    if a.release_memory == "both":
+        (_, _, r0), (_, _, r1) = rows[-2:]
+        lines.append(f"release_memory true / false: time {r1['seconds'] / r0['seconds']:.2f}, peak RSS "
+                     f"{r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f} (driver {r1['driver_peak_rss_mb'] / r0['driver_peak_rss_mb']:.2f}); "
+                     f"same best K and recovery: {all(r0['metrics'].get(k) == r1['metrics'].get(k) for k in ('best_k', 'program_recovery'))}")
     for name, n, res in rows:
         lines.append(f"stages ({name}, {n:,}): " + ", ".join(f"{s['stage']} {s['seconds']:.1f}s/{s['peak_rss_mb']:.0f}MB"
                                                            for s in res["stages"]))
@@ -310,8 +323,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=("memory", "dask"), default="memory")
     ap.add_argument("--baseline-spots", type=int, default=0,
                     help="with --backend dask: first run the in-memory path on this many spots")
-    ap.add_argument("--chunk-rows", type=int, default=50_000, help="data.chunk_rows for --backend dask")
+    ap.add_argument("--chunk-rows", type=int, default=20_000, help="data.chunk_rows for --backend dask")
     ap.add_argument("--cluster", action="store_true", help="dask side on a 2-worker LocalCluster")
+    ap.add_argument("--release-memory", choices=("on", "off", "both"), default="on",
+                    help="factorize.dask.release_memory of the dask side; both: off then on, side by side")
     ap.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench_scale")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)

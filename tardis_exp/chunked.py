@@ -324,14 +324,18 @@ SCHEDULERS = ("threads", "processes", "synchronous", "sync", "single-threaded")
 
 
 def check_dask_config(cfg, key="factorize.dask") -> None:
-    """Validate ``factorize.dask`` (``None`` or ``{'scheduler': None | name | address}``)."""
+    """Validate ``factorize.dask`` (``None`` or ``{'scheduler': None | name | address,
+    'release_memory': bool}``)."""
     if cfg is None:
         return
     if not hasattr(cfg, "get") or not hasattr(cfg, "keys"):
         raise ConfigError(f"{key} must be a mapping like {{scheduler: tcp://host:8786}}, got {cfg!r}")
-    unknown = sorted(set(cfg) - {"scheduler"})
+    unknown = sorted(set(cfg) - {"scheduler", "release_memory"})
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{key}.{k}' for k in unknown)}; {key} accepts scheduler")
+        raise ConfigError(f"unknown key(s) {', '.join(f'{key}.{k}' for k in unknown)}; {key} accepts scheduler "
+                          "and release_memory")
+    if not isinstance(cfg.get("release_memory", True), bool):
+        raise ConfigError(f"{key}.release_memory must be true or false, got {cfg.get('release_memory')!r}")
     s = cfg.get("scheduler")
     if s is None or s == "":
         return

@@ -140,7 +140,7 @@ def _tenx_rows(path: str, start: int, stop: int, lo: int, hi: int, indptr: np.nd
     return M[:, keep] if keep is not None else M
 
 
-def read_10x_h5_lazy(path: str | Path, genome: str | None = None, chunk_rows: int = 50_000) -> ad.AnnData:
+def read_10x_h5_lazy(path: str | Path, genome: str | None = None, chunk_rows: int = 20_000) -> ad.AnnData:
     """A 10x ``filtered_feature_bc_matrix.h5`` (v3 layout, ``/matrix``) with ``X`` left in the
     file as a Dask array of ``chunk_rows`` spots, read chunk by chunk with h5py.
 

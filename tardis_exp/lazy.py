@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from .errors import ConfigError, InputError
 
-DEFAULT_CHUNK_ROWS = 50_000
+DEFAULT_CHUNK_ROWS = 20_000
 
 
 def _need_dask():

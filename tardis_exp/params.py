@@ -213,9 +213,11 @@ class FactorizeParams:
     store_usages: Any = boolean(True, "keep every replicate's W in obsm['X_nmf_replicates']")
     max_memory_gb: Any = number(None, "refuse before any fit when the factorization's memory model exceeds "
                                 "this (GB; null = no limit)", low=0, low_open=True, allow_none=True)
-    dask: Any = other({"scheduler": None}, "with data.backend=dask: the Dask scheduler of the chunked products; "
-                      "scheduler null = the active one (local threads), threads | processes | synchronous, or "
-                      "tcp://host:port (dask.distributed)", _dask)
+    dask: Any = other({"scheduler": None, "release_memory": True},
+                      "with data.backend=dask: scheduler, the Dask scheduler of the chunked products (null = the "
+                      "active one, local threads; threads | processes | synchronous; or tcp://host:port, "
+                      "dask.distributed); release_memory, freed blocks go back to the system at once (glibc; "
+                      "the run's process): a lower peak RSS (tardis_exp/heap.py)", _dask)
 
     @staticmethod
     def cross_check(v: Mapping[str, Any]) -> None:

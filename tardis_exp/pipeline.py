@@ -141,9 +141,19 @@ def run(cfg: Mapping[str, Any], run_dir: str | os.PathLike, overrides: list[str]
     validate(cfg)
     cfg = complete(cfg)  # every group with its declared defaults: no default is restated below
     # factorize.dask.scheduler: every stage's passes over a chunked X (data.backend=dask) run there
-    scheduler = (cfg["factorize"]["dask"] or {}).get("scheduler")
-    with _sigterm_as_interrupt(), _dask_scheduler(scheduler):
+    dask_cfg = cfg["factorize"]["dask"] or {}
+    with _sigterm_as_interrupt(), _dask_scheduler(dask_cfg.get("scheduler")):
+        if cfg["data"].get("backend") == "dask" and dask_cfg.get("release_memory", True):
+            _release_freed_memory()
         return _run(cfg, Path(run_dir), overrides)
+
+
+def _release_freed_memory() -> None:
+    """Passes over chunks free blocks of a few MB per thread and iteration: hand them back to
+    the system at once (tardis_exp/heap.py; a cluster's workers get it from their nanny)."""
+    from .heap import release_freed_memory
+
+    log.debug("malloc thresholds at 64 kB: %s", release_freed_memory())
 
 
 def _dask_scheduler(scheduler):
