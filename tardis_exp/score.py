@@ -45,7 +45,7 @@ from .params import ScoreParams as _P
 from .params import check
 # rank_genes and RANKINGS live in metrics (pure NumPy) so that program_recovery does not need
 # this module (scanpy); imported here, they stay part of this module's names
-from .metrics import RANKINGS, program_recovery, rank_genes, spatial_graph  # noqa: F401
+from .metrics import RANKINGS, knn_index, knn_morans_i, program_recovery, rank_genes, spatial_graph  # noqa: F401
 from .nmf import prepare_matrix
 
 log = logging.getLogger(__name__)
@@ -371,7 +371,7 @@ def section_morans_i(coords, values, codes, n_samples: int, n_neighbors: int = _
     """Moran's I of every column of ``values`` (spots x programs) within each section.
 
     Each section ``s`` (the spots with ``codes == s``) gets its own spatial kNN graph
-    (:func:`~tardis_exp.metrics.spatial_graph` on its coordinates alone), so no edge joins
+    (:func:`~tardis_exp.metrics.knn_morans_i` on its coordinates alone), so no edge joins
     two sections whose coordinates overlap, and each section is centred on its own mean.
 
     Parameters
@@ -400,10 +400,7 @@ def section_morans_i(coords, values, codes, n_samples: int, n_neighbors: int = _
         idx = np.flatnonzero(codes == s)
         if len(idx) < 3:
             continue
-        G = spatial_graph(coords[idx], n_neighbors)
-        with warnings.catch_warnings():  # a program constant in a section: NaN, said by the table
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out[:, s] = np.atleast_1d(sc.metrics.morans_i(G, values[idx].T))
+        out[:, s] = knn_morans_i(knn_index(coords[idx], n_neighbors), values[idx])
     return out
 
 
@@ -572,8 +569,7 @@ def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n
         res["morans_i"] = mi
         res["morans_i_mean"] = float(np.nanmean(mi))
     elif spatial_key in adata.obsm:
-        G = spatial_graph(np.asarray(adata.obsm[spatial_key]), n_nb)
-        mi = np.atleast_1d(sc.metrics.morans_i(G, z.T))
+        mi = knn_morans_i(knn_index(np.asarray(adata.obsm[spatial_key]), n_nb), z)
         res["morans_i"] = np.asarray(mi, dtype=np.float64)
         res["morans_i_mean"] = float(np.nanmean(mi))
     if truth_key in adata.obs:

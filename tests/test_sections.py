@@ -287,3 +287,30 @@ def test_run_writes_the_table_and_logs_it_to_mlflow(tmp_path):
     assert np.asarray(pt["morans_i"]).shape == (K, 2)
     with pytest.raises(InputError, match="'batch' is not an obs column"):
         project(data.copy(), run_dir, sample_key="batch")
+
+
+def test_knn_morans_i_equals_scanpy_on_the_symmetric_graph():
+    """The score stage's Moran's I (from the neighbour index, no graph built) is scanpy's on
+    spatial_graph's matrix: scattered spots, duplicated coordinates (a spot among its own
+    neighbours), one-way and mutual neighbours, a constant column (NaN in both)."""
+    from tardis_exp.metrics import knn_index, knn_morans_i
+
+    rng = np.random.default_rng(3)
+    xy = rng.random((700, 2)) * 20
+    xy[10:14] = xy[9]  # five spots at one place
+    vals = rng.random((700, 4))
+    vals[:, 1] += np.sin(xy[:, 0] / 3)  # spatially patterned
+    vals[:, 3] = 2.0
+    ref = np.asarray(sc.metrics.morans_i(spatial_graph(xy, 6), vals.T))
+    got = knn_morans_i(knn_index(xy, 6, chunk=97), vals, chunk=61)  # chunks that split rows unevenly
+    assert np.isnan(got[3]) and np.isnan(ref[3])
+    assert got[1] > 0.5  # the pattern is found, so the comparison is not of noise alone
+    # the same products summed in another order: float64 rounding of sums of 2 x 700 x 6 signed
+    # terms, bounded by gamma_N times the sum of their absolute values (relative to the denominator)
+    G = spatial_graph(xy, 6)
+    Z = np.abs(vals[:, :3] - vals[:, :3].mean(0))
+    u64 = np.finfo(np.float64).eps / 2
+    n_terms = 2 * G.nnz + 700
+    bound = n_terms * u64 / (1 - n_terms * u64) * 700 / G.nnz * np.einsum("ij,ij->j", Z, G @ Z) / (Z ** 2).sum(0)
+    # each side within the bound of the exact value, plus the rounding of its two divisions
+    assert np.all(np.abs(got[:3] - ref[:3]) <= 2 * bound + 8 * u64 * np.abs(ref[:3])), (got, ref, bound)
