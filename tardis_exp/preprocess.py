@@ -260,6 +260,10 @@ def preprocess(
         samples_in = adata.obs[sample_key].astype("category").cat.categories
     if use_raw:
         if adata.raw is None:
+            lacking = adata.uns.get("samples_without_raw")
+            if lacking is not None:  # data=samples: some inputs had .raw, these did not
+                raise InputError(f"preprocess.use_raw=true but {len(lacking)} of the data.paths have no .raw: "
+                                 f"{', '.join(map(str, lacking))}")
             raise InputError("preprocess.use_raw=true but the AnnData has no .raw")
         counts, var = adata.raw.X, adata.raw.var.copy()
         src = "adata.raw.X"
