@@ -355,7 +355,8 @@ def preprocess(
     if batch_correction != "none":
         from .batch import correct
 
-        correct(out, sample_key, batch_correction, normalize)
+        # what a projection brings each new section's genes to (tardis_exp.project)
+        out.var["batch_mean"] = correct(out, sample_key, batch_correction, normalize)
 
     n_hvg = out.n_vars if n_top_genes is None else int(n_top_genes)
     if n_hvg > out.n_vars:
