@@ -369,12 +369,28 @@ def test_projection_repeats_the_runs_batch_correction(tmp_path):
     assert worst_with >= worst_without + se(worst_without), msg
     assert acc_with >= acc_without + 2 * 3 * np.sqrt(0.25 / n), msg
 
+    # several new sections at once (sample_key=): each is corrected on its own, so S3's usages are
+    # those of S3 projected alone, up to the refit's float32 trajectory on a larger matrix
+    other = ad.read_h5ad(paths["S4"])
+    both = ad.concat({"S3": new, "S4": other}, label="sample", index_unique="-")
+    tardis_exp.project(both, ref, sample_key="sample")
+    programs = load_programs(ref)
+    _, present, _, Xn = programs.usages(new.X, new.var_names)
+    U = with_c.obsm["X_nmf_projected"]
+    bound = hals_trajectory_rtol(Xn, U, programs.spectra[:, present], programs.refit_max_iter)
+    close(both.obsm["X_nmf_projected"][:new.n_obs], U, bound)
+    # a run that does not record its means: one line, unless the repetition is declined
+    old = load_programs(ref)
+    old.batch_mean = None
+    with pytest.raises(InputError, match=r"ran preprocess.batch_correction=scale but does not record its genes' "
+                                         r"means over its samples \(var\['batch_mean'\]"):
+        tardis_exp.project(new, old, copy=True)
+    close(tardis_exp.project(new, old, copy=True, repeat_batch_correction=False).obsm["X_nmf_projected"],
+          without.obsm["X_nmf_projected"], 0.0)
+
     # the run's pyfunc model applies the same correction (the whole input one section)
     model = save_programs_model(load_programs(ref), tmp_path / "model",
                                 pd.DataFrame(np.ones((2, res.n_vars)), columns=list(res.var_names)))
     df = pd.DataFrame(new.X.toarray().astype(np.float64), index=new.obs_names, columns=new.var_names)
     pred = mlflow.pyfunc.load_model(str(model)).predict(df).to_numpy()
-    programs = load_programs(ref)
-    _, present, _, Xn = programs.usages(new.X, new.var_names)
-    U = with_c.obsm["X_nmf_projected"]
-    close(pred, U, hals_trajectory_rtol(Xn, U, programs.spectra[:, present], programs.refit_max_iter))
+    close(pred, U, bound)
