@@ -58,26 +58,35 @@ def _trimmed_means(L, codes: np.ndarray, n: int, trim: float) -> np.ndarray:
     return out
 
 
-def sample_ratios(L, codes: np.ndarray, trim: float = 0.0) -> np.ndarray:
-    """``r`` (samples x genes): each gene's mean in a sample over its mean across the samples
-    (``trim`` > 0: trimmed means, :func:`_trimmed_means`)."""
+def sample_means(L, codes: np.ndarray, trim: float = 0.0) -> np.ndarray:
+    """Each gene's mean in each sample (samples x genes, float64; ``trim`` > 0: trimmed
+    means, :func:`_trimmed_means`)."""
     n = int(codes.max()) + 1
     if trim > 0:
-        means = _trimmed_means(L, codes, n, trim)
-    else:
-        ind = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n, len(codes)))
-        counts = np.asarray(ind.sum(1)).ravel()
-        sums = ind @ L
-        sums = sums.toarray() if sp.issparse(sums) else sums
-        means = np.asarray(sums, dtype=np.float64) / counts[:, None]  # samples x genes
-    overall = means.mean(0)
+        return _trimmed_means(L, codes, n, trim)
+    ind = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n, len(codes)))
+    counts = np.asarray(ind.sum(1)).ravel()
+    sums = ind @ L
+    sums = sums.toarray() if sp.issparse(sums) else sums
+    return np.asarray(sums, dtype=np.float64) / counts[:, None]
+
+
+def _ratios(means: np.ndarray, overall: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         r = means / overall[None, :]
     r[~np.isfinite(r) | (r <= 0)] = 1.0  # a gene absent from a sample (or from all): left as it is
     return r
 
 
-def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p") -> None:
+def sample_ratios(L, codes: np.ndarray, trim: float = 0.0) -> np.ndarray:
+    """``r`` (samples x genes): each gene's mean in a sample over its mean across the samples
+    (``trim`` > 0: trimmed means, :func:`_trimmed_means`)."""
+    means = sample_means(L, codes, trim)
+    return _ratios(means, means.mean(0))
+
+
+def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p",
+            reference: np.ndarray | None = None) -> np.ndarray | None:
     """Apply ``method`` to ``adata.X`` in place (normalized data, before the HVG selection).
 
     Parameters
@@ -90,13 +99,31 @@ def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p"
         ``'none'`` (nothing) or ``'scale'`` (module docstring).
     normalize
         The normalization applied: ``'log1p'`` data are corrected on the linear scale.
+    reference
+        A projection (:mod:`tardis_exp.project`): the source run's per-gene means over its
+        samples, which each sample of ``adata`` is brought to instead of the mean over its
+        own samples (``sample_key=None``: all of ``adata`` is one sample).
+
+    Returns
+    -------
+    The per-gene means over the samples (the mean of the per-sample means, linear scale)
+    that the samples were brought to: what a projection's ``reference`` is; None for ``'none'``.
     """
     if method == "none":
-        return
+        return None
     if method not in METHODS:
         raise ConfigError(f"preprocess.batch_correction={method!r}; choose one of {METHODS}")
-    codes = sample_codes(adata, sample_key, method)
+    if reference is not None and sample_key is None:
+        codes = np.zeros(adata.n_obs, np.intp)
+    else:
+        codes = sample_codes(adata, sample_key, method)
     trim = TRIM if method == "scale_trimmed" else 0.0
+
+    def ratios(L):  # each sample's means over those it is brought to
+        means = sample_means(L, codes, trim)
+        overall = means.mean(0) if reference is None else np.asarray(reference, np.float64)
+        return _ratios(means, overall), overall
+
     X = adata.X
     log = normalize == "log1p"
     if sp.issparse(X):
@@ -104,7 +131,7 @@ def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p"
         L = X.copy()
         if log:
             L.data = np.expm1(L.data)
-        r = sample_ratios(L, codes, trim)
+        r, overall = ratios(L)
         rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
         L.data = (L.data / r[codes[rows], X.indices]).astype(np.float32)
         if log:
@@ -113,6 +140,7 @@ def correct(adata, sample_key: str | None, method: str, normalize: str = "log1p"
     else:
         X = np.asarray(X, dtype=np.float32)
         L = np.expm1(X) if log else X
-        r = sample_ratios(L, codes, trim)
+        r, overall = ratios(L)
         L = (L / r[codes]).astype(np.float32)
         adata.X = np.log1p(L) if log else L
+    return overall

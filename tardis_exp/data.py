@@ -312,7 +312,38 @@ def read_samples(cfg) -> ad.AnnData:
         out.uns["spatial"] = libraries
     else:
         out.uns.pop("spatial", None)
+    _join_raw(out, parts, files, key)
     return out
+
+
+def _join_raw(out: ad.AnnData, parts: dict[str, ad.AnnData], files: dict[str, str], key: str) -> None:
+    """``out.raw``: the inputs' ``.raw`` joined as their ``X`` is (``anndata.concat`` drops
+    ``.raw``), over the raw genes every input has, in ``out``'s spot order.
+
+    Some inputs with ``.raw`` and some without: no ``.raw``, and ``uns['samples_without_raw']``
+    names the files lacking it, for ``preprocess.use_raw``'s error."""
+    has = {n: a.raw is not None for n, a in parts.items()}
+    if not any(has.values()):
+        return
+    if not all(has.values()):
+        out.uns["samples_without_raw"] = [files[n] for n, h in has.items() if not h]
+        return
+    import warnings
+
+    raws = {}
+    for n, a in parts.items():
+        r = ad.AnnData(X=a.raw.X, obs=pd.DataFrame(index=a.obs_names), var=a.raw.var.copy())
+        if not r.var_names.is_unique:
+            r.var_names_make_unique()
+        raws[n] = r
+    common = set.intersection(*(set(r.var_names) for r in raws.values()))
+    if not common:
+        raise InputError("data.paths: the samples' .raw share no gene name (preprocess.use_raw reads .raw)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        raw = ad.concat(raws, join="inner", label=key, index_unique="-", merge="same")
+    assert raw.obs_names.equals(out.obs_names)  # both built by the same concat of the same parts
+    out.raw = raw
 
 
 def _canonical(X):

@@ -8,9 +8,11 @@ Every tracked run logs one under the artifact path ``programs`` of its parent ru
 ``predict`` returns one column per program (``program_0`` ...), the same usages as
 :func:`tardis_exp.project.project` on the same counts: both call
 :meth:`tardis_exp.project.Programs.usages` (the run's normalization over its genes, then
-non-negative least squares on the fixed spectra). The model's artifacts are the spectra,
-the gene list and the preprocessing parameters (``programs.npz``, ``programs.json``); the
-class lives in the installed package, so no ``code_paths`` are logged.
+non-negative least squares on the fixed spectra). A run with ``preprocess.batch_correction``
+brings each input onto its genes' means over its samples (``batch_mean``, as ``project``
+does): ``predict`` takes one section at a time. The model's artifacts are the spectra,
+the gene list, those means and the preprocessing parameters (``programs.npz``,
+``programs.json``); the class lives in the installed package, so no ``code_paths`` are logged.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class ProgramsModel(mlflow.pyfunc.PythonModel):
         self._programs = Programs.load(Path(context.artifacts["programs"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Usages (spots x programs DataFrame) of ``model_input``: counts, spots x genes,
-        gene names as columns (genes the run does not know are ignored)."""
+        """Usages (spots x programs DataFrame) of ``model_input``: counts of one section, spots
+        x genes, gene names as columns (genes the run does not know are ignored); the run's
+        batch correction, if any, is repeated on the input as one section."""
         df = pd.DataFrame(model_input)
         X = df.to_numpy(dtype=np.float64)
         U, *_ = self._programs.usages(X, df.columns.astype(str))

@@ -260,6 +260,10 @@ def preprocess(
         samples_in = adata.obs[sample_key].astype("category").cat.categories
     if use_raw:
         if adata.raw is None:
+            lacking = adata.uns.get("samples_without_raw")
+            if lacking is not None:  # data=samples: some inputs had .raw, these did not
+                raise InputError(f"preprocess.use_raw=true but {len(lacking)} of the data.paths have no .raw: "
+                                 f"{', '.join(map(str, lacking))}")
             raise InputError("preprocess.use_raw=true but the AnnData has no .raw")
         counts, var = adata.raw.X, adata.raw.var.copy()
         src = "adata.raw.X"
@@ -351,7 +355,8 @@ def preprocess(
     if batch_correction != "none":
         from .batch import correct
 
-        correct(out, sample_key, batch_correction, normalize)
+        # what a projection brings each new section's genes to (tardis_exp.project)
+        out.var["batch_mean"] = correct(out, sample_key, batch_correction, normalize)
 
     n_hvg = out.n_vars if n_top_genes is None else int(n_top_genes)
     if n_hvg > out.n_vars:

@@ -2,7 +2,8 @@
 
 ``project(adata, source)`` reads the consensus spectra of a run (its folder, or an MLflow
 run URI ``runs:/<id>``), normalizes the new counts as the run's ``preprocess`` section
-says, over the run's genes (no new gene selection), refits every spot's usages by
+says, over the run's genes (no new gene selection; a run's ``batch_correction`` repeated
+against the genes' means it recorded, ``var['batch_mean']``), refits every spot's usages by
 non-negative least squares on the fixed spectra, and scores them with the score stage's
 own code. It writes
 
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 # usages say more about the missing genes than about the program: refuse
 MAX_MISSING_WEIGHT = 0.5
 # the preprocessing keys a projection repeats (the HVG selection and QC filters are not repeated)
-_PREPROCESS_KEYS = ("layer", "use_raw", "normalize", "target_sum", "scale")
+_PREPROCESS_KEYS = ("layer", "use_raw", "normalize", "target_sum", "scale", "batch_correction")
 RUN_URI = re.compile(r"^runs:/([^/\s]+)/?$")
 
 
@@ -69,6 +70,9 @@ class Programs:
         The run's ``preprocess`` parameters that are repeated on new data.
     scale_sd
         Per-gene standard deviation the run divided by (``preprocess.scale=true``), or None.
+    batch_mean
+        Per-gene mean over the run's samples (linear scale) its batch correction brought each
+        sample to (``preprocess.batch_correction``, :func:`tardis_exp.batch.correct`), or None.
     refit_max_iter
         Iterations of the usage refit (the run's ``consensus.refit_max_iter``).
     source
@@ -80,6 +84,7 @@ class Programs:
     background: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     preprocess: dict = field(default_factory=dict)
     scale_sd: np.ndarray | None = None
+    batch_mean: np.ndarray | None = None
     refit_max_iter: int = ConsensusParams.refit_max_iter
     source: str = ""
 
@@ -101,6 +106,8 @@ class Programs:
         arrays = {"spectra": self.spectra, "genes": np.asarray(self.genes, dtype=str), "background": self.background}
         if self.scale_sd is not None:
             arrays["scale_sd"] = np.asarray(self.scale_sd, dtype=np.float32)
+        if self.batch_mean is not None:
+            arrays["batch_mean"] = np.asarray(self.batch_mean, dtype=np.float64)
         np.savez_compressed(folder / "programs.npz", **arrays)
         meta = {"preprocess": self.preprocess, "refit_max_iter": int(self.refit_max_iter), "source": self.source}
         (folder / "programs.json").write_text(json.dumps(meta, indent=1))
@@ -113,7 +120,7 @@ class Programs:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads((folder / "programs.json").read_text())
         return cls(arrays["spectra"], arrays["genes"], arrays.get("background", np.zeros((0, 0))),
-                   meta.get("preprocess") or {}, arrays.get("scale_sd"),
+                   meta.get("preprocess") or {}, arrays.get("scale_sd"), arrays.get("batch_mean"),
                    int(meta.get("refit_max_iter", ConsensusParams.refit_max_iter)),
                    source or meta.get("source", ""))
 
@@ -130,10 +137,11 @@ class Programs:
             pre["normalize"] = adata.uns["preprocess"]["normalize"]  # no config.yaml: the result's record
         params = {k: check("preprocess", pre)[k] for k in _PREPROCESS_KEYS}  # the declared defaults filled in
         sd = adata.var["scale_sd"].to_numpy() if "scale_sd" in adata.var else None
+        bm = adata.var["batch_mean"].to_numpy(np.float64) if "batch_mean" in adata.var else None
         con = {k: v for k, v in (cfg.get("consensus") or {}).items() if k == "refit_max_iter"}
         refit = int(check("consensus", con)["refit_max_iter"])
         return cls(np.asarray(cons["spectra"]), adata.var_names, np.asarray(cons.get("background_spectra", [])),
-                   params, sd, refit, source)
+                   params, sd, bm, refit, source)
 
     # -- the projection ------------------------------------------------------------
     def missing_weight(self, present: np.ndarray) -> np.ndarray:
@@ -142,8 +150,13 @@ class Programs:
         lost = self.spectra[:, ~present].sum(1, dtype=np.float64)
         return lost / np.where(total > 0, total, 1)
 
-    def align(self, X, var_names, *, max_missing_weight: float = MAX_MISSING_WEIGHT):
+    def align(self, X, var_names, *, max_missing_weight: float = MAX_MISSING_WEIGHT,
+              samples: np.ndarray | None = None, repeat_batch_correction: bool = True):
         """The new counts normalized over the run's genes they hold; raise past ``max_missing_weight``.
+
+        ``samples`` (integer code per spot, or None: one sample) are the new data's sections,
+        each brought onto the run's gene scale when the run corrected batches
+        (:meth:`_correct`; ``repeat_batch_correction=False`` leaves it out).
 
         Returns ``(Xn, present, missing_weight)``: ``Xn`` spots x present genes (float32, in
         the run's gene order), ``present`` a mask over the run's genes.
@@ -166,12 +179,18 @@ class Programs:
                 f"program {worst} of {self.source} has {mw[worst]:.0%} of its weight on genes the new data "
                 f"lacks ({int((~present).sum())} of the run's {len(self.genes)} genes are missing); "
                 f"more than max_missing_weight={max_missing_weight:g}")
+        method = {**defaults(PreprocessParams), **self.preprocess}["batch_correction"]
+        if method != "none" and repeat_batch_correction and self.batch_mean is None:  # before any compute
+            raise InputError(f"{self.source} ran preprocess.batch_correction={method} but does not record its "
+                             "genes' means over its samples (var['batch_mean']: a run from before they were "
+                             "recorded); rerun it, or project with repeat_batch_correction=False")
         X = X[:, idx[present]]
         validate_counts(X, "the new data's counts in the run's genes")
-        Xn = self._normalize(X, present)
+        Xn = self._normalize(X, present, samples if repeat_batch_correction else None, repeat_batch_correction)
         return Xn, present, mw
 
-    def _normalize(self, X, present):
+    def _normalize(self, X, present, samples=None, batch: bool = True):
+        from .batch import correct
         from .preprocess import normalize_counts, scale_genes
 
         p = {**defaults(PreprocessParams), **self.preprocess}
@@ -179,6 +198,13 @@ class Programs:
         with warnings.catch_warnings():  # spots without counts in these genes stay zero
             warnings.simplefilter("ignore", UserWarning)
             normalize_counts(tmp, p["normalize"], p["target_sum"])
+        if batch and p["batch_correction"] != "none":
+            # as the run did after its normalization: each gene of each new section divided by
+            # (its mean there / the run's mean over its samples), so the sections sit on the run's scale
+            if samples is not None:
+                tmp.obs["_sample"] = pd.Categorical(np.asarray(samples))
+            correct(tmp, "_sample" if samples is not None else None, p["batch_correction"], p["normalize"],
+                    reference=np.asarray(self.batch_mean, np.float64)[present])
         X = tmp.X
         if p.get("scale"):
             if self.scale_sd is not None:
@@ -192,15 +218,18 @@ class Programs:
             X = scale_genes(X, sd)
         return sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32)
 
-    def usages(self, X, var_names, *, max_missing_weight: float = MAX_MISSING_WEIGHT):
+    def usages(self, X, var_names, *, max_missing_weight: float = MAX_MISSING_WEIGHT,
+               samples: np.ndarray | None = None, repeat_batch_correction: bool = True):
         """Usages of the new spots (spots x programs, float32) by NNLS on the fixed spectra.
 
-        ``X`` holds counts (spots x genes named ``var_names``). Returns ``(usages, present,
+        ``X`` holds counts (spots x genes named ``var_names``); ``samples`` labels its
+        sections (None: one), as :meth:`align` reads them. Returns ``(usages, present,
         missing_weight, Xn)`` (``Xn``: the normalized counts over the present genes).
         """
         from .nmf import refit_usage
 
-        Xn, present, mw = self.align(X, var_names, max_missing_weight=max_missing_weight)
+        Xn, present, mw = self.align(X, var_names, max_missing_weight=max_missing_weight, samples=samples,
+                                     repeat_batch_correction=repeat_batch_correction)
         H = np.vstack([self.spectra, self.background])[:, present]
         if Xn.shape[0] == 0:
             return np.zeros((0, self.n_programs), np.float32), present, mw, Xn
@@ -295,7 +324,7 @@ def _counts(adata: ad.AnnData, p: Mapping[str, Any]):
 
 def project(adata: ad.AnnData, source, *, key_added: str = "nmf_projected", copy: bool = False,
             max_missing_weight: float = MAX_MISSING_WEIGHT, tracking_uri: str | None = None,
-            **score_params) -> ad.AnnData | None:
+            repeat_batch_correction: bool = True, **score_params) -> ad.AnnData | None:
     """Score new data against a finished run's programs.
 
     Parameters
@@ -317,6 +346,11 @@ def project(adata: ad.AnnData, source, *, key_added: str = "nmf_projected", copy
         share of its spectral weight on genes the new data lacks.
     tracking_uri
         Where to resolve ``runs:/`` sources (default: MLflow's, ``MLFLOW_TRACKING_URI``).
+    repeat_batch_correction
+        A source run with ``preprocess.batch_correction`` other than ``none``: bring each
+        section of the new data (``obs[sample_key]`` with ``sample_key=``, else all of it) onto
+        the run's per-gene means, as the run brought its samples (False: leave the new data's
+        gene scale as it is).
     **score_params
         Passed to :func:`tardis_exp.score.score` (``n_cluster_genes``, ``spatial_key``,
         ``sample_key`` for several sections: ``uns['<key_added>_samples']``, ...).
@@ -328,9 +362,15 @@ def project(adata: ad.AnnData, source, *, key_added: str = "nmf_projected", copy
     check_params(**score_params)
     if score_params.get("sample_key") is not None:  # a missing column: one line, before any compute
         sample_codes(adata, score_params["sample_key"])
+    if not isinstance(repeat_batch_correction, bool):
+        raise TypeError(f"repeat_batch_correction={repeat_batch_correction!r}: give True or False")
     programs = load_programs(source, tracking_uri=tracking_uri)
     X, var_names = _counts(adata, programs.preprocess)
-    U, present, mw, Xn = programs.usages(X, var_names, max_missing_weight=max_missing_weight)
+    samples = None
+    if score_params.get("sample_key") is not None:
+        samples = adata.obs[score_params["sample_key"]].astype(str).to_numpy()
+    U, present, mw, Xn = programs.usages(X, var_names, max_missing_weight=max_missing_weight, samples=samples,
+                                         repeat_batch_correction=repeat_batch_correction)
     if mw.any():
         log.warning("project: %d of the run's %d genes are missing; weight lost per program: %s",
                     int((~present).sum()), len(present), np.round(mw, 3).tolist())

@@ -283,3 +283,114 @@ def test_bad_sources_and_data_give_one_clear_line(synthetic_runs, tmp_path):
     assert p.returncode == 2 and not out.exists()
     assert p.stderr.strip().splitlines() == [f"tardis_exp.project: error: {empty} has no programs: no result.h5ad "
                                              "there (save_result=none, or not a run folder)"]
+
+
+# ----------------------------------------------------------------------------- batch correction
+
+
+def _paired(U, spectra, genes, truth: ad.AnnData, programs) -> tuple[list[float], float]:
+    """Per planted program of ``programs``, the correlation of its planted usages with the
+    usages of the fitted program paired to it by the spectra (Hungarian assignment on the
+    correlation with the planted profiles over the run's genes, never on the usages); and
+    the share of spots whose largest usage share is on the planted largest."""
+    P = pd.DataFrame(truth.varm["true_programs"].T, columns=truth.var_names)[list(genes)].to_numpy()[programs]
+    C = np.corrcoef(np.asarray(spectra, np.float64), P)[:len(spectra), len(spectra):]
+    rows, cols = linear_sum_assignment(-C)
+    T = truth.obsm["true_usage"][:, programs]
+    r = [float(np.corrcoef(U[:, i], T[:, j])[0, 1]) for i, j in zip(rows, cols)]
+    return r, float((U[:, rows].argmax(1) == T[:, cols].argmax(1)).mean())
+
+
+def test_projection_repeats_the_runs_batch_correction(tmp_path):
+    """A run on two sections (S1, S2) of a ``batch`` draw with preprocess.batch_correction=scale;
+    a third (S3) is projected onto its programs after a strong technical factor of its own:
+    every gene thinned to 10 % (binomial thinning of the counts) but P1's markers, i.e. P1's
+    markers 10x up against every other gene, in every spot. Repeating the run's correction
+    brings each gene of S3 to the run's mean; without it, P1's inflated markers are read as P1
+    in every spot. Truth: the planted usages. Reference: a joint fit of the three sections,
+    corrected together (what analysing everything at once gives). Margin: three standard
+    errors of a correlation over n spots, 3 (1 - r^2) / sqrt(n - 1), and of a share over n
+    spots, 3 sqrt(1/4 / n)."""
+    import mlflow.pyfunc
+
+    from tardis_exp.benchmark.families import draw, write_draw
+    from tardis_exp.model import save_programs_model
+
+    study = draw("batch", 3, max_spots=900, max_genes=500)  # 5 sections of 180 spots; P4 only in S0
+    assert study.uns["benchmark"]["section_specific"] == {"program": 4, "section": "S0"}
+    paths = {p.stem.rsplit("_", 1)[1]: p for p in write_draw(study, tmp_path / "draw")}
+    new = ad.read_h5ad(paths["S3"])
+    rng = np.random.default_rng(0)
+    keep = np.where(new.var["true_program"] == "P1", 1.0, 0.1)
+    C = new.X.tocsr().astype(np.int64)
+    C.data = rng.binomial(C.data, keep[C.indices])
+    new.X = sp.csr_matrix(C, dtype=np.float32)
+    new.write_h5ad(tmp_path / "S3_thinned.h5ad")
+
+    common = ["preprocess.batch_correction=scale", "preprocess.n_top_genes=null", "factorize.n_components=4",
+              "consensus.min_clusters=4", "consensus.max_clusters=4"]
+    ref = _run(tmp_path / "ref", "data=samples", f"data.paths=[{paths['S1']},{paths['S2']}]", *common)
+    joint = _run(tmp_path / "joint", "data=samples",
+                 f"data.paths=[{paths['S1']},{paths['S2']},{tmp_path / 'S3_thinned.h5ad'}]", *common)
+    res = ad.read_h5ad(ref / "result.h5ad")
+    # the recorded reference: the mean over S1, S2 of each gene's mean there, on the linear scale of
+    # the normalized counts (normalize_total to 1e4 over the genes QC kept, here all of them)
+    assert res.n_vars == study.n_vars
+    own, xs = [], []
+    for name in ("S1", "S2"):
+        M = ad.read_h5ad(paths[name]).X.toarray().astype(np.float64)
+        N = M / M.sum(1, keepdims=True) * 1e4
+        own.append(N.mean(0))
+        xs.append(N[N > 0])
+    truth_mean = np.mean(own, axis=0)
+    # float32: the row sum (gamma(genes)), log1p then expm1 (one rounding each, an absolute
+    # error u log1p(x) in the log that expm1 turns into a relative one times (1 + x) / x);
+    # a mean of non-negative values keeps the largest relative error of its terms
+    u, lo, hi = 2.0**-24, min(x.min() for x in xs), max(x.max() for x in xs)
+    rtol = gamma(study.n_vars) + u * (2 * (1 + np.log1p(hi)) * (1 + 1 / lo) + 4)
+    np.testing.assert_allclose(res.var["batch_mean"].to_numpy(), truth_mean, rtol=rtol)
+
+    shared = [0, 1, 2, 3]  # P4 is S0's alone
+    spectra = res.uns["nmf_consensus"]["spectra"]
+    with_c = tardis_exp.project(new, ref, copy=True)
+    without = tardis_exp.project(new, ref, copy=True, repeat_batch_correction=False)
+    r_with, acc_with = _paired(with_c.obsm["X_nmf_projected"], spectra, res.var_names, new, shared)
+    r_without, acc_without = _paired(without.obsm["X_nmf_projected"], spectra, res.var_names, new, shared)
+    jr = ad.read_h5ad(joint / "result.h5ad")
+    on_new = (jr.obs["sample"] == "S3_thinned").to_numpy()
+    r_joint, _ = _paired(jr.obsm["X_nmf_consensus"][on_new], jr.uns["nmf_consensus"]["spectra"], jr.var_names,
+                         new, shared)
+    n = new.n_obs
+    se = lambda r: 3 * (1 - r**2) / np.sqrt(n - 1)  # noqa: E731
+    worst_with, worst_without, worst_joint = min(r_with), min(r_without), min(r_joint)
+    msg = f"with {np.round(r_with, 3)} ({acc_with:.3f}), without {np.round(r_without, 3)} ({acc_without:.3f}), " \
+          f"joint {np.round(r_joint, 3)}"
+    assert worst_with >= worst_joint - se(worst_joint), msg
+    assert worst_with >= worst_without + se(worst_without), msg
+    assert acc_with >= acc_without + 2 * 3 * np.sqrt(0.25 / n), msg
+
+    # several new sections at once (sample_key=): each is corrected on its own, so S3's usages are
+    # those of S3 projected alone, up to the refit's float32 trajectory on a larger matrix
+    other = ad.read_h5ad(paths["S4"])
+    both = ad.concat({"S3": new, "S4": other}, label="sample", index_unique="-")
+    tardis_exp.project(both, ref, sample_key="sample")
+    programs = load_programs(ref)
+    _, present, _, Xn = programs.usages(new.X, new.var_names)
+    U = with_c.obsm["X_nmf_projected"]
+    bound = hals_trajectory_rtol(Xn, U, programs.spectra[:, present], programs.refit_max_iter)
+    close(both.obsm["X_nmf_projected"][:new.n_obs], U, bound)
+    # a run that does not record its means: one line, unless the repetition is declined
+    old = load_programs(ref)
+    old.batch_mean = None
+    with pytest.raises(InputError, match=r"ran preprocess.batch_correction=scale but does not record its genes' "
+                                         r"means over its samples \(var\['batch_mean'\]"):
+        tardis_exp.project(new, old, copy=True)
+    close(tardis_exp.project(new, old, copy=True, repeat_batch_correction=False).obsm["X_nmf_projected"],
+          without.obsm["X_nmf_projected"], 0.0)
+
+    # the run's pyfunc model applies the same correction (the whole input one section)
+    model = save_programs_model(load_programs(ref), tmp_path / "model",
+                                pd.DataFrame(np.ones((2, res.n_vars)), columns=list(res.var_names)))
+    df = pd.DataFrame(new.X.toarray().astype(np.float64), index=new.obs_names, columns=new.var_names)
+    pred = mlflow.pyfunc.load_model(str(model)).predict(df).to_numpy()
+    close(pred, U, bound)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
@@ -311,3 +312,72 @@ def test_bad_input_from_the_cli_is_one_line_with_status_2(tmp_path):
         assert "Traceback" not in p.stderr
     p = _cli(tmp_path, "data=h5ad", "data.path=a.h5ad", "data.sample_key=batch", *FAST, "tracking.enabled=false")
     assert p.returncode == 2 and "data.sample_key='batch' is not an obs column" in p.stderr, p.stderr[-2000:]
+
+
+def _with_raw(sec: ad.AnnData, extra: str) -> ad.AnnData:
+    """``sec``'s counts (plus one gene ``extra`` of its own) in ``.raw``; ``X`` log-normalized
+    over the counts' genes less the last five (what a published AnnData often holds)."""
+    rng = np.random.default_rng(len(extra))
+    counts = np.column_stack([_dense(sec.X), rng.poisson(3, sec.n_obs)]).astype(np.float32)
+    raw = ad.AnnData(sp.csr_matrix(counts), obs=sec.obs.copy(), var=pd.DataFrame(
+        index=[*sec.var_names, extra]))
+    out = raw[:, raw.var_names[:-6]].copy()
+    lib = counts.sum(1, keepdims=True)
+    out.X = sp.csr_matrix(np.log1p(_dense(out.X) / lib * 1e4).astype(np.float32))
+    out.raw = raw
+    return out
+
+
+def test_use_raw_reads_the_joined_raw_counts_of_a_study(tmp_path):
+    """preprocess.use_raw=true on data=samples: the run on the inputs' ``.raw`` (joined by
+    the reader) equals the run on one file holding the raw counts joined here by hand (the
+    genes every ``.raw`` has, in the first file's order; the spots named as the study names
+    them): the same result matrix, spectra and usages, bit for bit."""
+    from conftest import compose_config
+    from tardis_exp.pipeline import run
+
+    pa, pb, a, b = _write_two(tmp_path)
+    ra, rb = _with_raw(a, "only_a"), _with_raw(b, "only_b")
+    ra.write_h5ad(pa)
+    rb.write_h5ad(pb)
+    genes = [g for g in ra.raw.var_names if g in set(rb.raw.var_names)]
+    parts = []
+    for name, sec in (("a", ra), ("b", rb)):
+        part = ad.AnnData(sp.csr_matrix(_dense(sec.raw[:, genes].X)), var=pd.DataFrame(index=genes))
+        part.obs_names = [f"{n}-{name}" for n in sec.obs_names]
+        part.obs["sample"] = name
+        parts.append(part)
+    joined = ad.AnnData(sp.vstack([p.X for p in parts]).tocsr(), obs=pd.concat([p.obs for p in parts]),
+                        var=parts[0].var)
+    joined.obs["sample"] = joined.obs["sample"].astype("category")
+    joined.write_h5ad(tmp_path / "joined.h5ad")
+
+    study = load_data(_study([pa, pb]))
+    assert study.raw is not None and list(study.raw.var_names) == genes  # only_a, only_b dropped
+    np.testing.assert_array_equal(_dense(study.raw.X), _dense(joined.X))
+
+    fast = [*FAST, "tracking.enabled=false", "data.sample_key=sample"]
+    results = []
+    for name, data in (("study", ["data=samples", f"data.paths=[{pa},{pb}]", "preprocess.use_raw=true"]),
+                       ("joined", ["data=h5ad", f"data.path={tmp_path / 'joined.h5ad'}"])):
+        cfg = compose_config(tmp_path / name, [*data, *fast])
+        run(cfg, tmp_path / name / "run")
+        results.append(ad.read_h5ad(tmp_path / name / "run" / "result.h5ad"))
+    s, j = results
+    assert list(s.obs_names) == list(j.obs_names) and list(s.var_names) == list(j.var_names)
+    np.testing.assert_array_equal(_dense(s.X), _dense(j.X))
+    np.testing.assert_array_equal(s.uns["nmf_consensus"]["spectra"], j.uns["nmf_consensus"]["spectra"])
+    np.testing.assert_array_equal(s.obsm["X_nmf_consensus"], j.obsm["X_nmf_consensus"])
+
+
+def test_use_raw_names_the_inputs_without_raw(tmp_path):
+    """Only some inputs have ``.raw``: one line naming those without and the key, from
+    preprocess before any compute."""
+    pa, pb, a, b = _write_two(tmp_path)
+    _with_raw(a, "only_a").write_h5ad(pa)
+    study = load_data(_study([pa, pb]))
+    assert study.raw is None
+    with pytest.raises(InputError, match=r"^preprocess.use_raw=true but 1 of the data.paths have no .raw: "
+                                         r"\S*b.h5ad$"):
+        preprocess(study, use_raw=True, sample_key="sample")
+    assert preprocess(study, sample_key="sample").n_obs == a.n_obs + b.n_obs  # X is still read
