@@ -45,7 +45,7 @@ from .params import ScoreParams as _P
 from .params import check
 # rank_genes and RANKINGS live in metrics (pure NumPy) so that program_recovery does not need
 # this module (scanpy); imported here, they stay part of this module's names
-from .metrics import RANKINGS, knn_index, knn_morans_i, program_recovery, rank_genes, spatial_graph  # noqa: F401
+from .metrics import RANKINGS, adjusted_rand_codes, knn_index, knn_morans_i, program_recovery, rank_genes, spatial_graph  # noqa: F401
 from .nmf import prepare_matrix
 
 log = logging.getLogger(__name__)
@@ -319,6 +319,8 @@ def score(
         adata.obs[out.score(p)] = s
     cats = [str(p) for p in range(K)]
     adata.obs[out.cluster] = pd.Categorical.from_codes(z.argmax(1), categories=cats)
+    if sections is None:  # the obs columns hold the same values: Moran's I reads them one at a time
+        z = None
     if src.usage in adata.obsm:
         adata.obs[out.program] = program_labels(adata.obsm[src.usage])
     elif out.program in adata.obs:  # another result's labels must not pass for these
@@ -337,13 +339,22 @@ def score(
     return adata if copy else None
 
 
+def _category_codes(col: pd.Series) -> np.ndarray:
+    """Codes of a categorical column whose categories are the same labels as strings (categories
+    that coincide as strings, e.g. 1 and '1', merged; missing values one label, as astype(str))."""
+    names = pd.Index(col.cat.categories.astype(str))
+    codes = col.cat.codes.to_numpy()
+    merged = pd.factorize(names)[0] if names.has_duplicates else np.arange(len(names))
+    return np.where(codes >= 0, merged[np.maximum(codes, 0)], len(names))
+
+
 def program_labels(usages) -> pd.Categorical:
     """``obs['nmf_program']``: argmax of the consensus usages (categories ``'0'`` ... ``'K-1'``).
 
     Usages are compared as fractions of each spot's total, so a spot with no usage at all
     (an all-zero row) gets the missing category rather than program 0.
     """
-    U = np.asarray(usages, dtype=np.float64)
+    U = np.asarray(usages)  # argmax and max of the stored dtype: no float64 copy of spots x K
     cats = [str(p) for p in range(U.shape[1])]
     codes = U.argmax(1)
     codes[~(U.max(1) > 0)] = -1
@@ -542,7 +553,7 @@ def sample_table(adata: ad.AnnData, key_added: str = keys.SCORE) -> pd.DataFrame
 
 def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n_genes, ranking, *,
              src: keys.ConsensusKeys, out: keys.ScoreKeys, sections=None):
-    from sklearn.metrics import adjusted_rand_score, silhouette_score
+    from sklearn.metrics import silhouette_score
 
     res: dict = {}
     # the program label (argmax of the usages) when there are usages, else the seed's label
@@ -550,12 +561,18 @@ def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n
     labels = adata.obs[key].cat.codes.to_numpy()
     U = adata.obsm.get(src.usage)
     if U is not None and len(np.unique(labels)) > 1:
-        Un = U / np.maximum(U.sum(1, keepdims=True), 1e-12)
         rng = np.random.default_rng(seed)
         idx = rng.choice(adata.n_obs, size=min(max_spots, adata.n_obs), replace=False)
+        Un = np.asarray(U[idx], dtype=np.float64)  # the subsample only, not a spots-sized copy
+        Un /= np.maximum(Un.sum(1, keepdims=True), 1e-12)
         # sklearn defines the silhouette for 2 .. n_samples - 1 labels only
         if 1 < len(np.unique(labels[idx])) < len(idx):
-            res["silhouette"] = float(silhouette_score(Un[idx], labels[idx]))
+            import sklearn
+
+            # distances in blocks of at most 64 MB (sklearn's default working memory is 1 GB:
+            # 5,000 spots' distance matrix and its temporaries were the stage's peak at 2,000,000)
+            with sklearn.config_context(working_memory=64):
+                res["silhouette"] = float(silhouette_score(Un, labels[idx]))
     if spatial_key in adata.obsm and sections is not None:
         # per section, each on its own graph; the run's value per program is their mean
         # weighted by the sections' spots (those where the program varies). Not Moran's I on
@@ -570,13 +587,17 @@ def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n
         res["morans_i"] = mi
         res["morans_i_mean"] = float(np.nanmean(mi))
     elif spatial_key in adata.obsm:
-        mi = knn_morans_i(knn_index(np.asarray(adata.obsm[spatial_key]), n_nb), z)
+        nb = knn_index(np.asarray(adata.obsm[spatial_key]), n_nb)
+        mi = [knn_morans_i(nb, adata.obs[out.score(p)].to_numpy(dtype=np.float64))[0] for p in range(len(spectra))]
+        del nb
         res["morans_i"] = np.asarray(mi, dtype=np.float64)
         res["morans_i_mean"] = float(np.nanmean(mi))
     if truth_key in adata.obs:
-        truth = adata.obs[truth_key].astype(str).to_numpy()
-        res["ari_truth"] = float(adjusted_rand_score(truth, labels))
-        res["ari_truth_nmf_cluster"] = float(adjusted_rand_score(truth, adata.obs[out.cluster].cat.codes))
+        # integer codes of the labels as strings (the same partition; no 2,000,000 Python strings)
+        truth = pd.factorize(adata.obs[truth_key].astype(str))[0] if not isinstance(
+            adata.obs[truth_key].dtype, pd.CategoricalDtype) else _category_codes(adata.obs[truth_key])
+        res["ari_truth"] = adjusted_rand_codes(truth, np.where(labels >= 0, labels, labels.max(initial=0) + 1))
+        res["ari_truth_nmf_cluster"] = adjusted_rand_codes(truth, adata.obs[out.cluster].cat.codes.to_numpy())
     if "true_program" in adata.var:
         rec, match = program_recovery(spectra, adata.var["true_program"].astype(str).to_numpy(),
                                       n_genes=n_genes, ranking=ranking)

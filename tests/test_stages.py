@@ -151,3 +151,21 @@ def test_score_gene_sets_random_state_none_advances_the_global_generator(synthet
     first = score_gene_sets(a, sets, ctrl_size=5, random_state=None)
     second = score_gene_sets(a, sets, ctrl_size=5, random_state=None)
     assert not np.allclose(first, second)  # new control genes each call, as with scanpy
+
+
+def test_adjusted_rand_codes_equals_sklearn():
+    """The score stage's ARI (a dense contingency table of codes) is sklearn's value, bit for bit
+    (the same integer pair counts and formula): random labelings, one side a refinement of the
+    other, identical, all in one label, unequal label counts and unused codes."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from tardis_exp.metrics import adjusted_rand_codes
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, 3000)
+    cases = [(a, rng.integers(0, 7, 3000)), (a, a), (a, a * 3 + rng.integers(0, 3, 3000)),
+             (a, np.zeros(3000, int)), (np.zeros(10, int), np.zeros(10, int)), (a, (a + 1) % 5),
+             (a * 2, rng.integers(0, 2, 3000) * 9), (np.array([0, 0, 1, 2]), np.array([0, 0, 1, 1]))]
+    for x, y in cases:
+        assert adjusted_rand_codes(x, y) == adjusted_rand_score(x, y), (x[:5], y[:5])
+    assert adjusted_rand_codes(a, (a + 1) % 5) == 1.0  # relabelled: the same partition
