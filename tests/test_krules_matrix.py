@@ -93,3 +93,28 @@ def test_the_stage_gives_the_same_k_whatever_the_solver(rule):
     assert len(set(got.values())) == 1, got
     if rule == "parallel_counts":  # the planted K (parallel on log1p gives 5 here)
         assert got["mu"] == 4
+
+
+def _nb_mixture(r, n=600, m=300, depth=4000.0, dispersion=0.3, seed=0):
+    """As :func:`_poisson_mixture`, with negative-binomial counts (gamma-Poisson, one dispersion)."""
+    rng = np.random.default_rng(seed)
+    W = rng.dirichlet(np.full(r, 0.3), size=n)
+    base = rng.gamma(2.0, 1.0, size=m)
+    H = np.tile(base, (r, 1))
+    for q in range(r):
+        H[q, q * 20:(q + 1) * 20] *= 8.0
+    H /= H.sum(1, keepdims=True)
+    mu = depth * rng.lognormal(0.0, 0.3, size=n)[:, None] * (W @ H)
+    return rng.poisson(rng.gamma(1.0 / dispersion, mu * dispersion)).astype(np.float32)
+
+
+@pytest.mark.parametrize("r", [4, 7])
+def test_parallel_nb_finds_the_rank_of_an_overdispersed_count_mixture(r):
+    # r programs, usages summing to one: the sequential test stops at rank r (no offset), the
+    # dispersion estimated around each rank-k mean
+    from tardis_exp.consensus.heldout import parallel_nb
+
+    pa = parallel_nb(_nb_mixture(r), 5)
+    assert pa["stopped"] and pa["k"] == r and len(pa["eigen"]) == r
+    # the r - 1 centred signal eigenvalues stand above their nulls, the r-th does not
+    assert (pa["eigen"][:-1] > pa["null"][:-1]).all() and pa["eigen"][-1] <= pa["null"][-1]
