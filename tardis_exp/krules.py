@@ -251,6 +251,11 @@ RULES: dict[str, KRule] = {r.name: r for r in (
           "against Poisson copies of their rank-1 mean: 1 + the leading centred eigenvalues above the null's "
           "95th percentile", _last_above_null, methods=("components",),
           requires="it is computed by the components method's stage from layers['counts']", source="data"),
+    KRule("parallel_nb", "parallel_nb", True, "log eigenvalue / negative-binomial null",
+          "sequential parallel analysis on the counts made linear: the first k whose k-th centred eigenvalue is "
+          "not above the 95th percentile of negative-binomial copies of the rank-k mean (per-gene dispersion "
+          "estimated around it) is K", _last_above_null, methods=("components",),
+          requires="it is computed by the components method's stage from layers['counts']", source="data"),
 )}
 #: ``auto``, per method: the validated default (docs/validation.md, "K selection").
 AUTO = {"components": "recurrence", "spots": "pac"}

@@ -203,7 +203,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--rules", nargs="*", default=None,
                     help="consensus.k_selection values measured on the same factorizations (first reported)")
     ap.add_argument("--matrix-only", action="store_true",
-                    help="rules that read the matrix (bicv, parallel) only, without the factorization "
+                    help="rules that read the matrix (bicv, parallel, parallel_counts, parallel_nb) only, without the factorization "
                          "(their K does not depend on it)")
     ap.add_argument("--max-spots", type=int, default=None)
     ap.add_argument("--max-genes", type=int, default=None)
