@@ -38,3 +38,9 @@ def test_wheel_builds_without_ignored_packages_and_carries_the_config(tmp_path: 
     assert len(conf) > 10
     missing = [f for f in conf if "tardis_exp/" + f not in names]
     assert not missing, missing
+    # every module of the checkout ships: a regular package left out of [tool.setuptools]
+    # packages (tardis_exp/tracking/, say) is dropped from the wheel without any warning
+    code = [f for f in files if f.startswith(("tardis_exp/", "hydra_plugins/")) and f.endswith(".py")]
+    assert len(code) > 30
+    missing = [f for f in code if f not in names]
+    assert not missing, f"not in the wheel (add the package to [tool.setuptools] packages): {missing}"
