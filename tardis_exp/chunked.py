@@ -161,18 +161,25 @@ class ChunkedMatrix:
         parts = dask.compute(*[dask.delayed(_col_sums)(b) for b in self._blocks])
         return np.sum(parts, axis=0) if parts else np.zeros(self.shape[1])
 
-    def matmul64(self, M) -> np.ndarray:
-        """``X @ M`` in float64 (each chunk converted to float64), one pass over the chunks."""
+    def matmul64(self, M, columns: bool = False):
+        """``X @ M`` in float64 (each chunk converted to float64), one pass over the chunks;
+        with ``columns``, as a list of its columns (separate arrays a caller can free one by one)."""
         import dask
 
         M = np.asarray(M, dtype=np.float64)
         Md = dask.delayed(M, pure=False)
-        out = np.empty((self.shape[0], M.shape[1]))
+        out = [np.empty(self.shape[0]) for _ in range(M.shape[1])] if columns \
+            else np.empty((self.shape[0], M.shape[1]))
         for a in range(0, self.n_chunks, 8):
             parts = dask.compute(*[dask.delayed(_matmul64)(self._blocks[c], Md)
                                    for c in range(a, min(a + 8, self.n_chunks))])
             for c, p in zip(range(a, a + len(parts)), parts):
-                out[self.bounds[c]:self.bounds[c + 1]] = p
+                lo, hi = self.bounds[c], self.bounds[c + 1]
+                if columns:
+                    for j, col in enumerate(out):
+                        col[lo:hi] = p[:, j]
+                else:
+                    out[lo:hi] = p
         return out
 
     def products(self) -> "DaskProducts":

@@ -150,7 +150,7 @@ def _chunked(X):
 
 
 def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins: int = 25,
-                    random_state: int | None = 0, chunk_spots: int | None = None) -> np.ndarray:
+                    random_state: int | None = 0, chunk_spots: int | None = None, columns: bool = False):
     """``sc.tl.score_genes`` for many gene sets in one pass over ``X`` (spots x sets).
 
     Equal (to float32 rounding for sparse ``X``, whose row sums scipy accumulates in
@@ -164,6 +164,8 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
     with a genes x (2 x sets) weight matrix. The test suite checks the equality against
     scanpy itself. ``X`` with NaNs falls back to scanpy (its NaN-aware means).
     ``chunk_spots`` rows are converted to float64 at a time (default: about 64 MB of them).
+    With ``columns`` the result is a list of the sets' score vectors (separate arrays: the
+    score stage hands each to ``obs`` and frees it, never holding both copies whole).
     """
     X = adata.X
     chunked = _chunked(X)
@@ -183,7 +185,7 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
                 sc.tl.score_genes(adata, genes, ctrl_size=ctrl_size, n_bins=n_bins, random_state=random_state,
                                   use_raw=False, score_name="_tardis_exp_score")
             out[:, p] = adata.obs.pop("_tardis_exp_score").to_numpy(dtype=np.float64)
-        return out
+        return [out[:, p].copy() for p in range(out.shape[1])] if columns else out
     var_names = adata.var_names
     pool = var_names.astype("string")
     obs_avg = pd.Series(_gene_means(X), index=pool)
@@ -220,15 +222,19 @@ def score_gene_sets(adata: ad.AnnData, gene_sets, *, ctrl_size: int = 50, n_bins
             np.random.set_state(state)
 
     if getattr(X, "is_chunked", False):
-        return X.matmul64(W)
+        return X.matmul64(W, columns=columns)
     if chunk_spots is None:
         per_row = 12 * (X.nnz / max(X.shape[0], 1)) if sp.issparse(X) else 8 * X.shape[1]
         chunk_spots = max(1, int(_CHUNK_BYTES // max(per_row, 1)))
-    means = np.empty((adata.n_obs, W.shape[1]))
+    means = [np.empty(adata.n_obs) for _ in range(W.shape[1])] if columns else np.empty((adata.n_obs, W.shape[1]))
     for start in range(0, adata.n_obs, chunk_spots):
         block = X[start:start + chunk_spots]
         block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
-        means[start:start + chunk_spots] = block @ W
+        if columns:
+            for j, b in enumerate((block @ W).T):
+                means[j][start:start + chunk_spots] = b
+        else:
+            means[start:start + chunk_spots] = block @ W
     return means
 
 
@@ -310,17 +316,29 @@ def score(
     table = top_genes_table(spectra, adata.var_names, n_cluster_genes, gene_ranking)
 
     gene_sets = [table.loc[table.program == p, "gene"].tolist() for p in range(K)]
-    z = score_gene_sets(adata, gene_sets, ctrl_size=ctrl_size, random_state=random_state)
-    for p in range(K):  # z-scored in place (spots x programs float64: 112 MB at 2,000,000 x 7)
-        s = z[:, p]
+    # the spatial neighbours before the scores: the index's transient state (the tree, a copy of
+    # the coordinates) and the scores are never in memory together (at 2,000,000 spots)
+    nb = knn_index(np.asarray(adata.obsm[spatial_key]), n_spatial_neighbors) \
+        if sections is None and spatial_key in adata.obsm else None
+    cols = score_gene_sets(adata, gene_sets, ctrl_size=ctrl_size, random_state=random_state, columns=True)
+    best, arg = np.full(adata.n_obs, -np.inf), np.zeros(adata.n_obs, dtype=np.int64)
+    for p in range(K):  # z-scored in place, handed to obs, freed: one program's copy at a time
+        s = cols[p]
         sd = s.std()
         s -= s.mean()
         s /= sd if sd > 0 else 1
+        # np.argmax over the programs: the first maximum, the first NaN where there is one
+        better = (s > best) | (np.isnan(s) & ~np.isnan(best))
+        arg[better], best[better] = p, s[better]
         adata.obs[out.score(p)] = s
+        if sections is None:  # Moran's I per section reads them together; else the obs column serves
+            cols[p] = None
+    del best, s
+    z = np.column_stack(cols) if sections is not None else None
+    del cols
     cats = [str(p) for p in range(K)]
-    adata.obs[out.cluster] = pd.Categorical.from_codes(z.argmax(1), categories=cats)
-    if sections is None:  # the obs columns hold the same values: Moran's I reads them one at a time
-        z = None
+    adata.obs[out.cluster] = pd.Categorical.from_codes(arg, categories=cats)
+    del arg
     if src.usage in adata.obsm:
         adata.obs[out.program] = program_labels(adata.obsm[src.usage])
     elif out.program in adata.obs:  # another result's labels must not pass for these
@@ -328,7 +346,9 @@ def score(
     adata.uns[out.programs] = table
 
     metrics = _metrics(adata, z, spatial_key, n_spatial_neighbors, truth_key, silhouette_max_spots,
-                       random_state, spectra, n_cluster_genes, gene_ranking, src=src, out=out, sections=sections)
+                       random_state, spectra, n_cluster_genes, gene_ranking, src=src, out=out, sections=sections,
+                       neighbours=nb)
+    del nb
     adata.uns[out.metrics] = metrics
     if sections is not None:
         adata.uns[out.samples] = _sample_uns(adata, sections, sample_key, sample_specific_share, metrics,
@@ -552,7 +572,7 @@ def sample_table(adata: ad.AnnData, key_added: str = keys.SCORE) -> pd.DataFrame
 
 
 def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n_genes, ranking, *,
-             src: keys.ConsensusKeys, out: keys.ScoreKeys, sections=None):
+             src: keys.ConsensusKeys, out: keys.ScoreKeys, sections=None, neighbours=None):
     from sklearn.metrics import silhouette_score
 
     res: dict = {}
@@ -587,7 +607,7 @@ def _metrics(adata, z, spatial_key, n_nb, truth_key, max_spots, seed, spectra, n
         res["morans_i"] = mi
         res["morans_i_mean"] = float(np.nanmean(mi))
     elif spatial_key in adata.obsm:
-        nb = knn_index(np.asarray(adata.obsm[spatial_key]), n_nb)
+        nb = knn_index(np.asarray(adata.obsm[spatial_key]), n_nb) if neighbours is None else neighbours
         mi = [knn_morans_i(nb, adata.obs[out.score(p)].to_numpy(dtype=np.float64))[0] for p in range(len(spectra))]
         del nb
         res["morans_i"] = np.asarray(mi, dtype=np.float64)
