@@ -333,7 +333,7 @@ def score(
         adata.obs[out.score(p)] = s
         if sections is None:  # Moran's I per section reads them together; else the obs column serves
             cols[p] = None
-    del best, s
+    del best
     z = np.column_stack(cols) if sections is not None else None
     del cols
     cats = [str(p) for p in range(K)]

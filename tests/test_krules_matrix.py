@@ -41,18 +41,22 @@ def test_parallel_counts_centred_eigenvalues_plus_one():
     assert pa["above"] == 4 and pa["k"] == 5
 
 
-def _poisson_mixture(r, n=600, m=300, depth=4000.0, seed=0):
-    """Poisson counts around an exact rank-r mixture: usages sum to one, each program with its
-    own 20 marker genes at 8x a shared base profile; varying depth (the linear matrix removes it)."""
-    rng = np.random.default_rng(seed)
+def _mixture_mean(rng, r, n, m, depth):
+    """An exact rank-r mixture's count means: usages sum to one, each program with its own 20
+    marker genes at 8x a shared base profile; varying depth (the linear matrix removes it)."""
     W = rng.dirichlet(np.full(r, 0.3), size=n)
     base = rng.gamma(2.0, 1.0, size=m)
     H = np.tile(base, (r, 1))
     for q in range(r):
         H[q, q * 20:(q + 1) * 20] *= 8.0
     H /= H.sum(1, keepdims=True)
-    lib = depth * rng.lognormal(0.0, 0.3, size=n)
-    return rng.poisson(lib[:, None] * (W @ H)).astype(np.float32)
+    return depth * rng.lognormal(0.0, 0.3, size=n)[:, None] * (W @ H)
+
+
+def _poisson_mixture(r, n=600, m=300, depth=4000.0, seed=0):
+    """Poisson counts around :func:`_mixture_mean`."""
+    rng = np.random.default_rng(seed)
+    return rng.poisson(_mixture_mean(rng, r, n, m, depth)).astype(np.float32)
 
 
 @pytest.mark.parametrize("r", [1, 4, 7])
@@ -99,13 +103,7 @@ def test_the_stage_gives_the_same_k_whatever_the_solver(rule):
 def _nb_mixture(r, n=600, m=300, depth=4000.0, dispersion=0.3, seed=0):
     """As :func:`_poisson_mixture`, with negative-binomial counts (gamma-Poisson, one dispersion)."""
     rng = np.random.default_rng(seed)
-    W = rng.dirichlet(np.full(r, 0.3), size=n)
-    base = rng.gamma(2.0, 1.0, size=m)
-    H = np.tile(base, (r, 1))
-    for q in range(r):
-        H[q, q * 20:(q + 1) * 20] *= 8.0
-    H /= H.sum(1, keepdims=True)
-    mu = depth * rng.lognormal(0.0, 0.3, size=n)[:, None] * (W @ H)
+    mu = _mixture_mean(rng, r, n, m, depth)
     return rng.poisson(rng.gamma(1.0 / dispersion, mu * dispersion)).astype(np.float32)
 
 
